@@ -1,0 +1,162 @@
+"""A small Python client for the G-code fingerprint API (httpx; no numpy needed, numpy arrays accepted).
+
+    from api.client import GCodeAPIClient
+
+    with GCodeAPIClient("http://127.0.0.1:8000", timeout=5.0) as api:
+        api.health_check()                                   # True
+        info = api.info()                                    # version, window, feature order, ...
+        r = api.predict(continuous, categorical, return_fingerprint=True)   # window x F, window x C raw readings
+        r = api.predict(columns={"spindle": [...], "stat": [...], ...})       # or raw log columns by name
+        r["gcode_sequence"], r["operation"]["name"], r["operation"]["confidence"]
+        rs = api.batch_predict([(cont1, cat1), (cont2, cat2)], method="beam", beam_width=4)
+        fp = api.get_fingerprint(continuous, categorical)["fingerprint"]
+        r = api.predict(continuous, categorical, binary=True)  # float32 body: ~2x cheaper to parse than JSON
+
+Errors raise APIError subclasses: APIValidationError (422/413: the message names the field),
+APIUnavailableError (503: no model yet), APIConnectionError, APITimeoutError.
+"""
+from __future__ import annotations
+
+import struct
+
+import httpx
+import orjson
+
+
+class APIError(Exception):
+    """An error answer from the server (or none at all)."""
+
+    def __init__(self, message: str, status: int | None = None, body: dict | None = None):
+        super().__init__(message)
+        self.status, self.body = status, body or {}
+
+
+class APIValidationError(APIError):
+    """422 / 413: the request was refused; str(e) names the field."""
+
+
+class APIUnavailableError(APIError):
+    """503: the server has no model loaded yet."""
+
+
+class APIConnectionError(APIError):
+    pass
+
+
+class APITimeoutError(APIError):
+    pass
+
+
+def _rows(a) -> list:
+    return a.tolist() if hasattr(a, "tolist") else a
+
+
+class GCodeAPIClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 10.0, admin_token: str | None = None,
+                 retries: int = 0):
+        self.base_url, self.admin_token = base_url.rstrip("/"), admin_token
+        transport = httpx.HTTPTransport(retries=retries)  # retries connection failures only, never a request
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    # ---- plumbing -------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kw) -> dict:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"{method} {path}: timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"{method} {path}: cannot reach {self.base_url} ({exc})") from exc
+        try:
+            body = orjson.loads(r.content) if r.content else {}
+        except orjson.JSONDecodeError:
+            body = {"error": r.text[:200]}
+        if r.status_code >= 400:
+            msg = f"{method} {path}: HTTP {r.status_code}: {body.get('error', body)}"
+            cls = (APIValidationError if r.status_code in (413, 422) else
+                   APIUnavailableError if r.status_code == 503 else APIError)
+            raise cls(msg, r.status_code, body)
+        return body
+
+    def _post_json(self, path: str, doc: dict) -> dict:
+        return self._request("POST", path, content=orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY),
+                             headers={"content-type": "application/json"})
+
+    @staticmethod
+    def _sensor_data(continuous, categorical, columns) -> dict:
+        if columns is not None:
+            return {"columns": {k: _rows(v) for k, v in columns.items()}}
+        if continuous is None:
+            raise ValueError("give continuous (+ categorical) or columns")
+        sd = {"continuous": _rows(continuous)}
+        if categorical is not None:
+            sd["categorical"] = _rows(categorical)
+        return sd
+
+    @staticmethod
+    def _config(method, temperature, beam_width, max_length, seed) -> dict:
+        cfg = {"method": method, "temperature": temperature, "beam_width": beam_width, "max_length": max_length,
+               "seed": seed}
+        return {k: v for k, v in cfg.items() if v is not None}
+
+    @staticmethod
+    def _binary(windows) -> bytes:
+        """[(continuous W x F, categorical W x C), ...] -> float32 LE [N, W, F + C]."""
+        out = bytearray()
+        for cont, cat in windows:
+            cont, cat = _rows(cont), _rows(cat) if cat is not None else None
+            for i, row in enumerate(cont):
+                vals = list(row) + (list(cat[i]) if cat is not None else [])
+                out += struct.pack(f"<{len(vals)}f", *vals)
+        return bytes(out)
+
+    # ---- endpoints ------------------------------------------------------------------------
+    def health_check(self) -> bool:
+        return self._request("GET", "/health").get("status") == "ok"
+
+    def ready(self) -> bool:
+        try:
+            return bool(self._request("GET", "/ready").get("ready"))
+        except APIUnavailableError:
+            return False
+
+    def info(self) -> dict:
+        return self._request("GET", "/info")
+
+    def predict(self, continuous=None, categorical=None, *, columns: dict | None = None, return_fingerprint=False,
+                method: str = "greedy", temperature: float | None = None, beam_width: int | None = None,
+                max_length: int | None = None, seed: int | None = None, binary: bool = False) -> dict:
+        cfg = self._config(method, temperature, beam_width, max_length, seed)
+        if binary:
+            params = {**cfg, "return_fingerprint": str(return_fingerprint).lower()}
+            return self._request("POST", "/predict", content=self._binary([(continuous, categorical)]),
+                                 params=params, headers={"content-type": "application/octet-stream"})
+        return self._post_json("/predict", {"sensor_data": self._sensor_data(continuous, categorical, columns),
+                                            "return_fingerprint": return_fingerprint, "inference_config": cfg})
+
+    def batch_predict(self, windows: list, *, return_fingerprint=False, method: str = "greedy",
+                      temperature: float | None = None, beam_width: int | None = None, max_length: int | None = None,
+                      seed: int | None = None) -> list[dict]:
+        """windows: [(continuous, categorical), ...] or [{"columns": {...}}, ...]; one server-side batch."""
+        sds = [w if isinstance(w, dict) else self._sensor_data(w[0], w[1], None) for w in windows]
+        doc = {"windows": sds, "return_fingerprint": return_fingerprint,
+               "inference_config": self._config(method, temperature, beam_width, max_length, seed)}
+        return self._post_json("/batch_predict", doc)["predictions"]
+
+    def get_fingerprint(self, continuous=None, categorical=None, *, columns: dict | None = None) -> dict:
+        return self._post_json("/fingerprint", {"sensor_data": self._sensor_data(continuous, categorical, columns)})
+
+    def reload(self, version: str | None = None) -> dict:
+        if not self.admin_token:
+            raise ValueError("reload needs admin_token")
+        return self._request("POST", "/admin/reload", content=orjson.dumps({"version": version} if version else {}),
+                             headers={"authorization": f"Bearer {self.admin_token}",
+                                      "content-type": "application/json"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "GCodeAPIClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,62 @@
+"""Prometheus metrics, correct across several uvicorn workers.
+
+With several workers each process counts its own requests; prometheus-client's multiprocess mode
+keeps every process's values in files under $PROMETHEUS_MULTIPROC_DIR and /metrics sums them, so a
+scrape that lands on any worker sees the whole server. The variable must be set (to an empty folder)
+before prometheus_client is imported, i.e. before uvicorn starts the workers: `gcodefp serve` does
+it; with plain `uvicorn api.app:app --workers N`, set it yourself. Without it, values are per process.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+
+disable_created_metrics()  # the *_created series double the scrape size and nobody graphs them
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+LATENCY_BUCKETS = (.0005, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .1, .25, .5, 1.0, 2.5)
+
+REQUESTS = Counter("gcodefp_http_requests_total", "HTTP requests by endpoint, method and status",
+                   ["endpoint", "method", "status"])
+REQUEST_LATENCY = Histogram("gcodefp_http_request_duration_seconds", "Request latency (server side)",
+                            ["endpoint", "status"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("gcodefp_http_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
+INFERENCE_LATENCY = Histogram("gcodefp_inference_duration_seconds", "Model time per call (normalise + run + decode)",
+                              ["endpoint", "variant"], buckets=LATENCY_BUCKETS)
+PARSE_LATENCY = Histogram("gcodefp_parse_duration_seconds", "Request body parsing and validation",
+                          ["format"], buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("gcodefp_batch_size", "Windows per inference call", ["endpoint"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+MODEL_INFO = Gauge("gcodefp_model_info", "1 for the model version a worker serves (one series per worker)",
+                   ["version", "variant"], multiprocess_mode="liveall")
+RELOADS = Counter("gcodefp_model_reloads_total", "Package loads by trigger and result", ["trigger", "result"])
+LOAD_FAILURES = Counter("gcodefp_model_load_failures_total", "Packages refused (checksum, load or warm-up failed)")
+
+
+def set_model(version: str, variant: str, old: tuple[str, str] | None) -> None:
+    if old is not None and old != (version, variant):
+        MODEL_INFO.labels(*old).set(0)
+    MODEL_INFO.labels(version, variant).set(1)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for GET /metrics (all workers in multiprocess mode)."""
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def worker_exit() -> None:
+    """Drop this process's live gauges (in-flight, model info) from the shared files."""
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())

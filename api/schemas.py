@@ -1,0 +1,34 @@
+"""Request body schemas for the OpenAPI docs (/docs) only.
+
+Bodies are parsed by api/inputs.py with orjson + numpy (pydantic `list[list[float]]` cost 4-5 ms per
+window, four times the model); these JSON schemas just document the same shapes.
+"""
+from __future__ import annotations
+
+_CONFIG = {"type": "object", "properties": {
+    "method": {"type": "string", "enum": ["greedy", "beam", "sample"], "default": "greedy"},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0},
+    "beam_width": {"type": "integer", "minimum": 1, "maximum": 16, "default": 4},
+    "max_length": {"type": "integer", "minimum": 1, "description": "decode limit (default: the model's)"},
+    "seed": {"type": "integer", "minimum": 0, "description": "sampling seed"}}}
+_MATRIX = {"type": "array", "items": {"type": "array", "items": {"type": ["number", "null"]}}}
+SENSOR_DATA = {"type": "object", "description": (
+    "Raw log readings of one window: either continuous (window x F) + categorical (window x C) in the "
+    "feature order of GET /info, or columns {log column name: [window values]}. null = reading absent."),
+    "properties": {"continuous": _MATRIX, "categorical": _MATRIX,
+                   "columns": {"type": "object", "additionalProperties": {"type": "array"}}}}
+_BINARY = {"schema": {"type": "string", "format": "binary"},
+           "description": "float32 little-endian [N, window, F + C]; options as query parameters"}
+
+
+def _body(properties: dict, required: list[str]) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "properties": properties, "required": required}},
+        "application/octet-stream": _BINARY}}}
+
+
+OPENAPI_PREDICT = _body({"sensor_data": SENSOR_DATA, "return_fingerprint": {"type": "boolean", "default": False},
+                         "inference_config": _CONFIG}, ["sensor_data"])
+OPENAPI_BATCH = _body({"windows": {"type": "array", "items": SENSOR_DATA},
+                       "return_fingerprint": {"type": "boolean", "default": False},
+                       "inference_config": _CONFIG}, ["windows"])

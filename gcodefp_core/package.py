@@ -1,0 +1,280 @@
+"""Deployment packages and the registry that says which one is served.
+
+Layout:
+    <registry>/packages/<version>/   the exported graphs (shipped variant + encoder-only), model.json,
+                                     model_card.md, benchmark.json, sample_request.json and
+                                     manifest.json (sha256 + size of every other file, version, created_at)
+    <registry>/CURRENT               the version being served (replaced atomically: write + rename)
+    <registry>/PREVIOUS              the version served before it (for rollback)
+
+A package is written to a hidden temp folder and renamed into place, so a server polling the
+registry never sees half a package; a package is never modified after that (a new model is a new
+version). Servers verify the checksums before loading, so a corrupted or hand-edited package is
+refused rather than served. Plain library: numpy only, no torch, no onnxruntime.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+MODEL_JSON = "model.json"
+PACKAGE_FORMAT = 1
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class PackageError(ValueError):
+    """A package or registry that cannot be used; the message names the file."""
+
+
+# ---- small helpers ------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, json.dumps(obj, indent=1, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def check_version(version: str) -> str:
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise PackageError(f"version: {version!r} is not a valid name (letters, digits, '.', '_', '-'; max 64)")
+    return version
+
+
+def resolve_model_json(model: Path) -> Path:
+    """An export folder holding model.json, or the .json description itself (variants that share a
+    folder have their own `<stem>.json`)."""
+    model = Path(model)
+    path = model if model.suffix == ".json" else model / MODEL_JSON
+    if not path.is_file():
+        raise PackageError(f"{path}: not found (is {model} an exported model folder?)")
+    return path
+
+
+def read_model_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    for key in ("files", "features", "window"):
+        if key not in meta:
+            raise PackageError(f"{path}: missing key {key!r}")
+    return meta
+
+
+def graph_files(meta: dict, meta_path: Path) -> list[str]:
+    """The graph files a model.json names (`files`: graph name -> file beside it)."""
+    files = list(dict.fromkeys(meta["files"].values()))
+    for name in files:
+        if "/" in name or "\\" in name or not (meta_path.parent / name).is_file():
+            raise PackageError(f"{meta_path}: graph file {name!r} is missing beside it")
+    return files
+
+
+# ---- package contents ---------------------------------------------------------------------
+def default_sample_window(meta: dict) -> dict:
+    """A valid raw window for sample_request.json: every continuous feature at its training mean
+    and every categorical feature at its first known code."""
+    feats = meta["features"]
+    window = int(meta["window"])
+    cont = [[round(float(m), 6) for m in feats["mean"]] for _ in range(window)]
+    first = []
+    for name in feats["categorical"]:
+        codes = feats.get("categorical_maps", {}).get(name) or {"0": 1}
+        key = min(codes, key=codes.get)
+        first.append(int(float(key)) if re.fullmatch(r"-?\d+(\.0+)?", key) else key)
+    return {"continuous": cont, "categorical": [list(first) for _ in range(window)]}
+
+
+def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
+    feats = meta.get("features", {})
+    tok = meta.get("tokenizer", {})
+    lines = [
+        f"# G-code fingerprint model {version}", "",
+        f"- variant: {meta.get('variant', '?')}",
+        f"- window: {meta.get('window')} rows; feature set {feats.get('feature_set', '?')}: "
+        f"{len(feats.get('continuous', []))} continuous + {len(feats.get('categorical', []))} categorical inputs",
+        f"- vocabulary: {tok.get('vocab_size', len(tok.get('vocab', tok.get('tokens', []))))} tokens; "
+        f"max {meta.get('max_tokens', '?')} decode steps",
+        f"- operations: {', '.join(meta.get('operations', []))}",
+        f"- parameters: {meta.get('parameter_count', meta.get('parameters', '?'))}",
+        f"- source checkpoint sha256: {meta.get('source_checkpoint', {}).get('sha256', '?')}",
+        "", "## Metrics", "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in sorted(metrics.items())] or ["- (none recorded)"]
+    lines += ["", "## Benchmark", ""]
+    lines += [f"- {k}: {v}" for k, v in sorted(benchmark.items())] or ["- (none recorded)"]
+    lines += ["", "Inputs are raw log readings; the server normalises them with the packaged feature spec.", ""]
+    return "\n".join(lines)
+
+
+def _new_version(meta_bytes: bytes) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"v{stamp}-{hashlib.sha256(meta_bytes).hexdigest()[:8]}"
+
+
+def build_package(model_dir, registry, version: str | None = None, benchmark: dict | None = None,
+                  metrics: dict | None = None, sample_window: dict | None = None) -> Path:
+    """Copy an exported model (folder with model.json, or a `<stem>.json`)  into `<registry>/packages/<version>/` with its card, benchmark,
+    sample request and checksums. Does not promote it. Returns the package folder."""
+    registry = Path(registry)
+    meta_path = resolve_model_json(model_dir)
+    meta = read_model_json(meta_path)
+    model_dir = meta_path.parent
+    files = graph_files(meta, meta_path)
+    version = check_version(version or _new_version(meta_path.read_bytes()))
+    if metrics is None:
+        metrics = meta.get("metrics") or meta.get("source_checkpoint", {}).get("metrics", {})
+    metrics = dict(metrics)
+    benchmark = dict(benchmark or {})
+    packages = registry / "packages"
+    dest = packages / version
+    if dest.exists():
+        raise FileExistsError(f"package {version} already exists in {registry} (packages are immutable)")
+    packages.mkdir(parents=True, exist_ok=True)
+    tmp = packages / f".tmp-{version}-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        for name in files:
+            shutil.copy2(model_dir / name, tmp / name)
+        meta_out = dict(meta, metrics=metrics, package_version=version)
+        _write_json(tmp / MODEL_JSON, meta_out)
+        (tmp / "model_card.md").write_text(model_card(meta_out, version, metrics, benchmark))
+        _write_json(tmp / "benchmark.json", benchmark)
+        window = sample_window or default_sample_window(meta)
+        _write_json(tmp / "sample_request.json", {"sensor_data": window, "return_fingerprint": True,
+                                                   "inference_config": {"method": "greedy"}})
+        entries = {p.name: {"sha256": _sha256(p), "size": p.stat().st_size}
+                   for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_json(tmp / MANIFEST, {
+            "format": PACKAGE_FORMAT, "version": version, "variant": meta.get("variant"),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": str(meta_path.resolve()), "files": entries})
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def verify_package(package_dir) -> dict:
+    """Check every file listed in the manifest (size, then sha256) and that nothing else is there.
+    Returns the manifest; raises PackageError naming the first bad file."""
+    package_dir = Path(package_dir)
+    mpath = package_dir / MANIFEST
+    if not mpath.is_file():
+        raise PackageError(f"{mpath}: not found (not a package folder)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PackageError(f"{mpath}: unreadable manifest ({exc})") from None
+    for name, entry in files.items():
+        path = package_dir / name
+        if not path.is_file():
+            raise PackageError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != entry["size"]:
+            raise PackageError(f"{path}: size {path.stat().st_size} != {entry['size']} in the manifest")
+        if _sha256(path) != entry["sha256"]:
+            raise PackageError(f"{path}: sha256 does not match the manifest (file changed or corrupted)")
+    extra = sorted(p.name for p in package_dir.iterdir() if p.name not in files and p.name != MANIFEST)
+    if extra:
+        raise PackageError(f"{package_dir / extra[0]}: not listed in the manifest")
+    return manifest
+
+
+# ---- registry ------------------------------------------------------------------------------
+def _read_pointer(path: Path) -> str | None:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def current_version(registry) -> str | None:
+    return _read_pointer(Path(registry) / "CURRENT")
+
+
+def previous_version(registry) -> str | None:
+    return _read_pointer(Path(registry) / "PREVIOUS")
+
+
+def package_dir(registry, version: str) -> Path:
+    path = Path(registry) / "packages" / check_version(version)
+    if not path.is_dir():
+        raise PackageError(f"{path}: no such package in the registry")
+    return path
+
+
+def current_package(registry) -> Path:
+    version = current_version(registry)
+    if version is None:
+        raise PackageError(f"{Path(registry) / 'CURRENT'}: no version promoted yet")
+    return package_dir(registry, version)
+
+
+def list_versions(registry) -> list[str]:
+    """Package versions in the registry, oldest first (by created_at, then name)."""
+    root = Path(registry) / "packages"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file():
+            try:
+                created = json.loads((d / MANIFEST).read_text()).get("created_at", "")
+            except json.JSONDecodeError:
+                created = ""
+            found.append((created, d.name))
+    return [name for _, name in sorted(found)]
+
+
+def promote(registry, version: str) -> str | None:
+    """Verify a package and make it CURRENT; the old current becomes PREVIOUS. Returns the old one."""
+    registry = Path(registry)
+    verify_package(package_dir(registry, version))
+    old = current_version(registry)
+    if old == version:
+        return old
+    if old is not None:
+        _write_atomic(registry / "PREVIOUS", old + "\n")
+    _write_atomic(registry / "CURRENT", version + "\n")
+    return old
+
+
+def rollback(registry) -> str:
+    """Serve PREVIOUS again (verified first); the rolled-back version becomes PREVIOUS."""
+    registry = Path(registry)
+    prev = previous_version(registry)
+    if prev is None:
+        raise PackageError(f"{registry / 'PREVIOUS'}: nothing to roll back to")
+    promote(registry, prev)
+    return prev

@@ -1,0 +1,142 @@
+"""Fixtures for the API tests: a real tiny package (trained, exported, packaged) and real uvicorn servers.
+
+Import the fixtures into a test module with `from api_fixtures import *` (tests/ is on sys.path).
+The model is trained for one short epoch on the session's synthetic dataset: its predictions are
+poor but real, which is all the server tests need. Servers are subprocesses on 127.0.0.1, stopped
+at the end of their scope.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gcodefp_core import package as pkg
+
+ADMIN_TOKEN = "test-admin-token"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(synthetic_dataset, tmp_path_factory) -> Path:
+    """An fp32 export (model.json + graphs) of a tiny model trained briefly on the synthetic dataset."""
+    import torch
+
+    from gcodefp_core.export import export_checkpoint
+    from gcodefp_core.train import train
+
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("tiny_model")
+    cfg = json.loads((REPO / "configs" / "tiny.json").read_text())
+    cfg["train"].update(epochs=1, samples_per_epoch=256, val_max_windows=128)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")  # no tracking process for a throwaway model
+        train(cfg, work / "train", seed=0, dataset_dir=synthetic_dataset)
+    export_checkpoint(work / "train" / "model_seed0" / "checkpoint_best.pt", work / "export" / "model.onnx",
+                      verify_windows=32)
+    return work / "export"
+
+
+@pytest.fixture(scope="session")
+def api_registry(tiny_export, tmp_path_factory) -> Path:
+    """A registry with v1 (CURRENT), v2 (the same model under another version) and `broken` (a
+    package whose decoder graph was corrupted after packaging: its checksum no longer matches)."""
+    reg = tmp_path_factory.mktemp("registry")
+    pkg.build_package(tiny_export, reg, version="v1", metrics={"test_line_accuracy": 0.123})
+    pkg.build_package(tiny_export, reg, version="v2")
+    broken = pkg.build_package(tiny_export, reg, version="broken")
+    (broken / "model.decoder.onnx").write_bytes(b"corrupted")
+    pkg.promote(reg, "v1")
+    return reg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A uvicorn subprocess; logs go to a file (a pipe could fill up and block the server)."""
+
+    def __init__(self, cmd: list[str], env: dict, log_path: Path, port: int):
+        self.port, self.log_path = port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict]:
+        return [json.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+
+
+def server_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GCODEFP_", "PROMETHEUS_"))}
+    env.update({k: str(v) for k, v in extra.items()})
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def start_uvicorn(tmp: Path, **env) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port),
+           "--no-access-log"]
+    server = Server(cmd, server_env(**env), tmp / f"server-{port}.log", port)
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="session")
+def api_server(api_registry, tmp_path_factory):
+    """One worker serving a registry, admin token set, small limits so the limit tests stay cheap."""
+    tmp = tmp_path_factory.mktemp("server")
+    reg = tmp / "registry"
+    shutil.copytree(api_registry, reg)  # this server's tests promote and reload: keep them off the shared one
+    server = start_uvicorn(tmp, GCODEFP_REGISTRY=reg, GCODEFP_ADMIN_TOKEN=ADMIN_TOKEN, GCODEFP_POLL_SECONDS=0.2,
+                           GCODEFP_MAX_BATCH=8, GCODEFP_MAX_BODY_BYTES=1_000_000)
+    server.registry = reg
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_request(api_registry) -> dict:
+    return json.loads((api_registry / "packages" / "v1" / "sample_request.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def package_meta(api_registry) -> dict:
+    return json.loads((api_registry / "packages" / "v1" / "model.json").read_text())

@@ -1,0 +1,65 @@
+"""GCodeAPIClient against the real test server, and its errors against closed / silent ports."""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+
+from api.client import (APIConnectionError, APIError, APITimeoutError, APIValidationError, GCodeAPIClient)
+from api_fixtures import *  # noqa: F401,F403  (fixtures)
+from api_fixtures import ADMIN_TOKEN, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(api_server):
+    with GCodeAPIClient(api_server.url, timeout=30, admin_token=ADMIN_TOKEN) as c:
+        yield c
+
+
+def test_client_endpoints(client, sample_request):
+    sd = sample_request["sensor_data"]
+    assert client.health_check() is True and client.ready() is True
+    info = client.info()
+    assert info["window"] == len(sd["continuous"])
+    r = client.predict(np.asarray(sd["continuous"]), sd["categorical"], return_fingerprint=True)
+    assert isinstance(r["gcode_sequence"], str) and r["tokens"] and len(r["fingerprint"]) == info["embedding_dim"]
+    binary = client.predict(sd["continuous"], sd["categorical"], return_fingerprint=True, binary=True)
+    assert binary["tokens"] == r["tokens"]
+    cols = dict(zip(info["features"]["continuous"], np.asarray(sd["continuous"]).T.tolist()))
+    cols |= dict(zip(info["features"]["categorical"], np.asarray(sd["categorical"]).T.tolist()))
+    assert client.predict(columns=cols)["tokens"] == r["tokens"]
+    batch = client.batch_predict([(sd["continuous"], sd["categorical"])] * 3, method="beam", beam_width=2)
+    assert len(batch) == 3 and batch[0]["tokens"] == batch[2]["tokens"]
+    fp = client.get_fingerprint(sd["continuous"], sd["categorical"])
+    assert fp["norm"] == pytest.approx(1.0, abs=1e-3)
+    assert client.reload()["version"] == info["version"]
+
+
+def test_client_validation_error_names_the_field(client, sample_request):
+    sd = sample_request["sensor_data"]
+    with pytest.raises(APIValidationError, match="sensor_data.continuous") as err:
+        client.predict(sd["continuous"][:-1], sd["categorical"])
+    assert err.value.status == 422 and err.value.body["detail"][0]["loc"][:2] == ["body", "sensor_data"]
+    with pytest.raises(APIValidationError, match="inference_config.method"):
+        client.predict(sd["continuous"], sd["categorical"], method="nope")
+    with pytest.raises(ValueError, match="continuous"):
+        client.predict()
+    with GCodeAPIClient(client.base_url, admin_token="wrong") as bad:
+        with pytest.raises(APIError, match="HTTP 403") as err:
+            bad.reload()
+        assert err.value.status == 403
+
+
+def test_client_connection_and_timeout_errors():
+    with GCodeAPIClient(f"http://127.0.0.1:{free_port()}", timeout=2) as c:  # nothing listens there
+        with pytest.raises(APIConnectionError, match="cannot reach"):
+            c.health_check()
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        with GCodeAPIClient(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3) as c:
+            with pytest.raises(APITimeoutError, match="timed out"):
+                c.info()
