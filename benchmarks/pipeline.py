@@ -1,0 +1,96 @@
+"""The whole Dagster pipeline on the real logs (3 seeds, multiprocess executor): wall time and time per
+asset/check step (bar: under 45 minutes on this machine).
+
+    .venv/bin/python benchmarks/pipeline.py [--config configs/production.json] [--parallel-seeds 3]
+        [--threads 1] [--output results/bench_pipeline.json]
+
+Runs `gcodefp pipeline` (the same job as the UI) into artifacts/pipeline-bench/ and the Dagster
+instance in $DAGSTER_HOME (default .dagster_home/, so the UI shows the run), then reads the step
+timings from the run's event log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gcodefp_core.paths import REPO_ROOT, has_real_data, real_data_dir
+
+BAR_MINUTES = 45
+
+
+def step_timings(instance, run_id: str) -> dict[str, dict]:
+    """Per step key: start offset and duration (s) from the run's STEP_START/STEP_SUCCESS|FAILURE events."""
+    events = instance.all_logs(run_id)
+    t_run = events[0].timestamp
+    out: dict[str, dict] = {}
+    for e in events:
+        if e.dagster_event is None or e.step_key is None:
+            continue
+        kind = e.dagster_event.event_type_value
+        if kind == "STEP_START":
+            out[e.step_key] = {"start_s": round(e.timestamp - t_run, 1)}
+        elif kind in ("STEP_SUCCESS", "STEP_FAILURE") and e.step_key in out:
+            out[e.step_key] |= {"seconds": round(e.timestamp - t_run - out[e.step_key]["start_s"], 1),
+                                "status": "success" if kind == "STEP_SUCCESS" else "failure"}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "production.json")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    ap.add_argument("--parallel-seeds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--output", type=Path, default=REPO_ROOT / "results" / "bench_pipeline.json")
+    args = ap.parse_args()
+    if not has_real_data():
+        print(f"real data absent ({real_data_dir()}); nothing to benchmark", file=sys.stderr)
+        return 2
+    from gcodefp_core.commands.pipeline import ensure_dagster_home
+
+    ensure_dagster_home()
+    cmd = [sys.executable, "-m", "gcodefp_core.cli", "pipeline", "--config", str(args.config),
+           "--data", str(real_data_dir()), "--seeds", *map(str, args.seeds), "--parallel-seeds", str(args.parallel_seeds),
+           "--threads", str(args.threads), "--artifacts", str(REPO_ROOT / "artifacts" / "pipeline-bench"),
+           "--registry", str(REPO_ROOT / "artifacts" / "registry-bench")]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ | {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.monotonic() - t0
+    print(proc.stdout[-6000:])
+    m = re.search(r"^run (\S+): (SUCCESS|FAILURE)", proc.stdout, re.M)
+    if not m:
+        print("could not find the run id in the command's output", file=sys.stderr)
+        return 1
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    steps = step_timings(instance, m.group(1))
+    ckpts = [e.asset_materialization for e in instance.fetch_materializations(dg.AssetKey("checkpoint"), limit=len(args.seeds)).records]
+    result = {"run_id": m.group(1), "status": m.group(2), "wall_minutes": round(wall / 60, 2),
+              "bar_minutes": BAR_MINUTES, "within_bar": m.group(2) == "SUCCESS" and wall / 60 <= BAR_MINUTES,
+              "seeds": args.seeds, "parallel_seeds": args.parallel_seeds, "threads": args.threads,
+              "config": str(args.config), "cpu_count": os.cpu_count(), "loadavg_end": list(os.getloadavg()),
+              "steps": dict(sorted(steps.items(), key=lambda kv: kv[1]["start_s"])),
+              "checkpoints": {c.partition: {k: v.value for k, v in c.metadata.items() if k.startswith("val_") or
+                                            k in ("epochs", "best_epoch", "train_seconds")} for c in ckpts},
+              "package": next((line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("package ")), None)}
+    print(f"{'step':<42}{'start s':>9}{'seconds':>9}")
+    for k, v in result["steps"].items():
+        print(f"{k:<42}{v['start_s']:>9}{v.get('seconds', float('nan')):>9}")
+    print(f"total {result['wall_minutes']} min ({'within' if result['within_bar'] else 'NOT within'} {BAR_MINUTES} min)")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(args.output)
+    return 0 if result["within_bar"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

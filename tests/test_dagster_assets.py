@@ -1,0 +1,208 @@
+"""The Dagster asset graph, in process, on tiny synthetic data: the whole graph end to end, each
+check passing (the full run) and failing, and a broken export stopping the package."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from gcodefp_dagster.definitions import build_definitions
+from gcodefp_dagster.defs import checks
+from gcodefp_dagster.defs.resources import Alerter, ArtifactStore, PackageRegistry, PipelineConfig, QualityGates
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = dg.AssetKey("deployment_package")
+EXPORT_ONWARDS = [dg.AssetKey(k) for k in ("onnx_model", "model_fp16", "model_int8_dynamic", "model_int8_static",
+                                           "benchmark_report", "deployment_package")]
+# Tiny everything: 1 epoch over 256 windows, few windows verified, scored and timed.
+RUN_CONFIG = {"ops": {
+    "checkpoint": {"config": {"epochs": 1, "samples_per_epoch": 256, "val_max_windows": 128, "num_threads": 1,
+                              "wandb_mode": "disabled"}},
+    "onnx_model": {"config": {"verify_windows": 32, "eval_windows": 64}},
+    "encoder_onnx": {"config": {"verify_windows": 32}},
+    **{f"model_{v}": {"config": {"calibration_windows": 128, "eval_windows": 64}}
+       for v in ("fp16", "int8_dynamic", "int8_static")},
+    "benchmark_report": {"config": {"batch_sizes": [1], "iterations": 30, "warmup": 5}}}}
+
+
+def make_defs(root: Path, gates: QualityGates | None = None) -> dg.Definitions:
+    return build_definitions(seeds=[42], executor=dg.in_process_executor, resources={
+        "pipeline_config": PipelineConfig(config_path=str(REPO / "configs" / "tiny.json")),
+        "artifacts": ArtifactStore(root=str(root / "store")), "registry": PackageRegistry(root=str(root / "registry")),
+        "alerter": Alerter(log_path=str(root / "alerts.jsonl")), "gates": gates or QualityGates(parity_windows=32)})
+
+
+def run(defs, instance, selection=None, raise_on_error=False):
+    return defs.resolve_job_def("full_pipeline").execute_in_process(
+        run_config=RUN_CONFIG, instance=instance, partition_key="42", asset_selection=selection,
+        raise_on_error=raise_on_error)
+
+
+def check_results(result) -> dict[str, dg.AssetCheckEvaluation]:
+    """Evaluations by check name; the per-variant accuracy checks as "<asset>:<check>"."""
+    out = {}
+    for e in result.all_events:
+        if e.event_type_value == "ASSET_CHECK_EVALUATION":
+            ev, asset = e.event_specific_data, e.event_specific_data.asset_key.to_user_string()
+            out[f"{asset}:{ev.check_name}" if asset.startswith("model_") else ev.check_name] = ev
+    return out
+
+
+def materialized(result) -> set[str]:
+    return {e.event_specific_data.materialization.asset_key.to_user_string()
+            for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
+
+
+def packages(registry: Path) -> list[str]:
+    return sorted(p.name for p in (registry / "packages").iterdir()) if (registry / "packages").is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, monkeypatch_module):
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("dagster_pipeline")
+    instance = dg.DagsterInstance.ephemeral()
+    defs = make_defs(root)
+    result = run(defs, instance, raise_on_error=True)
+    return root, instance, defs, result
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")
+        yield mp
+
+
+def test_whole_graph_materializes_with_metadata_and_passing_checks(pipeline):
+    root, instance, defs, result = pipeline
+    assert result.success
+    assert materialized(result) == {"sensor_logs", "training_dataset", "checkpoint", "ensemble_config", "onnx_model", "encoder_onnx",
+                    "model_fp16", "model_int8_dynamic", "model_int8_static", "benchmark_report", "deployment_package"}
+    evals = check_results(result)
+    assert set(evals) == {"onnx_parity", "latency_sla", "package_integrity", "model_size_budget",
+                          "model_fp16:accuracy_vs_fp32", "model_int8_dynamic:accuracy_vs_fp32",
+                          "model_int8_static:accuracy_vs_fp32"}
+    assert all(e.passed for e in evals.values()), {k: e.metadata for k, e in evals.items() if not e.passed}
+    assert evals["latency_sla"].metadata["p95_ms"].value < 20 and "bar_p99_ms" in evals["latency_sla"].metadata
+    assert evals["onnx_parity"].metadata["max_abs_diff_op_logits"].value <= 1e-3
+
+    ds = instance.get_latest_materialization_event(dg.AssetKey("training_dataset")).asset_materialization
+    assert ds.metadata["runs"].value == 27 and ds.metadata["windows_val"].value > 0
+    assert ds.metadata["vocab_size"].value > 10 and ds.metadata["features_continuous"].value == 171
+    ck = instance.get_latest_materialization_event(dg.AssetKey("checkpoint")).asset_materialization
+    assert ck.partition == "42" and ck.metadata["epochs"].value == 1 and "val_op_acc" in ck.metadata
+    assert Path(ck.metadata["path"].value).is_file()
+    bench = instance.get_latest_materialization_event(dg.AssetKey("benchmark_report")).asset_materialization
+    assert "| variant |" in bench.metadata["table"].value and Path(bench.metadata["path"].value).is_file()
+
+    pkg_meta = instance.get_latest_materialization_event(PACKAGE).asset_materialization.metadata
+    path = Path(pkg_meta["path"].value)
+    assert path.parent == root / "registry" / "packages" and path.name == pkg_meta["version"].value
+    names = {p.name for p in path.iterdir()}
+    assert {"model.json", "model_card.md", "benchmark.json", "sample_request.json", "manifest.json",
+            "model.encoder_only.onnx", "model.encoder.onnx", "model.decoder.onnx"} <= names
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == names - {"manifest.json"}
+    assert not (root / "registry" / "CURRENT").exists()  # promotion is the redeploy job's business
+
+
+def test_broken_export_fails_onnx_parity_and_blocks_the_package(pipeline, monkeypatch):
+    """Perturb the exported encoder's weights after export: parity against PyTorch must fail, and
+    nothing downstream of the blocking check (variants, benchmark, package) may materialize."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    import gcodefp_core.export as export_mod
+
+    root, instance, defs, _ = pipeline
+    real_export = export_mod.export_checkpoint
+
+    def broken_export(checkpoint, output, **kw):
+        meta = real_export(checkpoint, output, **kw)
+        for graph in ("encoder", "greedy"):
+            path = Path(output).parent / meta["files"][graph]
+            model = onnx.load(str(path))
+            for init in model.graph.initializer:
+                w = numpy_helper.to_array(init)
+                if w.dtype == np.float32 and w.size > 100:
+                    init.CopyFrom(numpy_helper.from_array(w + 0.5, init.name))
+            onnx.save(model, str(path))
+        return meta
+
+    monkeypatch.setattr(export_mod, "export_checkpoint", broken_export)
+    before = packages(root / "registry")
+    result = run(defs, instance, selection=EXPORT_ONWARDS)
+    assert not result.success
+    parity = check_results(result)["onnx_parity"]
+    assert not parity.passed and parity.metadata["max_abs_diff_op_logits"].value > 1e-3
+    assert materialized(result) == {"onnx_model"}
+    assert packages(root / "registry") == before
+
+
+def test_latency_sla_failure_blocks_the_package(pipeline, tmp_path):
+    root, instance, _, _ = pipeline
+    defs = make_defs(root, QualityGates(parity_windows=32, latency_p95_ms=1e-6))
+    before = packages(root / "registry")
+    result = run(defs, instance, selection=[dg.AssetKey("benchmark_report"), PACKAGE])
+    sla = check_results(result)["latency_sla"]
+    assert not result.success and not sla.passed
+    assert sla.metadata["p95_ms"].value > sla.metadata["bar_p95_ms"].value == 1e-6
+    assert packages(root / "registry") == before
+
+
+def test_non_blocking_failures_leave_the_run_green_and_still_package(pipeline):
+    """Accuracy bars below zero and a size budget of ~0 fail their checks; they do not block."""
+    root, instance, _, _ = pipeline
+    gates = QualityGates(parity_windows=32, max_drop_points_int8=-101.0, max_drop_points_fp16=-101.0,
+                         max_package_mb=1e-6)
+    before = packages(root / "registry")
+    result = run(make_defs(root, gates), instance,
+                 selection=[dg.AssetKey(k) for k in ("model_fp16", "model_int8_dynamic", "model_int8_static",
+                                                     "benchmark_report", "deployment_package")])
+    assert result.success
+    evals = check_results(result)
+    for v in ("fp16", "int8_dynamic", "int8_static"):
+        e = evals[f"model_{v}:accuracy_vs_fp32"]
+        assert not e.passed and e.metadata["bar_points"].value == -101.0
+    assert not evals["model_size_budget"].passed and evals["model_size_budget"].metadata["total_mb"].value > 0
+    assert evals["package_integrity"].passed
+    assert len(packages(root / "registry")) == len(before) + 1
+    # every variant failed its bar, so the benchmark ships fp32
+    assert json.loads((root / "store" / "benchmark" / "benchmark.json").read_text())["shipped_variant"] == "fp32"
+
+
+def test_package_integrity_fails_on_a_corrupted_package(pipeline):
+    root, instance, _, _ = pipeline
+    path = Path(instance.get_latest_materialization_event(PACKAGE).asset_materialization.metadata["path"].value)
+    ok = checks.package_integrity(dg.build_asset_check_context(instance=instance))
+    assert ok.passed and ok.metadata["files_verified"].value >= 8 and ok.metadata["sample_gcode"].value is not None
+    graph = path / "model.decoder.onnx"
+    graph.chmod(0o644)
+    graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
+    bad = checks.package_integrity(dg.build_asset_check_context(instance=instance))
+    assert not bad.passed and "model.decoder.onnx" in bad.metadata["error"].value
+
+
+def test_sensor_logs_reads_a_configured_folder_in_place(tmp_path):
+    """A configured logs folder is read where it is (never copied); a missing one is a clear error."""
+    from gcodefp_core.synthetic import write_synthetic_logs
+
+    logs = tmp_path / "logs"
+    write_synthetic_logs(logs, runs_per_operation=1, operations=["face"])
+    defs = build_definitions(seeds=[42], executor=dg.in_process_executor, resources={
+        "pipeline_config": PipelineConfig(config_path=str(REPO / "configs" / "tiny.json"), data_dir=str(logs)),
+        "artifacts": ArtifactStore(root=str(tmp_path / "store"))})
+    job = defs.resolve_job_def("full_pipeline")
+    result = job.execute_in_process(partition_key="42", asset_selection=[dg.AssetKey("sensor_logs")])
+    meta = result.asset_materializations_for_node("sensor_logs")[0].metadata
+    assert meta["path"].value == str(logs) and meta["files"].value == 1 and meta["source"].value == "folder"
+    assert not (tmp_path / "store" / "logs" / "synthetic").exists()
+    with pytest.raises(FileNotFoundError, match="missing-folder"):
+        job.execute_in_process(partition_key="42", asset_selection=[dg.AssetKey("sensor_logs")], run_config={
+            "ops": {"sensor_logs": {"config": {"logs_dir": str(tmp_path / "missing-folder")}}}})
