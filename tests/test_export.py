@@ -1,0 +1,159 @@
+"""ONNX export and its verification, on a tiny model trained briefly on the session's synthetic dataset.
+
+`exported_model()` builds (once per session) the checkpoint and its fp32 export that the runtime,
+quantization and benchmark tests share; the other test modules import it from here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gcodefp_core import decoding
+from gcodefp_core.export import VerificationError, export_checkpoint, sample_windows, verify
+from gcodefp_core.model import TorchStep, load_checkpoint
+from gcodefp_core.runtime import OnnxPredictor
+
+torch.set_num_threads(1)
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
+_CACHE: dict = {}
+
+
+def exported_model(dataset_dir: Path, tmp_path_factory) -> dict:
+    """{"checkpoint", "model_json", "meta", "dataset"}: a tiny model trained for a few epochs, exported."""
+    if "built" not in _CACHE:
+        from gcodefp_core.dataset import load_dataset
+        from gcodefp_core.train import load_config, train_model
+
+        cfg = load_config(TINY)
+        cfg["train"].update(epochs=4, samples_per_epoch=2048)
+        cfg["wandb"] = {"mode": "disabled"}
+        root = tmp_path_factory.mktemp("exported")
+        train_model(cfg, load_dataset(dataset_dir), root / "run", seed=0)
+        ckpt = root / "run" / "checkpoint_best.pt"
+        meta = export_checkpoint(ckpt, root / "fp32" / "model.onnx", dataset=dataset_dir, verify_windows=512)
+        _CACHE["built"] = {"checkpoint": ckpt, "model_json": root / "fp32" / "model.json", "meta": meta,
+                           "dataset": dataset_dir}
+    return _CACHE["built"]
+
+
+@pytest.fixture(scope="module")
+def exported(synthetic_dataset, tmp_path_factory):
+    return exported_model(synthetic_dataset, tmp_path_factory)
+
+
+def test_export_writes_every_graph_and_a_complete_model_json(exported):
+    meta = json.loads(exported["model_json"].read_text())
+    folder = exported["model_json"].parent
+    assert meta["format"] == "gcodefp-onnx" and meta["variant"] == "fp32" and meta["kind"] == "full"
+    assert set(meta["files"]) == {"encoder", "decoder", "greedy", "encoder_only"}
+    for name, file in meta["files"].items():
+        assert (folder / file).stat().st_size == meta["file_sizes"][name]
+    enc = meta["graphs"]["encoder"]
+    assert [i["name"] for i in enc["inputs"]] == ["continuous", "categorical"]
+    assert [o["name"] for o in enc["outputs"]] == ["memory", "op_logits", "fingerprint", "h0"]
+    assert enc["inputs"][0]["shape"] == ["batch", meta["window"], len(meta["features"]["continuous"])]
+    dec = meta["graphs"]["decoder"]
+    assert [i["name"] for i in dec["inputs"]] == ["tokens", "h", "memory"]
+    assert [o["name"] for o in dec["outputs"]] == ["logits", "h_next"]
+    assert dec["outputs"][0]["shape"] == ["batch", meta["model_config"]["vocab_size"]]
+    assert meta["opset"] == 18 and meta["dynamic_batch"] is True
+    assert meta["parameter_count"] > 1000 and len(meta["source_checkpoint"]["sha256"]) == 64
+    assert meta["max_tokens"] == meta["model_config"]["max_decode_len"]
+    assert "tokens" in meta["tokenizer"] and len(meta["operations"]) == 9
+    par = meta["parity"]
+    assert par["passed"] and par["windows"] == 512 and "dataset" in par["data"]
+    assert max(par["max_abs_diff"].values()) < 1e-4
+    assert par["greedy_identical"] == {"greedy_fused": 1.0, "greedy_stepwise": 1.0}
+    assert not (folder / "model.failed.json").exists()
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_onnx_matches_pytorch_at_dynamic_batch_sizes(exported, batch):
+    model, _ = load_checkpoint(exported["checkpoint"])
+    pred = OnnxPredictor.load(exported["model_json"])
+    cont, cat, _ = sample_windows(exported["meta"], exported["dataset"], n=batch)
+    assert len(cont) == batch
+    state, op_ref, fp_ref = TorchStep(model).initial_state(cont, cat)
+    got = pred.encode(cont, cat)
+    np.testing.assert_allclose(got["op_logits"], op_ref, atol=1e-4)
+    np.testing.assert_allclose(got["fingerprint"], fp_ref, atol=1e-4)
+    np.testing.assert_allclose(got["memory"], state["memory"], atol=1e-4)
+    ref = decoding.greedy(TorchStep(model), state, batch, exported["meta"]["max_tokens"])
+    np.testing.assert_array_equal(pred.predict_arrays(cont, cat)[0], ref)
+    np.testing.assert_array_equal(pred.predict_arrays(cont, cat, fused=True)[0], ref)
+
+
+def test_verification_fails_for_a_different_model(exported):
+    model, _ = load_checkpoint(exported["checkpoint"])
+    with torch.no_grad():
+        model.op_head.bias.add_(0.5)       # a mismatched reference: the operation logits move
+        model.token_embed.weight.mul_(-1)  # and the decoder changes its mind
+    report = verify(exported["model_json"], model=model, dataset=exported["dataset"], windows=64)
+    assert not report["passed"]
+    assert any(f.startswith("op_logits") for f in report["failures"])
+    assert any("greedy_fused identical" in f for f in report["failures"])
+    assert verify(exported["model_json"], dataset=exported["dataset"], windows=64)["passed"]  # recorded checkpoint
+
+
+def test_a_broken_graph_fails_export_and_leaves_no_model_json(exported, tmp_path, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    from gcodefp_core import export as export_mod
+    from gcodefp_core.cli import main
+
+    real = export_mod.export_graph
+
+    def broken(module, name, example, path, dynamic_batch, opset):
+        real(module, name, example, path, dynamic_batch, opset)
+        if name.startswith("encoder"):  # scale the largest weight: still a valid graph, but wrong numbers
+            m = onnx.load(str(path))
+            init = max(m.graph.initializer, key=lambda i: np.prod(i.dims))
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+            onnx.save(m, str(path))
+
+    monkeypatch.setattr(export_mod, "export_graph", broken)
+    with pytest.raises(VerificationError, match="op_logits max"):  # encoder-only: one graph to export
+        export_checkpoint(exported["checkpoint"], tmp_path / "bad" / "model.onnx", encoder_only=True,
+                          verify_windows=64)
+    assert not (tmp_path / "bad" / "model.json").exists()
+    failed = json.loads((tmp_path / "bad" / "model.failed.json").read_text())
+    assert failed["parity"]["passed"] is False
+    with pytest.raises(FileNotFoundError):
+        OnnxPredictor.load(tmp_path / "bad")
+    rc = main(["export", "--checkpoint", str(exported["checkpoint"]), "--output", str(tmp_path / "cli" / "m.onnx"),
+               "--verify-windows", "64", "--encoder-only"])
+    assert rc != 0
+
+
+def test_encoder_only_export_with_a_fixed_batch_through_the_cli(exported, tmp_path, capsys):
+    from gcodefp_core.cli import main
+
+    rc = main(["export", "--checkpoint", str(exported["checkpoint"]), "--output", str(tmp_path / "enc.onnx"),
+               "--encoder-only", "--batch-size", "3", "--verify-windows", "64"])
+    assert rc == 0 and "PASSED" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "enc.json").read_text())
+    assert meta["kind"] == "encoder_only" and list(meta["files"]) == ["encoder_only"]
+    assert meta["graphs"]["encoder_only"]["inputs"][0]["shape"][0] == 3
+    assert [o["name"] for o in meta["graphs"]["encoder_only"]["outputs"]] == ["op_logits", "fingerprint"]
+    assert (tmp_path / "enc.json").is_file() and meta["parity"]["passed"]
+    pred = OnnxPredictor.load(tmp_path / "enc.json")
+    cont, cat, _ = sample_windows(meta, None, n=3)
+    assert pred.fingerprint(cont, cat).shape == (3, meta["model_config"]["fingerprint_dim"])
+    assert not pred.can_decode
+    with pytest.raises(ValueError, match="encoder-only"):
+        pred.predict(cont, cat)
+
+
+def test_bad_requests_fail_clearly(exported, tmp_path):
+    window = exported["meta"]["window"]
+    with pytest.raises(ValueError, match="seq-len"):
+        export_checkpoint(exported["checkpoint"], tmp_path / "m.onnx", seq_len=window + 4)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        export_checkpoint(tmp_path / "missing.pt", tmp_path / "m.onnx")
+    foreign = dict(exported["meta"], window=window * 2)
+    with pytest.raises(ValueError, match="differ from the model"):
+        sample_windows(foreign, exported["dataset"], n=4)
