@@ -135,6 +135,8 @@ def _pipeline(args) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations of a new instance: noise
     if not args.verbose:  # the multiprocess executor's own engine events; progress lines replace them
         logging.getLogger("dagster").setLevel(logging.WARNING)
+    if not args.verbose:  # W&B's per-run banners, repeated by every seed's worker process
+        os.environ.setdefault("WANDB_SILENT", "true")
     _configure_env(args)
     home = ensure_dagster_home()
     import dagster as dg
@@ -165,4 +167,11 @@ def _pipeline(args) -> int:
         return 1
     meta = package[-1].metadata
     print(f"package {meta['version'].value} ({meta['variant'].value}): {meta['path'].value}")
+    registry = Path(meta['path'].value).parent.parent
+    print("\nNext:\n"
+          f"  UI:     DAGSTER_HOME={home} GCODEFP_CONFIG={args.config.resolve()} "
+          "dagster dev -w workspace.yaml   # http://127.0.0.1:3000\n"
+          f"  serve:  gcodefp package promote --registry {registry} {meta['version'].value} && "
+          f"gcodefp serve --registry {registry} --port 8000\n"
+          "  call:   curl -s http://127.0.0.1:8000/info   (API docs: http://127.0.0.1:8000/docs)")
     return 0
