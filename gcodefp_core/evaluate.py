@@ -1,0 +1,155 @@
+"""Evaluation: operation accuracy, token accuracy (teacher-forced and free-running), exact-line
+match, G-code word accuracy and fingerprint retrieval, overall and per operation.
+
+Definitions (targets are the tokens after BOS, EOS included, PAD excluded):
+- token_acc_tf: argmax under teacher forcing equals the target token;
+- token_acc_greedy: the free-running greedy (or beam) output equals the target at the same position;
+- exact_match: the decoded text equals the canonical target line;
+- word_acc: per line, words equal at the same position / max(#predicted words, #target words);
+- fingerprint_nn_acc: the nearest fingerprint (cosine) among reference windows of *other runs*
+  (the train split, evenly subsampled) has the query's operation. Windows of one run overlap, so
+  same-run neighbours would be trivially right.
+An ensemble averages the members' probabilities (operation and every decoding step).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import decoding
+from .model import GCodeFingerprintModel, TorchStep
+
+OVERALL_METRICS = ("op_acc", "token_acc_tf", "token_acc_greedy", "exact_match", "word_acc", "fingerprint_nn_acc")
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    return np.exp(decoding.log_softmax(x.astype(np.float64)))
+
+
+@torch.no_grad()
+def predict(models: list[GCodeFingerprintModel], ds, window_ids: np.ndarray, batch_size: int = 1024,
+            beam_width: int = 1, greedy: bool = True) -> dict[str, np.ndarray]:
+    """Run models (one = single model, several = ensemble) over windows -> numpy predictions."""
+    for m in models:
+        m.eval()
+    out: dict[str, list] = {k: [] for k in ("op_prob", "fingerprint", "tf_pred", "tf_loss", "decoded", "targets", "operation", "run")}
+    for start in range(0, len(window_ids), batch_size):
+        b = ds.batch(window_ids[start:start + batch_size])
+        full_target = b["tokens"][:, 1:]
+        width = max(2, int((b["tokens"] != decoding.PAD).sum(1).max()))  # skip all-PAD columns
+        cont, cat, tokens = (torch.as_tensor(b[k]) for k in ("continuous", "categorical", "tokens"))
+        tokens = tokens[:, :width]
+        tok_p, op_p, fps, states = 0.0, 0.0, [], []
+        for m in models:
+            tok_logits, op_logits, fp = m(cont, cat, tokens)
+            tok_p = tok_p + torch.softmax(tok_logits.double(), -1) / len(models)
+            op_p = op_p + torch.softmax(op_logits.double(), -1) / len(models)
+            fps.append(fp)
+        target = tokens[:, 1:]
+        nll = -torch.log(tok_p.gather(2, target.unsqueeze(2)).squeeze(2) + 1e-12)
+        mask = target != decoding.PAD
+        out["tf_loss"].append(((nll * mask).sum(1) / mask.sum(1)).numpy())
+        out["tf_pred"].append(_pad_to(tok_p.argmax(-1).numpy(), full_target.shape[1]))
+        out["op_prob"].append(op_p.numpy())
+        # The ensemble's fingerprint: mean of the members', renormalised.
+        out["fingerprint"].append(torch.nn.functional.normalize(torch.stack(fps).mean(0), dim=-1).numpy())
+        out["targets"].append(full_target)
+        out["operation"].append(b["operation"])
+        out["run"].append(b["run"])
+        if greedy:
+            max_len = min(full_target.shape[1], models[0].cfg.max_decode_len)
+            decoded = decode(models, b["continuous"], b["categorical"], max_len, beam_width)
+            out["decoded"].append(_pad_to(decoded, full_target.shape[1]))
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def _pad_to(tokens: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])), constant_values=decoding.PAD)
+
+
+def decode(models: list[GCodeFingerprintModel], continuous: np.ndarray, categorical: np.ndarray, max_len: int,
+           beam_width: int = 1) -> np.ndarray:
+    """Free-running decoding with the numpy decoders over torch-backed step functions."""
+    steps = [TorchStep(m) for m in models]
+    states = [s.initial_state(continuous, categorical)[0] for s in steps]
+    step, state = (steps[0], states[0]) if len(steps) == 1 else (decoding.ensemble_step(steps), decoding.merge_states(states))
+    if beam_width > 1:
+        return decoding.beam_search(step, state, len(continuous), max_len, beam_width=beam_width)[0]
+    return decoding.greedy(step, state, len(continuous), max_len)
+
+
+def fingerprint_nn_accuracy(query_fp, query_op, query_run, ref_fp, ref_op, ref_run, chunk: int = 2048) -> np.ndarray:
+    """Per query: 1 if its nearest reference fingerprint from another run has the same operation."""
+    hits = np.zeros(len(query_fp), dtype=bool)
+    for s in range(0, len(query_fp), chunk):
+        sims = query_fp[s:s + chunk] @ ref_fp.T
+        sims[query_run[s:s + chunk, None] == ref_run[None, :]] = -np.inf
+        hits[s:s + chunk] = ref_op[sims.argmax(1)] == query_op[s:s + chunk]
+    return hits
+
+
+def line_scores(pred: dict, ds, window_ids) -> dict[str, np.ndarray]:
+    """Per-window scores (arrays of length N) from predictions."""
+    tok = ds.tokenizer
+    target, mask = pred["targets"], pred["targets"] != decoding.PAD
+    scores = {
+        "op_acc": pred["op_prob"].argmax(1) == pred["operation"],
+        "tf_correct": ((pred["tf_pred"] == target) & mask).sum(1), "n_tokens": mask.sum(1),
+        "loss": pred["tf_loss"],
+    }
+    if "decoded" in pred:
+        texts = [tok.decode([decoding.BOS] + row.tolist()) for row in pred["decoded"]]
+        lines = ds.target_lines(window_ids)
+        scores["greedy_correct"] = ((pred["decoded"] == target) & mask).sum(1)
+        scores["exact_match"] = np.array([p == t for p, t in zip(texts, lines)])
+        words = [(p.split(), t.split()) for p, t in zip(texts, lines)]
+        scores["word_correct"] = np.array([sum(a == b for a, b in zip(p, t)) for p, t in words])
+        scores["n_words"] = np.array([max(len(p), len(t), 1) for p, t in words])
+    return scores
+
+
+def summarise(scores: dict[str, np.ndarray], idx=slice(None)) -> dict[str, float]:
+    s = {k: v[idx] for k, v in scores.items()}
+    out = {"windows": int(len(s["op_acc"])), "op_acc": float(s["op_acc"].mean()),
+           "token_acc_tf": float(s["tf_correct"].sum() / max(s["n_tokens"].sum(), 1)), "loss": float(s["loss"].mean())}
+    if "exact_match" in s:
+        out.update(token_acc_greedy=float(s["greedy_correct"].sum() / max(s["n_tokens"].sum(), 1)),
+                   exact_match=float(s["exact_match"].mean()),
+                   word_acc=float(s["word_correct"].sum() / max(s["n_words"].sum(), 1)))
+    if "fp_hit" in s:
+        out["fingerprint_nn_acc"] = float(s["fp_hit"].mean())
+    return out
+
+
+def evaluate_models(models: list[GCodeFingerprintModel], ds, split: str = "test", batch_size: int = 1024,
+                    beam_width: int = 1, max_reference: int = 20000, max_windows: int | None = None) -> dict:
+    """Full report for a split: {"overall": {...}, "per_operation": {op: {...}}}."""
+    window_ids = ds.split_windows(split)
+    if max_windows and len(window_ids) > max_windows:
+        window_ids = window_ids[np.linspace(0, len(window_ids) - 1, max_windows).astype(np.int64)]
+    if len(window_ids) == 0:
+        raise ValueError(f"split {split!r} has no windows in {ds.path}")
+    pred = predict(models, ds, window_ids, batch_size, beam_width)
+    scores = line_scores(pred, ds, window_ids)
+    ref_ids = ds.split_windows("train")
+    if len(ref_ids) > max_reference:
+        ref_ids = ref_ids[np.linspace(0, len(ref_ids) - 1, max_reference).astype(np.int64)]
+    ref = predict(models, ds, ref_ids, batch_size, greedy=False)
+    scores["fp_hit"] = fingerprint_nn_accuracy(pred["fingerprint"], pred["operation"], pred["run"],
+                                               ref["fingerprint"], ref["operation"], ref["run"])
+    report = {"split": split, "overall": summarise(scores), "per_operation": {}}
+    for i, op in enumerate(ds.operations):
+        idx = np.flatnonzero(pred["operation"] == i)
+        if len(idx):
+            report["per_operation"][op] = summarise(scores, idx)
+    return report
+
+
+def format_table(report: dict) -> str:
+    cols = ("windows",) + OVERALL_METRICS
+    head = f"{'operation':<16}" + "".join(f"{c:>19}" for c in cols)
+    rows = [head, "-" * len(head)]
+    for name, m in list(report["per_operation"].items()) + [("OVERALL", report["overall"])]:
+        cells = "".join(f"{m[c]:>19d}" if c == "windows" else f"{100 * m.get(c, float('nan')):>18.2f}%" for c in cols)
+        rows.append(f"{name:<16}{cells}")
+    return "\n".join(rows)

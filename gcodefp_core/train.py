@@ -1,0 +1,306 @@
+"""Training: config, loss, the epoch loop (early stopping, clipping, warmup + cosine LR, resume),
+checkpoints and ensembles.
+
+A config file has sections "data" (DatasetConfig), "model" (ModelConfig hyper-parameters), "train"
+(TrainConfig) and "wandb" (tracking.py). Same seed + same data + same thread count = same weights
+on CPU: every source of randomness is seeded and the data order of epoch e comes from (seed, e),
+which is also why a resumed run continues exactly where the interrupted one stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import evaluate, tracking
+from .decoding import PAD
+from .model import TUNABLE, GCodeFingerprintModel, ModelConfig, build_model, count_parameters
+from .schema import CONTROLLER_NUMERIC
+
+log = logging.getLogger(__name__)
+SECTIONS = ("data", "model", "train", "wandb")
+CHECKPOINT_FORMAT = "gcodefp-checkpoint-v1"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    patience: int = 5                    # epochs without improvement of `monitor` before stopping
+    monitor: str = "score"               # a validation metric, higher is better
+    label_smoothing: float = 0.05
+    op_loss_weight: float = 1.0
+    fp_loss_weight: float = 0.5          # cosine-classifier loss on the fingerprint
+    fp_scale: float = 16.0
+    samples_per_epoch: int | None = None  # windows per epoch (seeded subsample); None = all
+    val_max_windows: int = 8000          # evenly spaced val windows scored every epoch
+    max_minutes: float | None = None     # stop (keeping the best checkpoint) after this long
+    num_threads: int | None = None       # None = leave torch's setting alone
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"train config: unknown field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        cfg = cls(**d)
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.patience < 1:
+            raise ValueError("train config: epochs, batch_size, patience must be >= 1 and lr > 0")
+        if cfg.monitor not in ("score", "loss") + evaluate.OVERALL_METRICS:
+            raise ValueError(f"train config: monitor {cfg.monitor!r} is not a validation metric")
+        return cfg
+
+
+TUNABLE_FIELDS = {"model": set(TUNABLE), "train": set(TrainConfig.__dataclass_fields__)}
+
+
+def load_config(path: Path | str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    validate_config(cfg, str(path))
+    return cfg
+
+
+def validate_config(cfg: dict, where: str = "config") -> None:
+    from .dataset import DatasetConfig
+
+    unknown = sorted(set(cfg) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{where}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    DatasetConfig.from_dict(cfg.get("data", {}))
+    bad = sorted(set(cfg.get("model", {})) - set(TUNABLE))
+    if bad:
+        raise ValueError(f"{where}: model: unknown field(s) {bad}; known: {list(TUNABLE)}")
+    TrainConfig.from_dict(cfg.get("train", {}))
+    tracking.validate_config(cfg.get("wandb", {}))
+
+
+def model_config_for(ds, model_section: dict) -> ModelConfig:
+    # Fourier features go to the controller's numeric state (positions, feed) when the feature set has it.
+    fourier = [i for i, name in enumerate(ds.continuous_features) if name in CONTROLLER_NUMERIC]
+    # Decode as many steps as the longest *training* line needs: lines with unseen words are spelled
+    # in characters (up to ~25 tokens), which the model never learns; unrolling for them would make
+    # every exported greedy prediction ~4x slower.
+    lengths = (ds.arrays["line_tokens"][ds.arrays["row_line"][ds.split_windows("train")]] != PAD).sum(1)
+    return ModelConfig.from_dict({
+        "n_continuous": len(ds.continuous_features), "cardinalities": list(ds.categorical_cardinalities),
+        "n_operations": len(ds.operations), "vocab_size": ds.tokenizer.vocab_size, "window": ds.window,
+        "max_decode_len": int(lengths.max()) - 1, "fourier_inputs": fourier, **model_section})
+
+
+def trim_pad(tokens: np.ndarray) -> np.ndarray:
+    """Drop trailing all-PAD columns (a batch's lines are usually far shorter than max_tokens)."""
+    return tokens[:, :max(2, int((tokens != PAD).sum(1).max()))]
+
+
+def dataset_reference(ds) -> dict:
+    """What a checkpoint needs to know about its data: where, which build, and the input/output schema."""
+    m = ds.manifest
+    return {"path": str(Path(ds.path).resolve()), "content_hash": m.get("content_hash"), "feature_set": m["features"]["feature_set"],
+            "features": m["features"], "tokenizer": m["tokenizer"], "operations": list(ds.operations),
+            "window": ds.window, "max_tokens": ds.max_tokens}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compute_loss(model: GCodeFingerprintModel, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    tokens = torch.as_tensor(trim_pad(batch["tokens"]))
+    op = torch.as_tensor(batch["operation"])
+    tok_logits, op_logits, fp = model(torch.as_tensor(batch["continuous"]), torch.as_tensor(batch["categorical"]), tokens)
+    tok_loss = F.cross_entropy(tok_logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=PAD,
+                               label_smoothing=cfg.label_smoothing)
+    op_loss = F.cross_entropy(op_logits, op, label_smoothing=cfg.label_smoothing)
+    # Cosine classifier: pulls each fingerprint towards a learned unit "proxy" of its operation.
+    fp_logits = cfg.fp_scale * fp @ F.normalize(model.fp_proxies, dim=-1).T
+    fp_loss = F.cross_entropy(fp_logits, op)
+    loss = tok_loss + cfg.op_loss_weight * op_loss + cfg.fp_loss_weight * fp_loss
+    return loss, {"tok_loss": tok_loss.item(), "op_loss": op_loss.item(), "fp_loss": fp_loss.item()}
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def validate(model, ds, val_ids: np.ndarray) -> dict:
+    pred = evaluate.predict([model], ds, val_ids)
+    m = evaluate.summarise(evaluate.line_scores(pred, ds, val_ids))
+    m["score"] = (m["op_acc"] + m["token_acc_tf"] + m["exact_match"]) / 3
+    return m
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool = False,
+                stop_after: int | None = None, group: str | None = None) -> dict:
+    """Train one model into run_dir (checkpoint_best.pt, checkpoint_last.pt, metrics.json).
+    resume: continue from run_dir/checkpoint_last.pt. stop_after: stop after this many epochs in
+    this call (the run stays resumable). Returns the best validation metrics and run facts."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = TrainConfig.from_dict(config.get("train", {}))
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    seed_everything(seed)
+    mcfg = model_config_for(ds, config.get("model", {}))
+    model = build_model(mcfg)
+    train_ids, val_ids = ds.split_windows("train"), ds.split_windows("val")
+    if len(train_ids) == 0 or len(val_ids) == 0:
+        raise ValueError(f"dataset {ds.path}: train and val splits need windows (have {len(train_ids)}, {len(val_ids)})")
+    if len(val_ids) > tcfg.val_max_windows:
+        val_ids = val_ids[np.linspace(0, len(val_ids) - 1, tcfg.val_max_windows).astype(np.int64)]
+    per_epoch = min(tcfg.samples_per_epoch or len(train_ids), len(train_ids))
+    steps_per_epoch = math.ceil(per_epoch / tcfg.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg.warmup_steps, tcfg.epochs * steps_per_epoch))
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "finished": False,
+             "elapsed": 0.0}
+    last_path, best_path = run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt"
+    if resume and last_path.is_file():
+        ckpt = torch.load(last_path, weights_only=True)
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = ckpt["train_state"]
+        log.info("resumed %s at epoch %d", run_dir, state["epoch"])
+    elif resume:
+        log.warning("--resume: no %s, starting fresh", last_path)
+    base = {"format": CHECKPOINT_FORMAT, "model_config": mcfg.to_dict(), "dataset": dataset_reference(ds),
+            "config": config, "seed": seed, "parameters": count_parameters(model)}
+    tracker = tracking.Tracker(config.get("wandb"), run_dir, config | {"seed": seed, "parameters": base["parameters"]},
+                               name=run_dir.name, group=group)
+    try:
+        epochs_this_call = 0
+        while not state["finished"] and state["epoch"] < tcfg.epochs:
+            epoch, t0 = state["epoch"] + 1, time.perf_counter()
+            model.train()
+            order = np.random.default_rng([seed, epoch]).permutation(len(train_ids))[:per_epoch]
+            sums, n = {"loss": 0.0, "tok_loss": 0.0, "op_loss": 0.0, "fp_loss": 0.0}, 0
+            for s in range(0, per_epoch, tcfg.batch_size):
+                batch = ds.batch(np.sort(train_ids[order[s:s + tcfg.batch_size]]))
+                loss, parts = compute_loss(model, batch, tcfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                opt.step()
+                sched.step()
+                for k, v in {"loss": loss.item(), **parts}.items():
+                    sums[k] += v
+                n += 1
+            train_m = {f"train_{k}": v / n for k, v in sums.items()}
+            val_m = validate(model, ds, val_ids)
+            state["elapsed"] += time.perf_counter() - t0
+            state["epoch"] = epoch
+            improved = val_m[tcfg.monitor] > state["best"] + 1e-6 if tcfg.monitor != "loss" else -val_m["loss"] > state["best"] + 1e-6
+            row = {"epoch": epoch, **train_m, **{f"val_{k}": v for k, v in val_m.items()},
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+            state["history"].append(row)
+            log.info("epoch %d/%d loss %.4f | val loss %.4f op %.4f tok %.4f exact %.4f word %.4f | lr %.2e %.1fs%s",
+                     epoch, tcfg.epochs, row["train_loss"], val_m["loss"], val_m["op_acc"], val_m["token_acc_tf"],
+                     val_m["exact_match"], val_m["word_acc"], row["lr"], row["seconds"], " *" if improved else "")
+            tracker.log(row, step=epoch)
+            if improved:
+                state.update(best=val_m[tcfg.monitor] if tcfg.monitor != "loss" else -val_m["loss"], best_epoch=epoch,
+                             bad_epochs=0)
+                save_checkpoint(best_path, base | {"state_dict": model.state_dict(), "epoch": epoch,
+                                                   "metrics": {f"val_{k}": v for k, v in val_m.items()}})
+            else:
+                state["bad_epochs"] += 1
+            out_of_time = tcfg.max_minutes is not None and state["elapsed"] > 60 * tcfg.max_minutes
+            if state["bad_epochs"] >= tcfg.patience or out_of_time or epoch == tcfg.epochs:
+                state["finished"] = True
+                log.info("stopping after epoch %d: %s", epoch, "early stop" if state["bad_epochs"] >= tcfg.patience
+                         else "time budget" if out_of_time else "last epoch")
+            save_checkpoint(last_path, base | {"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                                               "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                                               "train_state": state, "epoch": epoch})
+            epochs_this_call += 1
+            if stop_after is not None and epochs_this_call >= stop_after:
+                break
+        best = torch.load(best_path, weights_only=True)
+        result = {"run_dir": str(run_dir), "seed": seed, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+                  "finished": state["finished"], "train_seconds": round(state["elapsed"], 1),
+                  "parameters": base["parameters"], **best["metrics"]}
+        _write_json(run_dir / "metrics.json", {**result, "history": state["history"]})
+        tracker.summary(result)
+        if state["finished"]:
+            tracker.log_checkpoint(best_path, f"model-{run_dir.name}", {k: v for k, v in result.items() if k != "run_dir"})
+        return result
+    finally:
+        tracker.finish()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def prepare_dataset(config: dict, output: Path, dataset_dir: Path | None = None):
+    """A prebuilt dataset (--dataset), or one built from the "data" section into <output>/dataset
+    (reused when its recorded build config matches)."""
+    from .dataset import DatasetConfig, build_dataset, load_dataset
+
+    if dataset_dir is not None:
+        return load_dataset(dataset_dir)
+    dcfg = DatasetConfig.from_dict(config.get("data", {}))
+    cache = output / "dataset"
+    if (cache / "manifest.json").is_file():
+        if json.loads((cache / "manifest.json").read_text()).get("config") == asdict(dcfg):
+            log.info("reusing dataset %s", cache)
+            return load_dataset(cache)
+    return load_dataset(build_dataset(dcfg, cache))
+
+
+def train(config: dict, output: Path | str, seed: int = 42, ensemble: int | None = None,
+          dataset_dir: Path | None = None, resume: bool = False) -> dict:
+    """The `gcodefp train` entry point. One model -> <output>/model_seed{seed}/; an ensemble of N ->
+    <output>/ensemble_model_{i}_seed{seed+i-1}/ and <output>/ensemble_config.json."""
+    validate_config(config)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    ds = prepare_dataset(config, output, dataset_dir)
+    if not ensemble:
+        return train_model(config, ds, output / f"model_seed{seed}", seed, resume=resume)
+    if ensemble < 1:
+        raise ValueError(f"--ensemble must be >= 1, got {ensemble}")
+    members = []
+    for i in range(1, ensemble + 1):
+        name = f"ensemble_model_{i}_seed{seed + i - 1}"
+        res = train_model(config, ds, output / name, seed + i - 1, resume=resume, group=output.name)
+        members.append({"name": name, "seed": seed + i - 1, "checkpoint": f"{name}/checkpoint_best.pt",
+                        "val_metrics": {k: v for k, v in res.items() if k.startswith("val_")}})
+    monitor = TrainConfig.from_dict(config.get("train", {})).monitor
+    key = "val_loss" if monitor == "loss" else f"val_{monitor}"
+    best = (min if monitor == "loss" else max)(members, key=lambda m: m["val_metrics"][key])
+    doc = {"members": members, "selected": best["name"], "selection_metric": key, "dataset": str(ds.path)}
+    _write_json(output / "ensemble_config.json", doc)
+    return doc

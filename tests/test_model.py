@@ -1,0 +1,151 @@
+"""The model's encode/decode_step contract, its agreement across call paths, and ONNX export."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gcodefp_core import decoding
+from gcodefp_core.model import ModelConfig, TorchStep, build_model, count_parameters
+
+torch.set_num_threads(1)
+
+
+def tiny(cardinalities=(4, 3), fourier_inputs=(0, 2), **kw):
+    cfg = ModelConfig(fourier_inputs=list(fourier_inputs), fourier_features=6, n_continuous=7, cardinalities=list(cardinalities), n_operations=9, vocab_size=23, window=16,
+                      max_decode_len=6, d_model=16, last_rows=4, token_dim=8, fingerprint_dim=12, dropout=0.0, **kw)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # a sharper random decoder, so argmax ties cannot hide disagreements
+        model.token_embed.weight.mul_(5)
+    return model
+
+
+def inputs(model, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    cont = torch.randn(batch, cfg.window, cfg.n_continuous, generator=g)
+    cat = torch.stack([torch.randint(0, c, (batch, cfg.window), generator=g) for c in cfg.cardinalities], dim=2) \
+        if cfg.cardinalities else torch.zeros(batch, cfg.window, 0, dtype=torch.long)
+    return cont, cat
+
+
+def test_encode_shapes_and_unit_fingerprint():
+    model = tiny()
+    cont, cat = inputs(model)
+    memory, op_logits, fp, h0 = model.encode(cont, cat)
+    assert memory.shape == (3, 16 // 4 + 1, 16)     # conv steps + the summary slot
+    assert op_logits.shape == (3, 9) and h0.shape == (3, 16)
+    assert fp.shape == (3, 12)
+    torch.testing.assert_close(fp.norm(dim=1), torch.ones(3))
+    logits, h = model.decode_step(torch.tensor([1, 5, 7]), h0, memory)
+    assert logits.shape == (3, 23) and h.shape == (3, 16)
+
+
+def test_categorical_features_matter_and_none_is_allowed():
+    model = tiny()
+    cont, cat = inputs(model)
+    a = model.encode(cont, cat)[1]
+    b = model.encode(cont, (cat + 1) % 3)[1]
+    assert not torch.allclose(a, b)
+    no_cat = tiny(cardinalities=())
+    cont, cat = inputs(no_cat)
+    assert cat.shape[2] == 0
+    assert no_cat.encode(cont, cat)[1].shape == (3, 9)
+
+
+def test_last_rows_path_sees_the_last_row():
+    model = tiny()
+    cont, cat = inputs(model)
+    base = model.encode(cont, cat)[1]
+    changed = cont.clone()
+    changed[:, -1] += 3
+    assert not torch.allclose(model.encode(changed, cat)[1], base)
+    # A small move of a Fourier input (a position) changes the output more than of another input.
+    moved = {}
+    for col in (0, 1):
+        nudged = cont.clone()
+        nudged[:, -1, col] += 0.05
+        moved[col] = (model.encode(nudged, cat)[1] - base).abs().sum()
+    assert moved[0] > moved[1]
+
+
+def test_teacher_forcing_equals_step_by_step():
+    model = tiny()
+    cont, cat = inputs(model)
+    tokens = torch.tensor([[1, 5, 6, 2, 0, 0, 0], [1, 9, 2, 0, 0, 0, 0], [1, 3, 4, 5, 6, 7, 2]])
+    logits, op_logits, fp = model(cont, cat, tokens)
+    memory, op2, fp2, h = model.encode(cont, cat)
+    for t in range(tokens.shape[1] - 1):
+        step_logits, h = model.decode_step(tokens[:, t], h, memory)
+        torch.testing.assert_close(logits[:, t], step_logits)
+    torch.testing.assert_close(op_logits, op2)
+
+
+def test_fused_greedy_equals_numpy_greedy_and_beam_width_one():
+    model = tiny()
+    cont, cat = inputs(model, batch=5)
+    with torch.no_grad():
+        fused, _, _ = model.greedy_decode(cont, cat)
+    step = TorchStep(model)
+    state, op_logits, fp = step.initial_state(cont.numpy(), cat.numpy())
+    greedy = decoding.greedy(step, state, 5, model.cfg.max_decode_len)
+    beam1, _ = decoding.beam_search(step, state, 5, model.cfg.max_decode_len, beam_width=1)
+    np.testing.assert_array_equal(fused.numpy(), greedy)
+    np.testing.assert_array_equal(greedy, beam1)
+    beam3, _ = decoding.beam_search(step, state, 5, model.cfg.max_decode_len, beam_width=3)
+    assert beam3.shape == greedy.shape
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="unknown field.*'width'"):
+        ModelConfig.from_dict({"n_continuous": 3, "cardinalities": [], "n_operations": 9, "vocab_size": 5,
+                               "window": 16, "max_decode_len": 6, "width": 3})
+    with pytest.raises(ValueError, match="window"):
+        ModelConfig.from_dict({"n_continuous": 3, "cardinalities": [], "n_operations": 9, "vocab_size": 5,
+                               "window": 18, "max_decode_len": 6})
+    assert count_parameters(tiny()) > 0
+
+
+def test_encode_and_decode_step_export_to_onnx(tmp_path):
+    """The contract the exporter relies on: each method exports (dynamo exporter, one file, dynamic
+    batch) and onnxruntime reproduces PyTorch at another batch size."""
+    ort = pytest.importorskip("onnxruntime")
+    model = tiny()
+
+    class Encode(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, continuous, categorical):
+            return self.m.encode(continuous, categorical)
+
+    class DecodeStep(Encode):
+        def forward(self, tokens, h, memory):
+            return self.m.decode_step(tokens, h, memory)
+
+    cont, cat = inputs(model, batch=2)
+    memory, _, _, h0 = model.encode(cont, cat)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(Encode(model).eval(), (cont, cat), tmp_path / "enc.onnx", dynamo=True, external_data=False,
+                      input_names=["continuous", "categorical"], dynamic_shapes=({0: batch}, {0: batch}))
+    torch.onnx.export(DecodeStep(model).eval(), (torch.tensor([1, 1]), h0, memory), tmp_path / "dec.onnx",
+                      dynamo=True, external_data=False, input_names=["tokens", "h", "memory"],
+                      dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+    enc = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(tmp_path / "dec.onnx"), providers=["CPUExecutionProvider"])
+    cont5, cat5 = inputs(model, batch=5, seed=1)
+    mem_o, op_o, fp_o, h_o = enc.run(None, {"continuous": cont5.numpy(), "categorical": cat5.numpy()})
+    mem_t, op_t, fp_t, h_t = model.encode(cont5, cat5)
+    np.testing.assert_allclose(op_o, op_t.detach().numpy(), atol=1e-4)
+    np.testing.assert_allclose(fp_o, fp_t.detach().numpy(), atol=1e-4)
+
+    def ort_step(tokens, state):
+        logits, h = dec.run(None, {"tokens": tokens, "h": state["h"], "memory": state["memory"]})
+        return logits, {"h": h, "memory": state["memory"]}
+
+    got = decoding.greedy(ort_step, {"h": h_o, "memory": mem_o}, 5, model.cfg.max_decode_len)
+    step = TorchStep(model)
+    want = decoding.greedy(step, step.initial_state(cont5.numpy(), cat5.numpy())[0], 5, model.cfg.max_decode_len)
+    np.testing.assert_array_equal(got, want)

@@ -1,0 +1,155 @@
+"""Training, checkpoints, determinism/resume, ensembles, evaluation and the train/evaluate CLI,
+with tiny models on the session's synthetic dataset."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gcodefp_core import evaluate, tracking
+from gcodefp_core.cli import main
+from gcodefp_core.dataset import load_dataset
+from gcodefp_core.model import load_checkpoint
+from gcodefp_core.train import TUNABLE_FIELDS, load_config, train_model, validate
+
+torch.set_num_threads(1)
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
+
+
+def tiny_config(**train) -> dict:
+    cfg = load_config(TINY)
+    cfg["train"].update(train)
+    cfg["wandb"] = {"mode": "disabled"}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ds(synthetic_dataset):
+    return load_dataset(synthetic_dataset)
+
+
+@pytest.fixture(scope="module")
+def trained(ds, tmp_path_factory):
+    run = tmp_path_factory.mktemp("train") / "run"
+    result = train_model(tiny_config(epochs=8, samples_per_epoch=2048, patience=8), ds, run, seed=42)
+    return run, result
+
+
+def test_training_reduces_loss_and_learns_above_chance(trained):
+    run, result = trained
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert len(history) == 8
+    assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
+    assert history[-1]["train_tok_loss"] < history[0]["train_tok_loss"]
+    # 9 operations (chance 11%); every line is one of ~230 words per position.
+    assert result["val_op_acc"] > 0.3
+    assert result["val_token_acc_tf"] > 0.5
+    assert result["best_epoch"] >= 2
+
+
+def test_checkpoint_round_trips_without_pickled_code(trained, ds):
+    run, result = trained
+    raw = torch.load(run / "checkpoint_best.pt", weights_only=True)
+    assert raw["dataset"]["features"] == ds.manifest["features"]
+    assert raw["dataset"]["tokenizer"] == ds.manifest["tokenizer"]
+    assert raw["dataset"]["content_hash"] == ds.manifest["content_hash"]
+    assert raw["metrics"]["val_op_acc"] == result["val_op_acc"]
+    model, ckpt = load_checkpoint(run / "checkpoint_best.pt")
+    val_ids = ds.split_windows("val")
+    val_ids = val_ids[np.linspace(0, len(val_ids) - 1, 512).astype(np.int64)]
+    again = validate(model, ds, val_ids)
+    assert again["op_acc"] == pytest.approx(ckpt["metrics"]["val_op_acc"])
+    assert again["exact_match"] == pytest.approx(ckpt["metrics"]["val_exact_match"])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(run / "missing.pt")
+    (run / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_checkpoint(run / "junk.pt")
+
+
+def test_same_seed_same_weights_and_resume_continues_exactly(ds, tmp_path):
+    cfg = tiny_config(epochs=3, samples_per_epoch=512)
+    train_model(cfg, ds, tmp_path / "a", seed=7)
+    train_model(cfg, ds, tmp_path / "b", seed=7, stop_after=1)
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["epochs"] == 1
+    train_model(cfg, ds, tmp_path / "b", seed=7, resume=True)
+    train_model(cfg, ds, tmp_path / "c", seed=8)
+    a, b, c = (torch.load(tmp_path / r / "checkpoint_last.pt", weights_only=True)["state_dict"] for r in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_metric_definitions_on_known_predictions(ds):
+    ids = ds.split_windows("test")[:50]
+    b = ds.batch(ids)
+    target = b["tokens"][:, 1:]
+    pred = {"op_prob": np.eye(9)[b["operation"]], "tf_pred": target.copy(), "tf_loss": np.zeros(50),
+            "decoded": target.copy(), "targets": target, "operation": b["operation"]}
+    perfect = evaluate.summarise(evaluate.line_scores(pred, ds, ids))
+    assert perfect["exact_match"] == perfect["word_acc"] == perfect["token_acc_greedy"] == perfect["op_acc"] == 1.0
+    # Drop the first word of every line: no exact match, and fewer words right.
+    dropped = target.copy()
+    dropped[:, :-1] = target[:, 1:]
+    dropped[:, -1] = 0
+    pred["decoded"] = dropped
+    worse = evaluate.summarise(evaluate.line_scores(pred, ds, ids))
+    assert worse["exact_match"] == 0.0 and worse["word_acc"] < 0.5 and worse["token_acc_tf"] == 1.0
+
+
+def test_fingerprint_retrieval_ignores_same_run_neighbours():
+    fp = np.eye(3)
+    hits = evaluate.fingerprint_nn_accuracy(fp, np.array([0, 1, 2]), np.array([0, 1, 2]),
+                                            np.vstack([fp, fp]), np.array([0, 1, 2, 0, 1, 1]), np.array([0, 1, 2, 5, 6, 7]))
+    # Each query's identical twin is from its own run and excluded; the copies in runs 5-7 decide.
+    assert hits.tolist() == [True, True, False]
+
+
+def test_cli_trains_an_ensemble_and_evaluates_it(synthetic_dataset, tmp_path, capsys):
+    out = tmp_path / "models"
+    assert main(["train", "--config", str(TINY), "--output", str(out), "--seed", "42", "--ensemble", "2",
+                 "--dataset", str(synthetic_dataset), "--epochs", "2"]) == 0
+    doc = json.loads((out / "ensemble_config.json").read_text())
+    assert [m["name"] for m in doc["members"]] == ["ensemble_model_1_seed42", "ensemble_model_2_seed43"]
+    assert doc["selected"] in {m["name"] for m in doc["members"]}
+    assert all((out / m["checkpoint"]).is_file() for m in doc["members"])
+    assert list((out / "ensemble_model_1_seed42" / "wandb").glob("offline-run-*")), "W&B offline run folder"
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", "--checkpoint", str(out), "--split", "test", "--ensemble", "--max-windows", "300",
+                 "--output", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    for key in ("single", "ensemble"):
+        assert set(evaluate.OVERALL_METRICS) <= set(report[key]["overall"])
+        assert set(report[key]["per_operation"]) <= set(ds_ops(synthetic_dataset))
+    assert "OVERALL" in capsys.readouterr().out
+
+
+def ds_ops(path):
+    return json.loads((Path(path) / "manifest.json").read_text())["operations"]
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = json.loads(TINY.read_text())
+    bad["train"]["learning_rate"] = 0.1
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert main(["train", "--config", str(tmp_path / "bad.json"), "--output", str(tmp_path / "o")]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["train", "--config", str(TINY), "--output", str(tmp_path / "o"), "--sweep-id", "me/proj/abc123"]) == 2
+    err = capsys.readouterr().err
+    assert "needs W&B online" in err and err.count("\n") == 1
+
+
+def test_sweep_config_merges_nested_dotted_and_bare_keys():
+    cfg = tiny_config()
+    before = copy.deepcopy(cfg)
+    merged = tracking.apply_sweep_config(cfg, {"train": {"lr": 0.01}, "model.d_model": 48, "patience": 9,
+                                               "seed": 3, "unrelated": 1}, TUNABLE_FIELDS)
+    assert merged["train"]["lr"] == 0.01 and merged["train"]["patience"] == 9
+    assert merged["model"]["d_model"] == 48
+    assert "seed" not in merged["train"] and cfg == before
