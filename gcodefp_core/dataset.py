@@ -269,6 +269,10 @@ class Dataset:
             "run": run,
         }
 
+    def operation_labels(self, window_ids) -> np.ndarray:
+        """Operation index of each window (its run's file-name prefix)."""
+        return self._run_op[self.arrays["row_run"][np.asarray(window_ids, dtype=np.int64)]]
+
     def target_lines(self, window_ids) -> list[str]:
         idx = self.arrays["row_line"][np.asarray(window_ids, dtype=np.int64)]
         return [self.manifest["lines"][i] for i in idx]

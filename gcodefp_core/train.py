@@ -44,6 +44,9 @@ class TrainConfig:
     op_loss_weight: float = 1.0
     fp_loss_weight: float = 0.5          # cosine-classifier loss on the fingerprint
     fp_scale: float = 16.0
+    # Weight the operation loss by inverse class frequency of the training windows: the damage*
+    # classes have 4 runs each against 19 for the others, and share their programs with *150025.
+    balance_operations: bool = False
     samples_per_epoch: int | None = None  # windows per epoch (seeded subsample); None = all
     val_max_windows: int = 8000          # evenly spaced val windows scored every epoch
     max_minutes: float | None = None     # stop (keeping the best checkpoint) after this long
@@ -123,13 +126,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compute_loss(model: GCodeFingerprintModel, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+def operation_weights(ds, train_ids: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency class weights (mean 1 over the training windows) for the operation loss."""
+    counts = np.bincount(ds.operation_labels(train_ids), minlength=len(ds.operations)).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def compute_loss(model: GCodeFingerprintModel, batch: dict, cfg: TrainConfig,
+                 op_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     tokens = torch.as_tensor(trim_pad(batch["tokens"]))
     op = torch.as_tensor(batch["operation"])
     tok_logits, op_logits, fp = model(torch.as_tensor(batch["continuous"]), torch.as_tensor(batch["categorical"]), tokens)
     tok_loss = F.cross_entropy(tok_logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=PAD,
                                label_smoothing=cfg.label_smoothing)
-    op_loss = F.cross_entropy(op_logits, op, label_smoothing=cfg.label_smoothing)
+    op_loss = F.cross_entropy(op_logits, op, weight=op_weights, label_smoothing=cfg.label_smoothing)
     # Cosine classifier: pulls each fingerprint towards a learned unit "proxy" of its operation.
     fp_logits = cfg.fp_scale * fp @ F.normalize(model.fp_proxies, dim=-1).T
     fp_loss = F.cross_entropy(fp_logits, op)
@@ -176,6 +187,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
         raise ValueError(f"dataset {ds.path}: train and val splits need windows (have {len(train_ids)}, {len(val_ids)})")
     if len(val_ids) > tcfg.val_max_windows:
         val_ids = val_ids[np.linspace(0, len(val_ids) - 1, tcfg.val_max_windows).astype(np.int64)]
+    op_weights = operation_weights(ds, train_ids) if tcfg.balance_operations else None
     per_epoch = min(tcfg.samples_per_epoch or len(train_ids), len(train_ids))
     steps_per_epoch = math.ceil(per_epoch / tcfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -206,7 +218,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
             sums, n = {"loss": 0.0, "tok_loss": 0.0, "op_loss": 0.0, "fp_loss": 0.0}, 0
             for s in range(0, per_epoch, tcfg.batch_size):
                 batch = ds.batch(np.sort(train_ids[order[s:s + tcfg.batch_size]]))
-                loss, parts = compute_loss(model, batch, tcfg)
+                loss, parts = compute_loss(model, batch, tcfg, op_weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)

@@ -153,3 +153,14 @@ def test_sweep_config_merges_nested_dotted_and_bare_keys():
     assert merged["train"]["lr"] == 0.01 and merged["train"]["patience"] == 9
     assert merged["model"]["d_model"] == 48
     assert "seed" not in merged["train"] and cfg == before
+
+
+def test_balanced_operation_weights_are_inverse_frequency(ds):
+    from gcodefp_core.train import operation_weights
+
+    ids = ds.split_windows("train")
+    counts = np.bincount(ds.operation_labels(ids), minlength=len(ds.operations))
+    w = operation_weights(ds, ids).numpy()
+    present = counts > 0
+    assert np.allclose(w[present] * counts[present], counts.sum() / len(counts))  # each class weighs the same
+    assert abs(float((w * counts).sum() / counts.sum()) - 1.0) < 1e-6 or not present.all()
