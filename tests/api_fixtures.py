@@ -1,6 +1,6 @@
 """Fixtures for the API tests: a real tiny package (trained, exported, packaged) and real uvicorn servers.
 
-Import the fixtures into a test module with `from api_fixtures import *` (tests/ is on sys.path).
+Loaded for every test module through `pytest_plugins` in tests/conftest.py (tests/ is on sys.path).
 The model is trained for one short epoch on the session's synthetic dataset: its predictions are
 poor but real, which is all the server tests need. Servers are subprocesses on 127.0.0.1, stopped
 at the end of their scope.

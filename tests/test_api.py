@@ -14,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 
-from api_fixtures import *  # noqa: F401,F403  (fixtures)
 from api_fixtures import ADMIN_TOKEN, REPO, Server, free_port, server_env
 from gcodefp_core import package as pkg
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from api.client import (APIConnectionError, APIError, APITimeoutError, APIValidationError, GCodeAPIClient)
-from api_fixtures import *  # noqa: F401,F403  (fixtures)
 from api_fixtures import ADMIN_TOKEN, free_port
 
 pytestmark = pytest.mark.slow
