@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .features import FeatureSpec
+from .fileio import write_json
 from .logs import LogFormatError, RunLog, list_log_files, read_log
 from .schema import OPERATIONS, SESSION_CHANNELS, TARGET_COLUMN, feature_columns
 from .tokenizer import GCodeTokenizer, canonicalize
@@ -129,7 +130,7 @@ def build_dataset(cfg: DatasetConfig, out_dir: Path | str, logs_dir: Path | str 
         manifest.update(source=str(source), skipped_files=skipped)
         manifest["content_hash"] = _content_hash(tmp, manifest)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
-        _write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / "manifest.json", manifest)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,12 +202,6 @@ def _content_hash(folder: Path, manifest: dict) -> str:
     core = {k: v for k, v in manifest.items() if k not in ("source", "content_hash", "build_seconds")}
     h.update(json.dumps(core, sort_keys=True).encode())
     return h.hexdigest()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

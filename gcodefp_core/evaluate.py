@@ -39,7 +39,7 @@ def predict(models: list[GCodeFingerprintModel], ds, window_ids: np.ndarray, bat
         width = max(2, int((b["tokens"] != decoding.PAD).sum(1).max()))  # skip all-PAD columns
         cont, cat, tokens = (torch.as_tensor(b[k]) for k in ("continuous", "categorical", "tokens"))
         tokens = tokens[:, :width]
-        tok_p, op_p, fps, states = 0.0, 0.0, [], []
+        tok_p, op_p, fps = 0.0, 0.0, []
         for m in models:
             tok_logits, op_logits, fp = m(cont, cat, tokens)
             tok_p = tok_p + torch.softmax(tok_logits.double(), -1) / len(models)

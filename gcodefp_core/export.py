@@ -15,8 +15,6 @@ no server can load the model, and raises VerificationError.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import decoding
+from .fileio import sha256_file, write_json  # noqa: F401  (re-exported for quantize)
 from .runtime import FORMAT, OnnxPredictor, read_metadata
 
 FORMAT_VERSION = 1
@@ -51,20 +50,6 @@ def stem_paths(output: str | Path) -> tuple[Path, str]:
     if output.is_dir() or str(output).endswith(os.sep):
         return output, "model"
     return output.parent, output.name.split(".")[0]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def graph_signature(path: Path) -> dict:

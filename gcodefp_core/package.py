@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
+from .fileio import sha256_file, write_atomic, write_json
 
 MANIFEST = "manifest.json"
 MODEL_JSON = "model.json"
@@ -36,32 +36,6 @@ class PackageError(ValueError):
 
 
 # ---- small helpers ------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, json.dumps(obj, indent=1, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def check_version(version: str) -> str:
     if not isinstance(version, str) or not VERSION_RE.match(version):
         raise PackageError(f"version: {version!r} is not a valid name (letters, digits, '.', '_', '-'; max 64)")
@@ -165,15 +139,15 @@ def build_package(model_dir, registry, version: str | None = None, benchmark: di
         for name in files:
             shutil.copy2(model_dir / name, tmp / name)
         meta_out = dict(meta, metrics=metrics, package_version=version)
-        _write_json(tmp / MODEL_JSON, meta_out)
+        write_json(tmp / MODEL_JSON, meta_out)
         (tmp / "model_card.md").write_text(model_card(meta_out, version, metrics, benchmark))
-        _write_json(tmp / "benchmark.json", benchmark)
+        write_json(tmp / "benchmark.json", benchmark)
         window = sample_window or default_sample_window(meta)
-        _write_json(tmp / "sample_request.json", {"sensor_data": window, "return_fingerprint": True,
+        write_json(tmp / "sample_request.json", {"sensor_data": window, "return_fingerprint": True,
                                                    "inference_config": {"method": "greedy"}})
-        entries = {p.name: {"sha256": _sha256(p), "size": p.stat().st_size}
+        entries = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
                    for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json(tmp / MANIFEST, {
+        write_json(tmp / MANIFEST, {
             "format": PACKAGE_FORMAT, "version": version, "variant": meta.get("variant"),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": str(meta_path.resolve()), "files": entries})
@@ -202,7 +176,7 @@ def verify_package(package_dir) -> dict:
             raise PackageError(f"{path}: listed in the manifest but missing")
         if path.stat().st_size != entry["size"]:
             raise PackageError(f"{path}: size {path.stat().st_size} != {entry['size']} in the manifest")
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise PackageError(f"{path}: sha256 does not match the manifest (file changed or corrupted)")
     extra = sorted(p.name for p in package_dir.iterdir() if p.name not in files and p.name != MANIFEST)
     if extra:
@@ -265,8 +239,8 @@ def promote(registry, version: str) -> str | None:
     if old == version:
         return old
     if old is not None:
-        _write_atomic(registry / "PREVIOUS", old + "\n")
-    _write_atomic(registry / "CURRENT", version + "\n")
+        write_atomic(registry / "PREVIOUS", old + "\n")
+    write_atomic(registry / "CURRENT", version + "\n")
     return old
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import evaluate, tracking
 from .decoding import PAD
+from .fileio import read_json, write_json
 from .model import TUNABLE, GCodeFingerprintModel, ModelConfig, build_model, count_parameters
 from .schema import CONTROLLER_NUMERIC
 
@@ -70,12 +71,7 @@ TUNABLE_FIELDS = {"model": set(TUNABLE), "train": set(TrainConfig.__dataclass_fi
 
 def load_config(path: Path | str) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    cfg = read_json(path, "config")
     validate_config(cfg, str(path))
     return cfg
 
@@ -261,19 +257,13 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
         result = {"run_dir": str(run_dir), "seed": seed, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
                   "finished": state["finished"], "train_seconds": round(state["elapsed"], 1),
                   "parameters": base["parameters"], **best["metrics"]}
-        _write_json(run_dir / "metrics.json", {**result, "history": state["history"]})
+        write_json(run_dir / "metrics.json", {**result, "history": state["history"]})
         tracker.summary(result)
         if state["finished"]:
             tracker.log_checkpoint(best_path, f"model-{run_dir.name}", {k: v for k, v in result.items() if k != "run_dir"})
         return result
     finally:
         tracker.finish()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def prepare_dataset(config: dict, output: Path, dataset_dir: Path | None = None):
@@ -314,5 +304,5 @@ def train(config: dict, output: Path | str, seed: int = 42, ensemble: int | None
     key = "val_loss" if monitor == "loss" else f"val_{monitor}"
     best = (min if monitor == "loss" else max)(members, key=lambda m: m["val_metrics"][key])
     doc = {"members": members, "selected": best["name"], "selection_metric": key, "dataset": str(ds.path)}
-    _write_json(output / "ensemble_config.json", doc)
+    write_json(output / "ensemble_config.json", doc)
     return doc

@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
-import pytest
 
 from gcodefp_core import package as pkg
 from gcodefp_dagster.definitions import build_definitions, seed_partitions

@@ -2,7 +2,6 @@
 API (tiny synthetic data, one seed), then the redeploy sensor promoting the new package."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

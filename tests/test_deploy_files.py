@@ -7,10 +7,8 @@ import importlib
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """`gcodefp synth` and `gcodefp build-dataset`."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -44,12 +43,9 @@ def load_data_config(path: Path | None, **overrides):
 
     raw: dict = {}
     if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"config not found: {path}")
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        from gcodefp_core.fileio import read_json
+
+        doc = read_json(path, "config")
         raw = dict(doc.get("data", doc))
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return DatasetConfig.from_dict(raw)

@@ -6,7 +6,9 @@ from pathlib import Path
 import dagster as dg
 
 from .data import dataset_folder
-from .export import VARIANT_METHODS, model_dir, read_accuracy, write_json
+from gcodefp_core.fileio import write_json
+
+from .export import VARIANT_METHODS, model_dir, read_accuracy
 from .resources import ArtifactStore, QualityGates
 
 GROUP = "evaluation"

@@ -9,6 +9,8 @@ from typing import Optional
 
 import dagster as dg
 
+from gcodefp_core.fileio import write_json
+
 from .data import dataset_folder
 from .resources import ArtifactStore
 from .training import selected_checkpoint
@@ -31,12 +33,6 @@ class QuantizeConfig(dg.Config):
 
 def model_dir(artifacts: ArtifactStore, variant: str) -> Path:
     return artifacts.path("onnx", variant)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def read_accuracy(artifacts: ArtifactStore, variant: str) -> dict:
