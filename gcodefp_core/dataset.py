@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .features import FeatureSpec
-from .fileio import write_json
+from .fileio import check_known_fields, write_json
 from .logs import LogFormatError, RunLog, list_log_files, read_log
 from .schema import OPERATIONS, SESSION_CHANNELS, TARGET_COLUMN, feature_columns
 from .tokenizer import GCodeTokenizer, canonicalize
@@ -59,10 +59,7 @@ class DatasetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"data config: unknown field(s) {unknown}; known: {sorted(known)}")
+        check_known_fields(d, cls, "data")
         cfg = cls(**d)
         if cfg.window < 2 or cfg.stride < 1:
             raise ValueError("data config: window must be >= 2 and stride >= 1")

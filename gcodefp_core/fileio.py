@@ -56,3 +56,11 @@ def sha256_file(path: Path | str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_known_fields(d: dict, cls, section: str) -> None:
+    """A config section may only name fields of the dataclass `cls` (typos fail, naming the field)."""
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{section} config: unknown field(s) {unknown}; known: {sorted(known)}")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fileio import check_known_fields
+
 
 @dataclass
 class ModelConfig:
@@ -42,9 +44,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"model config: unknown field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        check_known_fields(d, cls, "model")
         cfg = cls(**d)
         if cfg.window < cfg.last_rows or cfg.window % (2 ** cfg.conv_blocks):
             raise ValueError(f"model config: window {cfg.window} must be >= last_rows ({cfg.last_rows}) "

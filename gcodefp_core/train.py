@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import evaluate, tracking
 from .decoding import PAD
-from .fileio import read_json, write_json
+from .fileio import check_known_fields, read_json, write_json
 from .model import TUNABLE, GCodeFingerprintModel, ModelConfig, build_model, count_parameters
 from .schema import CONTROLLER_NUMERIC
 
@@ -55,9 +55,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"train config: unknown field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        check_known_fields(d, cls, "train")
         cfg = cls(**d)
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.patience < 1:
             raise ValueError("train config: epochs, batch_size, patience must be >= 1 and lr > 0")
