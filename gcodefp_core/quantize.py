@@ -4,16 +4,16 @@ A variant is a set of graphs plus its own model.json ("variant": fp16 | int8_dyn
 written with the export's naming (`DIR/<stem>.<graph>.onnx` + `DIR/<stem>.json`). `compare_variants`
 writes one folder per variant (`<out>/<variant>/model.json`), the layout the package builder takes.
 
-Choices (measured on the real-data model, 2 shared cores): int8 graphs are pre-processed with
-onnxruntime's quant_pre_process (shape inference + fusions; without it some ops stay float).
-int8 dynamic quantizes MatMul/Gemm/Conv/Gather per channel: 28% of fp32, accuracy within 0.1
-point, but ~2x slower than fp32 on this CPU (ConvInteger and per-call activation quantization cost
-more than they save on matrices this small) -- it is the size variant. int8 static (QDQ) quantizes
-MatMul/Gemm/Conv only (quantizing every op has broken masks and softmaxes in decoders), Percentile
-calibration, input projection and embedding lookup left float (a Gather reading a dequantized
-table re-dequantizes it at every decoder step: 10x slower steps): the fastest variant (QLinearConv/
-MatMul fusions), but ~0.5 point of token accuracy lost and 52% of fp32 size. fp16 keeps float32 inputs/outputs so callers need not
-change; on the CPU provider it is a size artifact (ORT inserts casts; slower than fp32), for GPUs.
+Choices (measured on the real-data model, 2,000 test windows, 2 shared cores): int8 graphs are
+pre-processed with onnxruntime's quant_pre_process (shape inference + fusions; without it some ops
+stay float); both int8 variants keep Fourier-feature projections float (onnx_rewrites.periodic_nodes). int8
+dynamic quantizes MatMul/Gemm/Conv/Gather per channel: 28% of fp32, but slower than fp32 at batch 1
+(per-call activation quantization; ConvInteger) -- the size variant. int8 static (QDQ, Percentile
+calibration) quantizes MatMul/Gemm/Conv only (quantizing every op has broken masks and softmaxes in
+decoders) and rewrites the graphs around the quantizer (why: at each function): 28% of fp32, within
+0.15 point of fp32 accuracy, about fp32's batch-1 latency (QLinearConv/MatMul fusions). fp16 keeps
+float32 inputs/outputs so callers need not change; on the CPU provider it is a size artifact (ORT
+inserts casts; slower than fp32), for GPUs.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import onnx_rewrites
 from .export import graph_signature, sample_windows, sha256_file, stem_paths, write_json
 from .runtime import OnnxPredictor, read_metadata
 
@@ -45,16 +46,14 @@ class CalibrationReader:
     """onnxruntime CalibrationDataReader over a list of feed dicts."""
 
     def __init__(self, feeds: list[dict]):
-        self._feeds, self._next = feeds, 0
+        self._feeds = feeds
+        self.rewind()
 
     def get_next(self):
-        if self._next >= len(self._feeds):
-            return None
-        self._next += 1
-        return self._feeds[self._next - 1]
+        return next(self._iter, None)
 
     def rewind(self):
-        self._next = 0
+        self._iter = iter(self._feeds)
 
 
 def calibration_feeds(fp32: OnnxPredictor, cont: np.ndarray, cat: np.ndarray, batch: int = 32) -> dict[str, list]:
@@ -77,69 +76,6 @@ def calibration_feeds(fp32: OnnxPredictor, cont: np.ndarray, cat: np.ndarray, ba
     return feeds
 
 
-def _isolate_outputs(model):
-    """Give every graph output its own Identity node. The fp16 converter's keep_io_types mis-types a
-    graph output that other nodes also read (the decoder's h_next feeds the attention), and its
-    stale value_info types trip onnxruntime's type check, so both are cleared up front."""
-    import onnx
-
-    outs = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        for names in (node.input, node.output):
-            for i, name in enumerate(names):
-                if name in outs:
-                    names[i] = f"{name}__inner"
-    model.graph.node.extend(onnx.helper.make_node("Identity", [f"{o}__inner"], [o]) for o in sorted(outs))
-    del model.graph.value_info[:]
-    return model
-
-
-def _prepare_for_quantization(model, share_gather: bool = True):
-    """Store every constant Gemm weight read with transB=1 pre-transposed (transB=0). The quantizer
-    otherwise transposes such an initializer itself, which breaks when it is shared: by the greedy
-    graph's unrolled steps (transposed once per step) or by the tied token embedding's Gather (which
-    then reads the wrong rows). Also drops the exporter's value_info, whose stale shapes the
-    quantizer's shape inference rejects."""
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    transposed: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        trans_b = next((a for a in node.attribute if a.name == "transB"), None)
-        if trans_b is None or trans_b.i != 1:
-            continue
-        name = node.input[1]
-        if name not in transposed:
-            weight = numpy_helper.to_array(inits[name])
-            transposed[name] = f"{name}__T"
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), transposed[name]))
-        node.input[1] = transposed[name]
-        trans_b.i = 0
-    # A Gather of a weight that now also exists transposed (the tied token embedding) reads the
-    # transposed copy along axis 1 and transposes back: one int8 table instead of two. Not for QDQ:
-    # there the Gather would read DequantizeLinear(whole table), re-run at every decoder step (10x slower).
-    extra = []
-    for node in model.graph.node if share_gather else []:
-        if node.op_type == "Gather" and node.input[0] in transposed and not any(a.name == "axis" and a.i for a in node.attribute):
-            out = node.output[0]
-            node.input[0] = transposed[node.input[0]]
-            node.output[0] = f"{out}__DxB"
-            del node.attribute[:]
-            node.attribute.append(onnx.helper.make_attribute("axis", 1))
-            extra.append((node, onnx.helper.make_node("Transpose", [f"{out}__DxB"], [out], perm=[1, 0])))
-    for node, transpose in reversed(extra):  # keep the node list topologically sorted
-        model.graph.node.insert(list(model.graph.node).index(node) + 1, transpose)
-    used = {x for n in model.graph.node for x in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    del model.graph.value_info[:]
-    return model
-
-
 def _quantize_graph(src: Path, dst: Path, variant: str, feeds: list[dict] | None, work: Path) -> None:
     import onnx
 
@@ -149,7 +85,7 @@ def _quantize_graph(src: Path, dst: Path, variant: str, feeds: list[dict] | None
 
         with warnings.catch_warnings():  # "1e-12 will be truncated to 1e-07": F.normalize's eps, harmless
             warnings.simplefilter("ignore")
-            model = float16.convert_float_to_float16(_isolate_outputs(onnx.load(str(src))), keep_io_types=True)
+            model = float16.convert_float_to_float16(onnx_rewrites.isolate_outputs(onnx.load(str(src))), keep_io_types=True)
         onnx.save(model, str(tmp))
     else:
         from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
@@ -157,27 +93,37 @@ def _quantize_graph(src: Path, dst: Path, variant: str, feeds: list[dict] | None
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         clean, pre = work / f"{src.stem}.clean.onnx", work / f"{src.stem}.pre.onnx"
-        onnx.save(_prepare_for_quantization(onnx.load(str(src)), share_gather=variant == "int8_dynamic"), str(clean))
+        onnx.save(onnx_rewrites.prepare_for_quantization(onnx.load(str(src))), str(clean))
         try:
             quant_pre_process(str(clean), str(pre))
         except Exception:  # symbolic shape inference cannot follow F.normalize's Expand; ONNX's can
             quant_pre_process(str(clean), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre))
         del model.graph.value_info[:]
+        if variant == "int8_static":
+            onnx_rewrites.split_gemm_bias(model)  # after pre-processing: its fusions would make the Gemms again
         onnx.save(model, str(pre))
         # Shape inference loses some element types inside the unrolled greedy loop; all are float.
         extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+        periodic = onnx_rewrites.periodic_nodes(model)
         if variant == "int8_dynamic":
-            quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra)
+            quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra,
+                             nodes_to_exclude=sorted(periodic))
         else:
-            # The input projection stays float: ~170 sensor channels with their own scales do not share
-            # one calibrated uint8 range (quantizing it cost 4-5 points of operation agreement).
-            keep_float = [n.name for n in model.graph.node if "continuous" in n.input]
+            # The input projection's activations stay float: ~170 sensor channels with their own scales do
+            # not share one calibrated uint8 range (4-5 points of operation agreement); its weight is int8.
+            projection = {n.name for n in model.graph.node if "continuous" in n.input}
             with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator prints its progress
                 quantize_static(str(pre), str(tmp), CalibrationReader(feeds), quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=STATIC_OP_TYPES, per_channel=True, nodes_to_exclude=keep_float,
+                                op_types_to_quantize=STATIC_OP_TYPES, per_channel=True,
+                                nodes_to_exclude=sorted(projection | periodic),
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options=extra,
                                 calibrate_method=getattr(CalibrationMethod, STATIC_CALIBRATION))
+            model = onnx.load(str(tmp))
+            onnx_rewrites.int8_weights_only(model, projection - periodic)
+            onnx_rewrites.dequantize_gathered_rows(model)
+            onnx_rewrites.prune(model)  # the float weights and dequantized tables nobody reads any more
+            onnx.save(model, str(tmp))
     onnx.checker.check_model(str(tmp))
     tmp.replace(dst)
 

@@ -27,7 +27,8 @@ def test_each_method_gives_a_loadable_model_close_to_fp32(exported, tmp_path, me
     assert json.loads((tmp_path / "q" / "model.json").read_text())["variant"] == variant
     assert set(meta["files"]) == set(exported["meta"]["files"])
     fp32_size = exported["meta"]["total_size_bytes"]
-    assert meta["total_size_bytes"] < (0.75 if method == "fp16" else 0.6) * fp32_size
+    # Tiny model: graph structure (QDQ nodes, names) weighs more than on the real one (28% there).
+    assert meta["total_size_bytes"] < (0.75 if method == "fp16" else 0.45) * fp32_size
     pred, ref = OnnxPredictor.load(tmp_path / "q"), OnnxPredictor.load(exported["model_json"])
     assert pred.variant == variant
     cont, cat, _ = sample_windows(exported["meta"], exported["dataset"], n=200)
@@ -43,6 +44,27 @@ def test_each_method_gives_a_loadable_model_close_to_fp32(exported, tmp_path, me
     if variant == "int8_static":
         assert meta["quantization"]["calibration"]["windows"] >= 100
         assert "dataset" in meta["quantization"]["calibration"]["data"]
+
+
+def float_copies_of_int8_weights(path) -> list[str]:
+    """Float weight initializers (2-D+, >= 256 values) with an int8 twin of the same shape up to
+    transposition (1-D ones would match per-channel zero points)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = [(i.name, numpy_helper.to_array(i)) for i in onnx.load(str(path)).graph.initializer]
+    int8 = {tuple(sorted(a.shape)) for _, a in inits if a.dtype in (np.int8, np.uint8)}
+    return [name for name, a in inits if a.dtype.kind == "f" and a.ndim >= 2 and a.size >= 256
+            and tuple(sorted(a.shape)) in int8]
+
+
+def test_int8_static_stores_each_weight_once(exported, tmp_path):
+    """Regression: the tied token embedding's Gather kept a float table beside the output projection's
+    int8 one (61% of fp32 on the real model, 53% on this one)."""
+    meta = quantize_model(exported["model_json"], tmp_path / "model.onnx", "int8-static", exported["dataset"])
+    for file in meta["files"].values():
+        assert float_copies_of_int8_weights(tmp_path / file) == [], file
+    assert meta["quantization"]["size_ratio_vs_fp32"] < 0.45
 
 
 def test_bad_quantization_requests_fail_clearly(exported, tmp_path):
