@@ -51,6 +51,7 @@ class DatasetConfig:
     test_fraction: float = 0.15
     seed: int = 0                      # split seed
     exclude_channels: list[str] = field(default_factory=lambda: list(SESSION_CHANNELS))
+    exclude_columns: list[str] = field(default_factory=list)   # single columns, e.g. ["mpox", "mpoy", "mpoz"]
     skip_bad_files: bool = False
     clip: float = 8.0
     min_token_freq: int = 1
@@ -84,7 +85,7 @@ def split_runs(runs: list[RunLog], val_fraction: float, test_fraction: float, se
 
 
 def read_runs(files: list[Path], cfg: DatasetConfig) -> tuple[list[RunLog], list[dict]]:
-    columns = feature_columns(cfg.feature_set, tuple(cfg.exclude_channels))
+    columns = feature_columns(cfg.feature_set, tuple(cfg.exclude_channels), tuple(cfg.exclude_columns))
     runs, skipped = [], []
     for path in files:
         try:
@@ -141,7 +142,7 @@ def build_dataset(cfg: DatasetConfig, out_dir: Path | str, logs_dir: Path | str 
 def _write_arrays(runs: list[RunLog], cfg: DatasetConfig, dest: Path) -> dict:
     split_of = split_runs(runs, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     train = [r for r in runs if split_of[r.name] == "train"]
-    spec = FeatureSpec.for_columns(cfg.feature_set, feature_columns(cfg.feature_set, tuple(cfg.exclude_channels)), cfg.clip)
+    spec = FeatureSpec.for_columns(cfg.feature_set, feature_columns(cfg.feature_set, tuple(cfg.exclude_channels), tuple(cfg.exclude_columns)), cfg.clip)
     spec.fit([r.frame for r in train])
     tokenizer = GCodeTokenizer.build([canonicalize(g) for r in train for g in r.frame[TARGET_COLUMN]], cfg.min_token_freq)
 

@@ -19,7 +19,14 @@ import torch
 from . import decoding
 from .model import GCodeFingerprintModel, TorchStep
 
-OVERALL_METRICS = ("op_acc", "token_acc_tf", "token_acc_greedy", "exact_match", "word_acc", "fingerprint_nn_acc")
+OVERALL_METRICS = ("op_acc", "token_acc_tf", "token_acc_greedy", "exact_match", "word_acc", "decoder_exact_match",
+                   "fingerprint_nn_acc")
+
+
+def table_lines(models: list[GCodeFingerprintModel]) -> list[str] | None:
+    """The line head's classes (load_checkpoint / training attach the LineTable as `line_table`)."""
+    table = getattr(models[0], "line_table", None)
+    return table.lines if table is not None and models[0].cfg.n_lines else None
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -32,19 +39,30 @@ def predict(models: list[GCodeFingerprintModel], ds, window_ids: np.ndarray, bat
     """Run models (one = single model, several = ensemble) over windows -> numpy predictions."""
     for m in models:
         m.eval()
-    out: dict[str, list] = {k: [] for k in ("op_prob", "fingerprint", "tf_pred", "tf_loss", "decoded", "targets", "operation", "run")}
+    out: dict[str, list] = {k: [] for k in ("op_prob", "fingerprint", "tf_pred", "tf_loss", "decoded", "targets",
+                                            "operation", "run", "line_pred", "line_confidence")}
+    with_lines = all(m.cfg.n_lines for m in models)
     for start in range(0, len(window_ids), batch_size):
         b = ds.batch(window_ids[start:start + batch_size])
         full_target = b["tokens"][:, 1:]
         width = max(2, int((b["tokens"] != decoding.PAD).sum(1).max()))  # skip all-PAD columns
         cont, cat, tokens = (torch.as_tensor(b[k]) for k in ("continuous", "categorical", "tokens"))
         tokens = tokens[:, :width]
-        tok_p, op_p, fps = 0.0, 0.0, []
+        tok_p, op_p, line_p, fps = 0.0, 0.0, 0.0, []
         for m in models:
-            tok_logits, op_logits, fp = m(cont, cat, tokens)
+            tok_logits, op_logits, fp, line_logits = m(cont, cat, tokens)
             tok_p = tok_p + torch.softmax(tok_logits.double(), -1) / len(models)
             op_p = op_p + torch.softmax(op_logits.double(), -1) / len(models)
+            if with_lines:
+                line_p = line_p + torch.softmax(line_logits.double(), -1) / len(models)
             fps.append(fp)
+        if with_lines:  # the averaged line probabilities, among the lines of the predicted program
+            m = models[0]
+            allowed = m.line_mask.index_select(0, m.op_program.index_select(0, op_p.argmax(-1)))
+            line_p = torch.where(allowed, line_p, torch.zeros_like(line_p))
+            confidence, line = (line_p / line_p.sum(-1, keepdim=True).clamp_min(1e-12)).max(-1)
+            out["line_pred"].append(line.numpy())
+            out["line_confidence"].append(confidence.numpy())
         target = tokens[:, 1:]
         nll = -torch.log(tok_p.gather(2, target.unsqueeze(2)).squeeze(2) + 1e-12)
         mask = target != decoding.PAD
@@ -88,8 +106,9 @@ def fingerprint_nn_accuracy(query_fp, query_op, query_run, ref_fp, ref_op, ref_r
     return hits
 
 
-def line_scores(pred: dict, ds, window_ids) -> dict[str, np.ndarray]:
-    """Per-window scores (arrays of length N) from predictions."""
+def line_scores(pred: dict, ds, window_ids, table_lines: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Per-window scores (arrays of length N) from predictions. table_lines: the line head's classes
+    (needed when pred has "line_pred")."""
     tok = ds.tokenizer
     target, mask = pred["targets"], pred["targets"] != decoding.PAD
     scores = {
@@ -97,14 +116,19 @@ def line_scores(pred: dict, ds, window_ids) -> dict[str, np.ndarray]:
         "tf_correct": ((pred["tf_pred"] == target) & mask).sum(1), "n_tokens": mask.sum(1),
         "loss": pred["tf_loss"],
     }
-    if "decoded" in pred:
-        texts = [tok.decode([decoding.BOS] + row.tolist()) for row in pred["decoded"]]
-        lines = ds.target_lines(window_ids)
-        scores["greedy_correct"] = ((pred["decoded"] == target) & mask).sum(1)
-        scores["exact_match"] = np.array([p == t for p, t in zip(texts, lines)])
+    lines = ds.target_lines(window_ids)
+
+    def text_scores(texts: list[str], prefix: str) -> None:
+        scores[f"{prefix}exact"] = np.array([p == t for p, t in zip(texts, lines)])
         words = [(p.split(), t.split()) for p, t in zip(texts, lines)]
-        scores["word_correct"] = np.array([sum(a == b for a, b in zip(p, t)) for p, t in words])
-        scores["n_words"] = np.array([max(len(p), len(t), 1) for p, t in words])
+        scores[f"{prefix}word_correct"] = np.array([sum(a == b for a, b in zip(p, t)) for p, t in words])
+        scores[f"{prefix}n_words"] = np.array([max(len(p), len(t), 1) for p, t in words])
+
+    if "decoded" in pred:
+        scores["greedy_correct"] = ((pred["decoded"] == target) & mask).sum(1)
+        text_scores([tok.decode([decoding.BOS] + row.tolist()) for row in pred["decoded"]], "decoder_")
+    if "line_pred" in pred:
+        text_scores([table_lines[i] for i in pred["line_pred"]], "line_")
     return scores
 
 
@@ -112,10 +136,17 @@ def summarise(scores: dict[str, np.ndarray], idx=slice(None)) -> dict[str, float
     s = {k: v[idx] for k, v in scores.items()}
     out = {"windows": int(len(s["op_acc"])), "op_acc": float(s["op_acc"].mean()),
            "token_acc_tf": float(s["tf_correct"].sum() / max(s["n_tokens"].sum(), 1)), "loss": float(s["loss"].mean())}
-    if "exact_match" in s:
-        out.update(token_acc_greedy=float(s["greedy_correct"].sum() / max(s["n_tokens"].sum(), 1)),
-                   exact_match=float(s["exact_match"].mean()),
-                   word_acc=float(s["word_correct"].sum() / max(s["n_words"].sum(), 1)))
+    for prefix in ("decoder_", "line_"):
+        if f"{prefix}exact" in s:
+            out[f"{prefix}exact_match"] = float(s[f"{prefix}exact"].mean())
+            out[f"{prefix}word_acc"] = float(s[f"{prefix}word_correct"].sum() / max(s[f"{prefix}n_words"].sum(), 1))
+    if "greedy_correct" in s:
+        out["token_acc_greedy"] = float(s["greedy_correct"].sum() / max(s["n_tokens"].sum(), 1))
+    # The model's answer is the line head's when it has one (what the server returns), else the decoder's.
+    for prefix in ("line_", "decoder_"):
+        if f"{prefix}exact_match" in out:
+            out["exact_match"], out["word_acc"] = out[f"{prefix}exact_match"], out[f"{prefix}word_acc"]
+            break
     if "fp_hit" in s:
         out["fingerprint_nn_acc"] = float(s["fp_hit"].mean())
     return out
@@ -130,7 +161,7 @@ def evaluate_models(models: list[GCodeFingerprintModel], ds, split: str = "test"
     if len(window_ids) == 0:
         raise ValueError(f"split {split!r} has no windows in {ds.path}")
     pred = predict(models, ds, window_ids, batch_size, beam_width)
-    scores = line_scores(pred, ds, window_ids)
+    scores = line_scores(pred, ds, window_ids, table_lines(models))
     ref_ids = ds.split_windows("train")
     if len(ref_ids) > max_reference:
         ref_ids = ref_ids[np.linspace(0, len(ref_ids) - 1, max_reference).astype(np.int64)]

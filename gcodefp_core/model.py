@@ -14,6 +14,7 @@ Built for fast batch-1 CPU inference after ONNX export (budget: encode + decode 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,19 +39,39 @@ class ModelConfig:
     fourier_inputs: list[int] = field(default_factory=list)  # continuous columns (positions) to expand
     fourier_features: int = 128        # sin/cos pairs over fourier_inputs of the last rows (0 = off)
     fourier_scale: float = 10.0        # init std of their frequencies (radians per standard deviation)
+    delta_scale: float = 0.0           # > 0: also feed the last rows' steps (row - previous row) of the
+                                       # fourier_inputs, times this (the direction of motion; 0 = off)
+    line_hidden: int = 0               # width of the line head's hidden layer (0 = d_model)
+    # What the line head reads: "summary" (everything) or "controller" (only the last rows' controller
+    # state: fourier_inputs, their Fourier features and steps, categorical state). With controller
+    # state the line is a lookup of the position in the program; sensor cues that identify the
+    # recording day only add ways to be wrong on an unseen run.
+    line_source: str = "summary"
+    variant_stats: bool = False        # the damaged-or-not head also reads per-channel window mean/std
     token_dim: int = 64
     fingerprint_dim: int = 128
     dropout: float = 0.1
+    # Set from the dataset's LineTable (gcodefp_core.programs), not by hand:
+    n_lines: int = 0                   # classes of the line head (0 = no line head)
+    operation_program: list[int] = field(default_factory=list)  # program index per operation
+    operation_variant: list[int] = field(default_factory=list)  # 1 = damaged variant of its program
+    factorise_operations: bool = False  # op = program x variant (needs operation_program)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         check_known_fields(d, cls, "model")
         cfg = cls(**d)
-        if cfg.window < cfg.last_rows or cfg.window % (2 ** cfg.conv_blocks):
-            raise ValueError(f"model config: window {cfg.window} must be >= last_rows ({cfg.last_rows}) "
+        if cfg.window <= cfg.last_rows or cfg.window % (2 ** cfg.conv_blocks):
+            raise ValueError(f"model config: window {cfg.window} must be > last_rows ({cfg.last_rows}) "
                              f"and divisible by 2**conv_blocks ({2 ** cfg.conv_blocks})")
         if any(not 0 <= i < cfg.n_continuous for i in cfg.fourier_inputs):
             raise ValueError(f"model config: fourier_inputs must index the {cfg.n_continuous} continuous features")
+        if (cfg.n_lines or cfg.factorise_operations) and len(cfg.operation_program) != cfg.n_operations:
+            raise ValueError("model config: the line head and factorised operations need operation_program "
+                             f"(one program index per operation, {cfg.n_operations})")
+        if cfg.line_source not in ("summary", "controller") or (cfg.line_source == "controller" and not cfg.fourier_inputs):
+            raise ValueError("model config: line_source must be 'summary' or 'controller' (which needs "
+                             "controller inputs, i.e. the full feature set)")
         if cfg.d_model < 8 or cfg.kernel_size % 2 == 0:
             raise ValueError("model config: d_model must be >= 8 and kernel_size odd")
         return cfg
@@ -61,7 +82,17 @@ class ModelConfig:
 
 # Hyper-parameters a config's "model" section may set (the rest come from the dataset).
 TUNABLE = ("d_model", "conv_blocks", "kernel_size", "last_rows", "token_dim", "fingerprint_dim", "dropout",
-           "fourier_features", "fourier_scale")
+           "fourier_features", "fourier_scale", "delta_scale", "line_hidden", "line_source", "variant_stats",
+           "line_head", "factorise_operations")
+# Masked-out line logits: a large finite value, not -inf (quantizers and softmax choke on infinities).
+MASKED = -1e4
+
+
+class Encoded(NamedTuple):
+    summary: torch.Tensor
+    conv: torch.Tensor
+    line_input: torch.Tensor
+    stats: torch.Tensor | None
 
 
 class ConvBlock(nn.Module):
@@ -98,10 +129,39 @@ class GCodeFingerprintModel(nn.Module):
         if self.fourier is not None:
             nn.init.normal_(self.fourier.weight, std=cfg.fourier_scale)
         self.register_buffer("fourier_index", torch.as_tensor(cfg.fourier_inputs, dtype=torch.long), persistent=False)
-        per_row = d + 2 * n_fourier
+        n_delta = len(cfg.fourier_inputs) if cfg.delta_scale > 0 else 0
+        per_row = d + 2 * n_fourier + n_delta
         self.last_proj = nn.Sequential(nn.Linear(cfg.last_rows * per_row, d), nn.GELU(), nn.Linear(d, d))
         self.summary = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
-        self.op_head = nn.Linear(d, cfg.n_operations)
+        programs = cfg.operation_program or list(range(cfg.n_operations))
+        n_programs = max(programs) + 1
+        self.register_buffer("op_program", torch.as_tensor(programs, dtype=torch.long), persistent=False)
+        if cfg.factorise_operations:
+            # log p(op) = log p(program) + log p(variant | program): the variant logit ("damaged?")
+            # is shared by every program that has a damaged variant.
+            self.program_head = nn.Linear(d, n_programs)
+            if cfg.variant_stats:  # window mean and std of every continuous channel
+                self.stats_proj = nn.Sequential(nn.Linear(2 * cfg.n_continuous, d), nn.GELU())
+            self.variant_head = nn.Linear(2 * d if cfg.variant_stats else d, 1)
+            counts = np.bincount(programs, minlength=n_programs)
+            has_variant = [float(counts[p] > 1) for p in programs]
+            sign = [1.0 if v else -1.0 for v in (cfg.operation_variant or [0] * cfg.n_operations)]
+            self.register_buffer("op_has_variant", torch.tensor(has_variant), persistent=False)
+            self.register_buffer("op_variant_sign", torch.tensor(sign), persistent=False)
+        else:
+            self.op_head = nn.Linear(d, cfg.n_operations)
+        if cfg.n_lines:
+            # The line head: which line of the (known) program is active at the window's last row.
+            hidden = cfg.line_hidden or d
+            if cfg.line_source == "controller":
+                n_in = len(cfg.fourier_inputs)
+                per_ctrl_row = n_in + 2 * n_fourier + n_delta + (d if cfg.cardinalities else 0)
+                self.line_head = nn.Sequential(nn.Linear(cfg.last_rows * per_ctrl_row, hidden), nn.GELU(),
+                                               nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_lines))
+            else:
+                self.line_head = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_lines))
+            # Which lines each program has (filled from the LineTable by set_line_mask; saved with the weights).
+            self.register_buffer("line_mask", torch.ones(n_programs, cfg.n_lines, dtype=torch.bool))
         self.fp_head = nn.Linear(d, cfg.fingerprint_dim)
         self.h0_proj = nn.Linear(d, d)
         # Training-only cosine-classifier "proxies", one unit direction per operation, that shape the
@@ -117,23 +177,79 @@ class GCodeFingerprintModel(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.drop = nn.Dropout(cfg.dropout)
 
+    def set_line_mask(self, mask) -> None:
+        """mask [programs, n_lines] bool (LineTable.mask)."""
+        self.line_mask.copy_(torch.as_tensor(np.asarray(mask), dtype=torch.bool))
+
+    def heads(self, enc: "Encoded"):
+        """-> op_logits [B,ops], line_logits [B,n_lines] (None without a line head).
+        With factorise_operations the op scores are log-probabilities (softmax-invariant):
+        log p(op) = log p(program) + log p(variant | program), and when there is a line head the
+        program is judged by both the program head and the line head's mass on each program's lines
+        (a product of experts): with controller state the line is a near-exact position lookup, far
+        more reliable than sensor-level cues that also identify the recording day."""
+        summary = enc.summary
+        line_logits = self.line_head(enc.line_input) if self.cfg.n_lines else None
+        if not self.cfg.factorise_operations:
+            return self.op_head(summary), line_logits
+        program = self.program_head(summary)
+        if line_logits is not None:
+            mass = torch.softmax(line_logits, dim=-1) @ self.line_mask.t().to(line_logits.dtype)
+            program = program + torch.log(mass + 1e-4)
+        program = torch.log_softmax(program, dim=-1).index_select(1, self.op_program)
+        variant_in = torch.cat([summary, self.stats_proj(enc.stats)], dim=1) if self.cfg.variant_stats else summary
+        variant = F.logsigmoid(self.variant_head(variant_in) * self.op_variant_sign)
+        return program + variant * self.op_has_variant, line_logits
+
+    def summarise(self, continuous: torch.Tensor, categorical: torch.Tensor) -> "Encoded":
+        """-> Encoded: summary [B,D] (what most heads read), conv [B,T',D] (the decoder's memory
+        slots), line_input (the line head's input), stats [B,2F] (window mean/std, or None)."""
+        rows = self.cfg.last_rows
+        x = self.input_proj(continuous)
+        cat = self.cat_embed(categorical + self.cat_offsets).sum(dim=2) if self.cat_embed is not None else None
+        if cat is not None:
+            x = x + cat
+        x = F.gelu(x)
+        extra = []  # per-row controller features of the last rows
+        if self.fourier is not None:
+            pos = continuous[:, -rows - 1:, :].index_select(2, self.fourier_index)
+            z = self.fourier(pos[:, 1:])
+            extra += [torch.sin(z), torch.cos(z)]
+            if self.cfg.delta_scale > 0:
+                # Where the tool is heading tells apart lines that pass through the same point.
+                extra.append((pos[:, 1:] - pos[:, :-1]) * self.cfg.delta_scale)
+        last = torch.cat([x[:, -rows:, :]] + extra, dim=2).flatten(1)
+        conv = self.blocks(x.transpose(1, 2)).transpose(1, 2)               # [B, T', D]
+        summary = self.summary(torch.cat([conv.mean(dim=1), self.last_proj(last)], dim=1))
+        line_input = summary
+        if self.cfg.line_source == "controller":
+            ctrl = [pos[:, 1:]] + extra + ([cat[:, -rows:, :]] if cat is not None else [])
+            line_input = torch.cat(ctrl, dim=2).flatten(1)
+        stats = None
+        if self.cfg.variant_stats:
+            mean = continuous.mean(dim=1)
+            stats = torch.cat([mean, (continuous - mean.unsqueeze(1)).square().mean(dim=1).sqrt()], dim=1)
+        return Encoded(summary, conv, line_input, stats)
+
     def encode(self, continuous: torch.Tensor, categorical: torch.Tensor):
         """continuous [B,W,F] float, categorical [B,W,C] int64 ->
         memory [B,T'+1,D], op_logits [B,ops], fingerprint [B,fp] (unit norm), h0 [B,D]."""
-        x = self.input_proj(continuous)
-        if self.cat_embed is not None:
-            x = x + self.cat_embed(categorical + self.cat_offsets).sum(dim=2)
-        x = F.gelu(x)
-        last = x[:, -self.cfg.last_rows:, :]
-        if self.fourier is not None:
-            z = self.fourier(continuous[:, -self.cfg.last_rows:, :].index_select(2, self.fourier_index))
-            last = torch.cat([last, torch.sin(z), torch.cos(z)], dim=2)
-        last = last.flatten(1)
-        conv = self.blocks(x.transpose(1, 2)).transpose(1, 2)               # [B, T', D]
-        summary = self.summary(torch.cat([conv.mean(dim=1), self.last_proj(last)], dim=1))
-        memory = torch.cat([summary.unsqueeze(1), conv], dim=1)
-        fingerprint = F.normalize(self.fp_head(summary), dim=-1)
-        return memory, self.op_head(summary), fingerprint, torch.tanh(self.h0_proj(summary))
+        enc = self.summarise(continuous, categorical)
+        memory = torch.cat([enc.summary.unsqueeze(1), enc.conv], dim=1)
+        fingerprint = F.normalize(self.fp_head(enc.summary), dim=-1)
+        return memory, self.heads(enc)[0], fingerprint, torch.tanh(self.h0_proj(enc.summary))
+
+    def predict_line(self, continuous: torch.Tensor, categorical: torch.Tensor):
+        """The whole prediction without a decoding loop: the active line as a class of the line table,
+        among the lines of the predicted operation's program ->
+        line [B] int64, line_confidence [B] (softmax within the program), op_logits, fingerprint."""
+        enc = self.summarise(continuous, categorical)
+        op_logits, line_logits = self.heads(enc)
+        allowed = self.line_mask.index_select(0, self.op_program.index_select(0, op_logits.argmax(dim=-1)))
+        scores = torch.where(allowed, line_logits, torch.full_like(allowed, MASKED, dtype=line_logits.dtype))
+        probs = torch.softmax(scores, dim=-1)
+        confidence, line = probs.max(dim=-1)
+        return line, confidence, op_logits, F.normalize(self.fp_head(enc.summary), dim=-1)
 
     def decode_step(self, tokens: torch.Tensor, h: torch.Tensor, memory: torch.Tensor):
         """tokens [B] int64 (previous token), h [B,D], memory [B,T,D] -> logits [B,V], new h [B,D]."""
@@ -161,13 +277,17 @@ class GCodeFingerprintModel(nn.Module):
         return torch.stack(out, dim=1), op_logits, fingerprint
 
     def forward(self, continuous, categorical, tokens):
-        """Teacher forcing. tokens [B,L] (BOS .. EOS PAD) -> token logits [B,L-1,V], op logits, fingerprint."""
-        memory, op_logits, fingerprint, h = self.encode(continuous, categorical)
+        """Teacher forcing. tokens [B,L] (BOS .. EOS PAD) -> token logits [B,L-1,V], op logits,
+        fingerprint, line logits [B,n_lines] (unmasked; None without a line head)."""
+        enc = self.summarise(continuous, categorical)
+        memory = torch.cat([enc.summary.unsqueeze(1), enc.conv], dim=1)
+        h = torch.tanh(self.h0_proj(enc.summary))
         steps = []
         for t in range(tokens.shape[1] - 1):
             logits, h = self.decode_step(tokens[:, t], h, memory)
             steps.append(logits)
-        return torch.stack(steps, dim=1), op_logits, fingerprint
+        op_logits, line_logits = self.heads(enc)
+        return torch.stack(steps, dim=1), op_logits, F.normalize(self.fp_head(enc.summary), dim=-1), line_logits
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -212,5 +332,9 @@ def load_checkpoint(path, map_location="cpu") -> tuple[GCodeFingerprintModel, di
         raise ValueError(f"{path}: not a gcodefp checkpoint (missing state_dict/model_config)")
     model = build_model(ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
+    if "line_table" in ckpt:
+        from .programs import LineTable
+
+        model.line_table = LineTable.from_dict(ckpt["line_table"])
     model.eval()
     return model, ckpt

@@ -16,6 +16,11 @@ OPERATIONS: tuple[str, ...] = (
     "adaptive", "adaptive150025", "face", "face150025", "pocket", "pocket150025",
     "damageadaptive", "damageface", "damagepocket",
 )
+# Each operation runs one fixed G-code program; damage* runs reuse the *150025 programs (the same
+# lines, the same line numbers), so only the sensors tell a damaged run from a normal one.
+PROGRAM_OF: dict[str, str] = {op: op.replace("damage", "") + "150025" if op.startswith("damage") else op
+                              for op in OPERATIONS}
+PROGRAMS: tuple[str, ...] = tuple(dict.fromkeys(PROGRAM_OF.values()))
 
 NODES: tuple[str, ...] = (
     "frame_b1", "frame_b2", "frame_l1", "frame_l2", "frame_l3", "frame_r1", "frame_r2",
@@ -68,7 +73,10 @@ class FeatureColumns:
         return tuple(dict.fromkeys(cols))
 
 
-def feature_columns(feature_set: str, exclude_channels: tuple[str, ...] = SESSION_CHANNELS) -> FeatureColumns:
+def feature_columns(feature_set: str, exclude_channels: tuple[str, ...] = SESSION_CHANNELS,
+                    exclude_columns: tuple[str, ...] = ()) -> FeatureColumns:
+    """exclude_channels: board channel kinds dropped on every node ("Pressure", "RMS", ...);
+    exclude_columns: single columns dropped ("mpox", "spindle", "frame_r2.Mx", ...)."""
     if feature_set not in FEATURE_SETS:
         raise ValueError(f"feature_set: unknown value {feature_set!r}; choose one of {', '.join(FEATURE_SETS)}")
     unknown = [c for c in exclude_channels if c not in CHANNELS]
@@ -76,8 +84,14 @@ def feature_columns(feature_set: str, exclude_channels: tuple[str, ...] = SESSIO
         raise ValueError(f"exclude_channels: unknown channel(s) {unknown}; known: {', '.join(CHANNELS)}")
     boards = tuple(board_columns(tuple(exclude_channels)))
     if feature_set == "full":
-        return FeatureColumns(CONTROLLER_NUMERIC + CURRENTS + boards, CATEGORICAL_CONTROLLER)
-    return FeatureColumns(CURRENTS + boards, ())
+        cols = FeatureColumns(CONTROLLER_NUMERIC + CURRENTS + boards, CATEGORICAL_CONTROLLER)
+    else:
+        cols = FeatureColumns(CURRENTS + boards, ())
+    unknown = [c for c in exclude_columns if c not in cols.continuous + cols.categorical]
+    if unknown:
+        raise ValueError(f"exclude_columns: {unknown} are not columns of the {feature_set!r} feature set")
+    return FeatureColumns(tuple(c for c in cols.continuous if c not in exclude_columns),
+                          tuple(c for c in cols.categorical if c not in exclude_columns))
 
 
 def operation_of(run_name: str) -> str:

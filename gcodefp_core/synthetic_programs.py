@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .schema import MM_PER_INCH, OPERATIONS
+from .schema import MM_PER_INCH, OPERATIONS, PROGRAM_OF
 
 RAPID_IPM = 110.0          # G0 speed of the desktop mill (inches per minute)
 ACCEL_IPS2 = 8.0           # trapezoidal acceleration limit (inches per second squared)
@@ -95,7 +95,6 @@ _BUILDERS = {
     "pocket": lambda: _pocket(0.9, 0.65, 4, [-0.05, -0.1, -0.15], 22.0, 10000),
     "pocket150025": lambda: _pocket(0.9, 0.65, 6, [-0.025, -0.05, -0.075, -0.1, -0.125], 40.0, 15000),
 }
-PROGRAM_OF = {op: op.replace("damage", "") + "150025" if op.startswith("damage") else op for op in OPERATIONS}
 
 
 def check_operation(operation: str) -> str:

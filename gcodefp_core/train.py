@@ -8,6 +8,7 @@ which is also why a resumed run continues exactly where the interrupted one stop
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from . import evaluate, tracking
 from .decoding import PAD
 from .fileio import check_known_fields, read_json, write_json
 from .model import TUNABLE, GCodeFingerprintModel, ModelConfig, build_model, count_parameters
+from .programs import LineTable, build_line_table, class_of_dataset_line
 from .schema import CONTROLLER_NUMERIC
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class TrainConfig:
     monitor: str = "score"               # a validation metric, higher is better
     label_smoothing: float = 0.05
     op_loss_weight: float = 1.0
+    line_loss_weight: float = 1.0        # the line head's cross-entropy (models with a line head)
     fp_loss_weight: float = 0.5          # cosine-classifier loss on the fingerprint
     fp_scale: float = 16.0
     # Weight the operation loss by inverse class frequency of the training windows: the damage*
@@ -52,6 +55,9 @@ class TrainConfig:
     val_max_windows: int = 8000          # evenly spaced val windows scored every epoch
     max_minutes: float | None = None     # stop (keeping the best checkpoint) after this long
     num_threads: int | None = None       # None = leave torch's setting alone
+    # Where the training steps run ("cpu", "cuda", "cuda:1"). Validation and checkpoints stay on the
+    # CPU, so a checkpoint is the same file wherever it was trained (the numbers differ slightly).
+    device: str = "cpu"
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -88,7 +94,15 @@ def validate_config(cfg: dict, where: str = "config") -> None:
     tracking.validate_config(cfg.get("wandb", {}))
 
 
-def model_config_for(ds, model_section: dict) -> ModelConfig:
+def model_config_for(ds, model_section: dict, table: LineTable | None = None) -> ModelConfig:
+    """The model config for a dataset. The line head (model.line_head, default on) and the factorised
+    operation head (model.factorise_operations, default on) take their sizes from `table`."""
+    section = dict(model_section)
+    line_head = section.pop("line_head", True)
+    factorise = section.pop("factorise_operations", True)
+    table = table or build_line_table(ds)
+    programs = {"operation_program": table.operation_program, "operation_variant": table.operation_variant,
+                "n_lines": table.n_lines if line_head else 0, "factorise_operations": bool(factorise)}
     # Fourier features go to the controller's numeric state (positions, feed) when the feature set has it.
     fourier = [i for i, name in enumerate(ds.continuous_features) if name in CONTROLLER_NUMERIC]
     # Decode as many steps as the longest *training* line needs: lines with unseen words are spelled
@@ -98,7 +112,7 @@ def model_config_for(ds, model_section: dict) -> ModelConfig:
     return ModelConfig.from_dict({
         "n_continuous": len(ds.continuous_features), "cardinalities": list(ds.categorical_cardinalities),
         "n_operations": len(ds.operations), "vocab_size": ds.tokenizer.vocab_size, "window": ds.window,
-        "max_decode_len": int(lengths.max()) - 1, "fourier_inputs": fourier, **model_section})
+        "max_decode_len": int(lengths.max()) - 1, "fourier_inputs": fourier, **programs, **section})
 
 
 def trim_pad(tokens: np.ndarray) -> np.ndarray:
@@ -129,9 +143,13 @@ def operation_weights(ds, train_ids: np.ndarray) -> torch.Tensor:
 
 def compute_loss(model: GCodeFingerprintModel, batch: dict, cfg: TrainConfig,
                  op_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    tokens = torch.as_tensor(trim_pad(batch["tokens"]))
-    op = torch.as_tensor(batch["operation"])
-    tok_logits, op_logits, fp = model(torch.as_tensor(batch["continuous"]), torch.as_tensor(batch["categorical"]), tokens)
+    """batch: ds.batch(...) plus "line_class" (the target's line-table class, -1 = unknown) when the
+    model has a line head."""
+    dev = next(model.parameters()).device
+    tokens = torch.as_tensor(trim_pad(batch["tokens"]), device=dev)
+    op = torch.as_tensor(batch["operation"], device=dev)
+    tok_logits, op_logits, fp, line_logits = model(torch.as_tensor(batch["continuous"], device=dev),
+                                                   torch.as_tensor(batch["categorical"], device=dev), tokens)
     tok_loss = F.cross_entropy(tok_logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=PAD,
                                label_smoothing=cfg.label_smoothing)
     op_loss = F.cross_entropy(op_logits, op, weight=op_weights, label_smoothing=cfg.label_smoothing)
@@ -139,7 +157,13 @@ def compute_loss(model: GCodeFingerprintModel, batch: dict, cfg: TrainConfig,
     fp_logits = cfg.fp_scale * fp @ F.normalize(model.fp_proxies, dim=-1).T
     fp_loss = F.cross_entropy(fp_logits, op)
     loss = tok_loss + cfg.op_loss_weight * op_loss + cfg.fp_loss_weight * fp_loss
-    return loss, {"tok_loss": tok_loss.item(), "op_loss": op_loss.item(), "fp_loss": fp_loss.item()}
+    parts = {"tok_loss": tok_loss.item(), "op_loss": op_loss.item(), "fp_loss": fp_loss.item()}
+    if line_logits is not None:
+        line_loss = F.cross_entropy(line_logits, torch.as_tensor(batch["line_class"], device=dev), ignore_index=-1,
+                                    label_smoothing=cfg.label_smoothing)
+        loss = loss + cfg.line_loss_weight * line_loss
+        parts["line_loss"] = line_loss.item()
+    return loss, parts
 
 
 def lr_lambda(warmup: int, total: int):
@@ -151,10 +175,18 @@ def lr_lambda(warmup: int, total: int):
 
 
 def validate(model, ds, val_ids: np.ndarray) -> dict:
+    if next(model.parameters()).device.type != "cpu":
+        table = model.line_table
+        model = copy.deepcopy(model).cpu()
+        model.line_table = table
     pred = evaluate.predict([model], ds, val_ids)
-    m = evaluate.summarise(evaluate.line_scores(pred, ds, val_ids))
+    m = evaluate.summarise(evaluate.line_scores(pred, ds, val_ids, evaluate.table_lines([model])))
     m["score"] = (m["op_acc"] + m["token_acc_tf"] + m["exact_match"]) / 3
     return m
+
+
+def cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -174,14 +206,20 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     seed_everything(seed)
-    mcfg = model_config_for(ds, config.get("model", {}))
+    table = build_line_table(ds)
+    mcfg = model_config_for(ds, config.get("model", {}), table)
     model = build_model(mcfg)
+    model.line_table = table
+    if mcfg.n_lines:
+        model.set_line_mask(table.mask)
+    model.to(tcfg.device)
+    line_class = class_of_dataset_line(ds, table)
     train_ids, val_ids = ds.split_windows("train"), ds.split_windows("val")
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise ValueError(f"dataset {ds.path}: train and val splits need windows (have {len(train_ids)}, {len(val_ids)})")
     if len(val_ids) > tcfg.val_max_windows:
         val_ids = val_ids[np.linspace(0, len(val_ids) - 1, tcfg.val_max_windows).astype(np.int64)]
-    op_weights = operation_weights(ds, train_ids) if tcfg.balance_operations else None
+    op_weights = operation_weights(ds, train_ids).to(tcfg.device) if tcfg.balance_operations else None
     per_epoch = min(tcfg.samples_per_epoch or len(train_ids), len(train_ids))
     steps_per_epoch = math.ceil(per_epoch / tcfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -200,6 +238,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
     elif resume:
         log.warning("--resume: no %s, starting fresh", last_path)
     base = {"format": CHECKPOINT_FORMAT, "model_config": mcfg.to_dict(), "dataset": dataset_reference(ds),
+            "line_table": table.to_dict(),
             "config": config, "seed": seed, "parameters": count_parameters(model)}
     tracker = tracking.Tracker(config.get("wandb"), run_dir, config | {"seed": seed, "parameters": base["parameters"]},
                                name=run_dir.name, group=group)
@@ -209,9 +248,11 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
             epoch, t0 = state["epoch"] + 1, time.perf_counter()
             model.train()
             order = np.random.default_rng([seed, epoch]).permutation(len(train_ids))[:per_epoch]
-            sums, n = {"loss": 0.0, "tok_loss": 0.0, "op_loss": 0.0, "fp_loss": 0.0}, 0
+            sums, n = {}, 0
             for s in range(0, per_epoch, tcfg.batch_size):
-                batch = ds.batch(np.sort(train_ids[order[s:s + tcfg.batch_size]]))
+                ids = np.sort(train_ids[order[s:s + tcfg.batch_size]])
+                batch = ds.batch(ids)
+                batch["line_class"] = line_class[ds.arrays["row_line"][ids]]
                 loss, parts = compute_loss(model, batch, tcfg, op_weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -219,7 +260,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
                 opt.step()
                 sched.step()
                 for k, v in {"loss": loss.item(), **parts}.items():
-                    sums[k] += v
+                    sums[k] = sums.get(k, 0.0) + v
                 n += 1
             train_m = {f"train_{k}": v / n for k, v in sums.items()}
             val_m = validate(model, ds, val_ids)
@@ -236,7 +277,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
             if improved:
                 state.update(best=val_m[tcfg.monitor] if tcfg.monitor != "loss" else -val_m["loss"], best_epoch=epoch,
                              bad_epochs=0)
-                save_checkpoint(best_path, base | {"state_dict": model.state_dict(), "epoch": epoch,
+                save_checkpoint(best_path, base | {"state_dict": cpu_state(model), "epoch": epoch,
                                                    "metrics": {f"val_{k}": v for k, v in val_m.items()}})
             else:
                 state["bad_epochs"] += 1
@@ -245,7 +286,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
                 state["finished"] = True
                 log.info("stopping after epoch %d: %s", epoch, "early stop" if state["bad_epochs"] >= tcfg.patience
                          else "time budget" if out_of_time else "last epoch")
-            save_checkpoint(last_path, base | {"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+            save_checkpoint(last_path, base | {"state_dict": cpu_state(model), "optimizer": opt.state_dict(),
                                                "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                                                "train_state": state, "epoch": epoch})
             epochs_this_call += 1

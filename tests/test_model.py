@@ -74,7 +74,8 @@ def test_teacher_forcing_equals_step_by_step():
     model = tiny()
     cont, cat = inputs(model)
     tokens = torch.tensor([[1, 5, 6, 2, 0, 0, 0], [1, 9, 2, 0, 0, 0, 0], [1, 3, 4, 5, 6, 7, 2]])
-    logits, op_logits, fp = model(cont, cat, tokens)
+    logits, op_logits, fp, line_logits = model(cont, cat, tokens)
+    assert line_logits is None  # no line head configured
     memory, op2, fp2, h = model.encode(cont, cat)
     for t in range(tokens.shape[1] - 1):
         step_logits, h = model.decode_step(tokens[:, t], h, memory)
@@ -149,3 +150,47 @@ def test_encode_and_decode_step_export_to_onnx(tmp_path):
     step = TorchStep(model)
     want = decoding.greedy(step, step.initial_state(cont5.numpy(), cat5.numpy())[0], 5, model.cfg.max_decode_len)
     np.testing.assert_array_equal(got, want)
+
+
+PROGRAMS = [0, 1, 2, 3, 4, 5, 1, 3, 5]   # the real schema: damage* (last three) reuse the *150025 programs
+VARIANTS = [0, 0, 0, 0, 0, 0, 1, 1, 1]
+
+
+def test_factorised_operations_are_a_distribution_over_program_and_variant():
+    model = tiny(operation_program=PROGRAMS, operation_variant=VARIANTS, factorise_operations=True)
+    cont, cat = inputs(model, batch=5)
+    with torch.no_grad():
+        op_logits = model.encode(cont, cat)[1]
+        program = torch.softmax(model.program_head(model.summarise(cont, cat).summary), -1)  # no line head: the program head alone
+    probs = op_logits.exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+    # Programs without a damaged variant keep all their mass; the others split it between normal and damaged.
+    torch.testing.assert_close(probs[:, 0], program[:, 0])
+    torch.testing.assert_close(probs[:, 1] + probs[:, 6], program[:, 1])
+    assert not torch.allclose(probs[:, 1], program[:, 1])
+
+
+def test_predict_line_only_picks_lines_of_the_predicted_program():
+    model = tiny(operation_program=PROGRAMS, operation_variant=VARIANTS, factorise_operations=True, n_lines=12)
+    mask = np.zeros((6, 12), dtype=bool)
+    for p in range(6):
+        mask[p, 2 * p:2 * p + 2] = True          # program p owns lines 2p and 2p+1
+    model.set_line_mask(mask)
+    cont, cat = inputs(model, batch=16, seed=3)
+    with torch.no_grad():
+        line, confidence, op_logits, fp = model.predict_line(cont, cat)
+        _, op_ref, fp_ref, line_logits = model(cont, cat, torch.ones(16, 2, dtype=torch.long))
+    program = torch.as_tensor(PROGRAMS)[op_logits.argmax(-1)]
+    assert torch.equal(line // 2, program)
+    torch.testing.assert_close(op_logits, op_ref)
+    torch.testing.assert_close(fp, fp_ref)
+    # Within the program, the better scored of its two lines wins, with its softmax share as confidence.
+    pair = line_logits.gather(1, torch.stack([2 * program, 2 * program + 1], 1))
+    torch.testing.assert_close(line, 2 * program + pair.argmax(1))
+    torch.testing.assert_close(confidence, torch.softmax(pair, 1).max(1).values)
+
+
+def test_line_head_needs_operation_programs():
+    cfg = tiny().cfg.to_dict() | {"n_lines": 5}
+    with pytest.raises(ValueError, match="operation_program"):
+        ModelConfig.from_dict(cfg)
