@@ -76,7 +76,7 @@ def main(argv=None) -> int:
 
     meta = export_checkpoint(ckpt, args.work / "export" / "model.onnx", dataset=dataset)
     print(f"export: {meta['parameter_count']:,} parameters, parity {meta['parity']['max_abs_diff']}, "
-          f"greedy identical {meta['parity']['greedy_identical']}")
+          f"identical answers {meta['parity']['greedy_identical']}")
     variants_dir = args.work / "variants"
     if dataset is not None:
         res = compare_variants(args.work / "export" / "model.json", variants_dir, dataset, max_windows=args.max_windows)
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     variants = {d.name: d / "model.json" for d in sorted(variants_dir.iterdir()) if (d / "model.json").is_file()}
     variants.setdefault("fp32", args.work / "export" / "model.json")
     result = run_benchmark(ckpt, variants=variants, batch_sizes=args.batch_sizes, iterations=args.iterations,
-                           warmup=30, dataset=dataset, modes=("full", "encoder", "full_fused"))
+                           warmup=30, dataset=dataset, modes=("full", "decoder", "encoder"))
     result["checkpoint"], result["dataset"] = str(ckpt), str(dataset) if dataset else None
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, result)

@@ -1,9 +1,12 @@
 """Latency and throughput of the model formats (PyTorch eager, ONNX fp32/fp16/int8) in one run.
 
-Per format and batch size, two timings after warm-up:
-- "full":    encode + decode a whole G-code line greedily, stopping at EOS: the same loop
-             (gcodefp_core.decoding.greedy) over PyTorch eager steps or over the ONNX decoder graph
-             (OnnxPredictor.predict_arrays, what the server calls);
+Per format and batch size, timings after warm-up:
+- "full":    the model's whole answer as the server computes it (OnnxPredictor.predict_arrays with
+             the default method): for a model with a line head, one forward pass that picks the
+             line among the predicted program's lines (PyTorch: model.predict_line); otherwise as
+             "decoder";
+- "decoder": encode + decode a whole G-code line greedily, stopping at EOS: the same loop
+             (gcodefp_core.decoding.greedy) over PyTorch eager steps or over the ONNX decoder graph;
 - "encoder": the encoder alone (operation logits, fingerprint, decoder memory);
 optionally "full_fused": the whole greedy line as one call (PyTorch: model.greedy_decode; ONNX:
 the fused greedy graph), which always runs max_tokens steps.
@@ -27,7 +30,7 @@ import numpy as np
 
 FORMATS = ("pytorch", "onnx_fp32", "onnx_fp16", "int8_dynamic", "int8_static")
 VARIANT_FORMAT = {"fp32": "onnx_fp32", "fp16": "onnx_fp16", "int8_dynamic": "int8_dynamic", "int8_static": "int8_static"}
-MODES = ("full", "encoder", "full_fused")
+MODES = ("full", "decoder", "encoder", "full_fused")
 STAT_FIELDS = ("mean_ms", "median_ms", "std_ms", "min_ms", "max_ms", "p95_ms", "p99_ms", "throughput_wps")
 # Bars from the issue (median, batch 1, same run).
 BAR_FULL_MS, BAR_SPEEDUP, BAR_THROUGHPUT = 2.0, 4.0, 2000.0
@@ -85,7 +88,9 @@ def _torch_runner(checkpoint: str | Path, device: str, threads: int):
 
         def call():
             with torch.inference_mode():
-                if mode == "full":  # numpy in, numpy out, as the runtime
+                if mode == "full" and model.cfg.n_lines:  # numpy out, as the runtime
+                    out = [t.cpu().numpy() for t in model.predict_line(c, k)]
+                elif mode in ("full", "decoder"):  # numpy in, numpy out, as the runtime
                     state = step.initial_state(cont, cat)[0]
                     out = decoding.greedy(step, state, len(cont), max_len)
                 else:
@@ -106,7 +111,9 @@ def _onnx_runner(model_json: str | Path, device: str, threads: int):
     def run(mode: str, cont: np.ndarray, cat: np.ndarray):
         if mode == "encoder":
             return lambda: pred.encode(cont, cat)
-        return lambda: pred.predict_arrays(cont, cat, fused=mode == "full_fused")
+        if mode == "full":
+            return lambda: pred.predict_arrays(cont, cat)
+        return lambda: pred.predict_arrays(cont, cat, method="greedy", fused=mode == "full_fused")
     return run, pred.metadata
 
 
@@ -230,9 +237,10 @@ def _environment() -> dict:
 
 def format_table(result: dict) -> str:
     """The comparison table: one row per format and batch size."""
+    extra = [m for m in ("decoder", "full_fused") if m in result["modes"]]  # a column pair each
     head = (f"{'format':<14}{'batch':>6}{'full med ms':>13}{'p99 ms':>9}{'windows/s':>11}{'speedup':>9}"
             f"{'enc med ms':>12}{'enc speedup':>13}{'+peak MB':>9}"
-            + (f"{'fused ms':>10}{'fused spd':>10}" if "full_fused" in result["modes"] else ""))
+            + "".join(f"{m.split('_')[-1][:5] + ' ms':>10}{m.split('_')[-1][:5] + ' spd':>11}" for m in extra))
     lines = [head, "-" * len(head)]
     for fmt, e in result["formats"].items():
         for b in map(str, result["batch_sizes"]):
@@ -244,9 +252,8 @@ def format_table(result: dict) -> str:
                          f"{num(f and f['throughput_wps'], '11.0f')}{num(f and f['speedup_vs_pytorch'], '9.2f')}"
                          f"{num(enc and enc['median_ms'], '12.3f')}{num(enc and enc['speedup_vs_pytorch'], '13.2f')}"
                          f"{num(e['memory']['peak_delta_mb'], '9.1f')}"
-                         + (num(e.get("full_fused", {}).get(b, {}).get("median_ms"), "10.3f")
-                            + num(e.get("full_fused", {}).get(b, {}).get("speedup_vs_pytorch"), "10.2f")
-                            if "full_fused" in result["modes"] else ""))
+                         + "".join(num(e.get(m, {}).get(b, {}).get("median_ms"), "10.3f")
+                                   + num(e.get(m, {}).get(b, {}).get("speedup_vs_pytorch"), "11.2f") for m in extra))
     s = result.get("summary", {})
     if s.get("best_format"):
         lines.append(f"best: {s['best_format']} {s['best_full_batch1_median_ms']:.3f} ms at batch 1, "

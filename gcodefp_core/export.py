@@ -5,6 +5,7 @@ Files: `--output DIR/model.onnx` names the *stem* "model"; the export writes, si
     DIR/model.decoder.onnx       decoder step (tokens, h, memory -> logits, h_next)
     DIR/model.greedy.onnx        encoder + the whole greedy line in one graph (runtime: fused=True)
     DIR/model.encoder_only.onnx  op_logits + fingerprint only (what --encoder-only writes alone)
+    DIR/model.predict.onnx       line head: the whole answer in one call (models with a line head)
     DIR/model.json               description of all of it (gcodefp_core.runtime reads it)
 Quantized variants use their own stem (model_int8_dynamic.*), so variants can share a folder.
 
@@ -34,6 +35,7 @@ GRAPH_IO = {
     "decoder": (["tokens", "h", "memory"], ["logits", "h_next"]),
     "greedy": (["continuous", "categorical"], ["tokens", "op_logits", "fingerprint"]),
     "encoder_only": (["continuous", "categorical"], ["op_logits", "fingerprint"]),
+    "predict": (["continuous", "categorical"], ["line", "line_confidence", "op_logits", "fingerprint"]),
 }
 # fp32 parity bars: onnxruntime fuses and reorders float ops, so ~1e-5 is normal; 1e-3 means a real bug.
 MAX_ABS_DIFF = 1e-3
@@ -94,9 +96,13 @@ def _wrappers(model):
         def forward(self, continuous, categorical):
             return self.m.greedy_decode(continuous, categorical, decoding.BOS, decoding.EOS, decoding.PAD)
 
+    class Predict(Encoder):
+        def forward(self, continuous, categorical):
+            return self.m.predict_line(continuous, categorical)
+
     # eval() on the wrapper too: the exporter restores the wrapper's mode recursively afterwards.
     return {"encoder": Encoder().eval(), "decoder": Decoder().eval(), "greedy": Greedy().eval(),
-            "encoder_only": EncoderOnly().eval()}
+            "encoder_only": EncoderOnly().eval(), "predict": Predict().eval()}
 
 
 def export_graph(module, name: str, example: tuple, path: Path, dynamic_batch: bool, opset: int) -> None:
@@ -161,9 +167,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: 
     cat = torch.zeros(b, seq_len, len(cfg.cardinalities), dtype=torch.long)
     with torch.no_grad():
         memory, _, _, h0 = model.encode(cont, cat)
-    examples = {"encoder": (cont, cat), "encoder_only": (cont, cat), "greedy": (cont, cat),
+    examples = {"encoder": (cont, cat), "encoder_only": (cont, cat), "greedy": (cont, cat), "predict": (cont, cat),
                 "decoder": (torch.full((b,), decoding.BOS, dtype=torch.long), h0, memory)}
     graphs = ["encoder_only"] if encoder_only else ["encoder", "decoder", "greedy", "encoder_only"]
+    if cfg.n_lines and not encoder_only:
+        if "line_table" not in ckpt:
+            raise ValueError(f"{checkpoint}: the model has a line head but the checkpoint has no line_table")
+        graphs.append("predict")
     modules = _wrappers(model)
     files, signatures = {}, {}
     t0 = time.perf_counter()
@@ -178,6 +188,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: 
         "dynamic_batch": dynamic_batch, "batch_size": batch_size, "window": cfg.window,
         "max_tokens": cfg.max_decode_len, "features": ref["features"], "tokenizer": ref["tokenizer"],
         "operations": ref["operations"], "model_config": cfg.to_dict(), "parameter_count": count_parameters(model),
+        "line_table": ckpt.get("line_table") if "predict" in graphs else None,
         "file_sizes": {n: (folder / f).stat().st_size for n, f in files.items()},
         "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
                               "dataset_content_hash": ref.get("content_hash"), "metrics": ckpt.get("metrics", {})},
@@ -228,10 +239,14 @@ def verify(model_json: str | Path, model=None, checkpoint: str | Path | None = N
         cont, cat = cont[:len(cont) // batch_size * batch_size], cat[:len(cat) // batch_size * batch_size]
     diffs: dict[str, float] = {}
     same = {"greedy_fused": 0, "greedy_stepwise": 0}
+    has_lines = "predict" in pred.sessions
     torch_step = TorchStep(model)
 
     def diff(key, a, b):
-        diffs[key] = max(diffs.get(key, 0.0), float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()))
+        d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        # NaN (e.g. inf - inf from a broken graph) must not vanish in max(): count it as infinite.
+        worst = float(d.max()) if np.isfinite(d).all() else float("inf")
+        diffs[key] = max(diffs.get(key, 0.0), worst)
 
     with torch.no_grad():
         for s in range(0, len(cont), batch_size):
@@ -240,19 +255,25 @@ def verify(model_json: str | Path, model=None, checkpoint: str | Path | None = N
             got = pred.encode(c, k)
             diff("op_logits", got["op_logits"], op_ref)
             diff("fingerprint", got["fingerprint"], fp_ref)
-            if not pred.can_decode:
+            if has_lines:
+                line_ref, conf_ref, _, _ = (t.numpy() for t in model.predict_line(torch.as_tensor(c), torch.as_tensor(k)))
+                lines = pred.predict_lines(c, k)
+                same["line"] = same.get("line", 0) + int((lines["line"] == line_ref).sum())
+                diff("line_confidence", lines["line_confidence"], conf_ref)
+                diff("predict_op_logits", lines["op_logits"], op_ref)
+            if "decoder" not in pred.sessions:
                 continue
             diff("memory", got["memory"], state["memory"])
             diff("h0", got["h0"], state["h"])
             bos = np.full(len(c), decoding.BOS, np.int64)
             diff("decoder_logits", pred.step(bos, state)[0], torch_step(bos, state)[0])
             ref = decoding.greedy(torch_step, state, len(c), meta["max_tokens"])
-            fused = pred.predict_arrays(c, k, fused=True)[0]
-            stepwise = pred.predict_arrays(c, k)[0]
+            fused = pred.predict_arrays(c, k, method="greedy", fused=True)[0]
+            stepwise = pred.predict_arrays(c, k, method="greedy")[0]
             same["greedy_fused"] += int((fused == ref).all(axis=1).sum())
             same["greedy_stepwise"] += int((stepwise == ref).all(axis=1).sum())
     report = {"windows": int(len(cont)), "data": source, "max_abs_diff": diffs, "failures": []}
-    if pred.can_decode:
+    if pred.can_decode:  # the share of windows whose G-code answer is identical to PyTorch's, per path
         report["greedy_identical"] = {k: v / len(cont) for k, v in same.items()}
     if max_abs_diff is not None:
         report["failures"] += [f"{k} max |diff| {v:.2e} > {max_abs_diff:g}" for k, v in diffs.items()

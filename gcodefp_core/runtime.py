@@ -5,6 +5,10 @@ An export is a `model.json` (see gcodefp_core.export) beside its graph files:
     decoder       tokens [B] i64, h [B,H] f32, memory [B,T,D] f32  -> logits [B,V], h_next [B,H]
     greedy        continuous, categorical -> tokens [B,L] (w1 .. EOS PAD ..), op_logits, fingerprint
     encoder_only  continuous, categorical -> op_logits, fingerprint
+    predict       continuous, categorical -> line [B] i64, line_confidence [B], op_logits, fingerprint
+The `predict` graph (models with a line head) is the default answer: one call, no decoding loop;
+`line` indexes model.json's line_table (the training runs' lines), restricted in-graph to the
+predicted operation's program. The decoder graphs serve method="greedy" | "beam" | "sample".
 Greedy prediction drives the `decoder` graph step by step (gcodefp_core.decoding) and stops when
 every line has emitted EOS; the fused `greedy` graph (one call, fused=True) always runs all
 max_tokens steps. Measured on the real-data model (2 cores, under load): one decoder step 32 us,
@@ -27,7 +31,7 @@ from .features import FeatureSpec
 
 FORMAT = "gcodefp-onnx"
 VARIANTS = ("fp32", "fp16", "int8_dynamic", "int8_static")
-METHODS = ("greedy", "beam", "sample")
+METHODS = ("line", "greedy", "beam", "sample")
 
 
 def resolve_model_json(path: str | Path) -> Path:
@@ -100,6 +104,16 @@ class OnnxPredictor:
         self._inputs = {name: {i.name for i in s.get_inputs()} for name, s in self.sessions.items()}
         self._skip = {decoding.PAD, decoding.BOS}
         self._fixed_batch = metadata.get("batch_size")  # None: dynamic batch axis
+        table = metadata.get("line_table") or {}
+        self.lines: list[str] = list(table.get("lines", []))
+        if "predict" in self.sessions and not self.lines:
+            raise ValueError(f"{self.folder}: model.json has a predict graph but no line_table")
+        # Each line's token ids (w1 .. EOS PAD ..), so a line-head answer looks like a decoded one.
+        self._line_tokens = np.full((len(self.lines), self.max_tokens), decoding.PAD, np.int64)
+        for i, line in enumerate(self.lines):
+            ids = self.tokenizer.encode(line)[1:self.max_tokens + 1]  # drop BOS
+            self._line_tokens[i, :len(ids)] = ids
+        self.default_method = "line" if "predict" in self.sessions else "greedy"
 
     @classmethod
     def load(cls, path: str | Path, intra_op_threads: int = 1, providers: list[str] | None = None) -> "OnnxPredictor":
@@ -108,7 +122,18 @@ class OnnxPredictor:
 
     @property
     def can_decode(self) -> bool:
-        return "decoder" in self.sessions
+        """Whether this model can produce G-code (a line head or a decoder)."""
+        return "predict" in self.sessions or "decoder" in self.sessions
+
+    def methods(self) -> list[str]:
+        return [m for m in METHODS if (m == "line" and "predict" in self.sessions)
+                or (m != "line" and "decoder" in self.sessions)]
+
+    def predict_lines(self, continuous: np.ndarray, categorical: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The predict graph -> line [B] (index into self.lines), line_confidence, op_logits, fingerprint."""
+        sess = self.sessions["predict"]
+        out = sess.run(None, self._window_feeds("predict", continuous, categorical))
+        return dict(zip((o.name for o in sess.get_outputs()), out))
 
     # ---- array level ----------------------------------------------------------------------------
     def _window_feeds(self, graph: str, continuous: np.ndarray, categorical: np.ndarray | None) -> dict:
@@ -150,23 +175,36 @@ class OnnxPredictor:
                                                  {"tokens": tokens, "h": state["h"], "memory": state["memory"]})
         return logits, {"h": h, "memory": state["memory"]}
 
-    def predict_arrays(self, continuous: np.ndarray, categorical: np.ndarray | None = None, method: str = "greedy",
+    def predict_arrays(self, continuous: np.ndarray, categorical: np.ndarray | None = None, method: str | None = None,
                        beam_width: int = 4, temperature: float = 1.0, max_length: int | None = None,
                        seed: int | None = None, fused: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (tokens [B, L] int64 after BOS: w1 .. EOS PAD .., op_logits [B, ops], fingerprint [B, E]).
+        method None = the model's default ("line" when it has a line head, else "greedy").
         fused=True runs greedy decoding as the single fused graph (all max_tokens steps, no early exit)."""
+        tokens, op_logits, fp, _ = self._predict(continuous, categorical, method, beam_width, temperature,
+                                                 max_length, seed, fused)
+        return tokens, op_logits, fp
+
+    def _predict(self, continuous, categorical, method, beam_width, temperature, max_length, seed, fused):
+        """predict_arrays plus the line head's answer (line index, confidence) or None."""
+        method = method or self.default_method
         if not self.can_decode:
             raise ValueError(f"{self.folder}: an encoder-only model cannot decode G-code")
-        if method not in METHODS:
-            raise ValueError(f"method: unknown {method!r}; choose one of {', '.join(METHODS)}")
+        if method not in self.methods():
+            raise ValueError(f"method: {method!r} is not available for this model; choose one of "
+                             f"{', '.join(self.methods())}")
         limit = self.max_tokens if max_length is None else int(max_length)
         if not 1 <= limit <= self.max_tokens:
             raise ValueError(f"max_length must be in 1..{self.max_tokens}, got {max_length}")
+        if method == "line":
+            out = self.predict_lines(continuous, categorical)
+            line = out["line"]
+            return self._line_tokens[line, :limit], out["op_logits"], out["fingerprint"], (line, out["line_confidence"])
         if method == "greedy" and fused:
             tokens, op_logits, fp = self.sessions["greedy"].run(
                 ["tokens", "op_logits", "fingerprint"], self._window_feeds("greedy", continuous, categorical))
             # Greedy decoding is prefix-consistent: truncating equals stopping early (EOS beyond is dropped).
-            return tokens[:, :limit], op_logits, fp
+            return tokens[:, :limit], op_logits, fp, None
         enc = self.encode(continuous, categorical)
         state, n = {"h": enc["h0"], "memory": enc["memory"]}, len(enc["h0"])
         if method == "beam":
@@ -175,29 +213,35 @@ class OnnxPredictor:
             tokens = decoding.sample(self.step, state, n, limit, temperature=temperature, seed=seed or 0)
         else:
             tokens = decoding.greedy(self.step, state, n, limit)
-        return tokens, enc["op_logits"], enc["fingerprint"]
+        return tokens, enc["op_logits"], enc["fingerprint"], None
 
     # ---- request level ----------------------------------------------------------------------------
-    def predict(self, continuous: np.ndarray, categorical: np.ndarray | None = None, method: str = "greedy",
+    def predict(self, continuous: np.ndarray, categorical: np.ndarray | None = None, method: str | None = None,
                 beam_width: int = 4, temperature: float = 1.0, max_length: int | None = None,
                 seed: int | None = None) -> list[dict]:
         """Normalised windows -> one dict per window: gcode, tokens, token_ids, operation,
-        operation_confidence, fingerprint."""
-        tokens, op_logits, fp = self.predict_arrays(continuous, categorical, method, beam_width, temperature,
-                                                    max_length, seed)
+        operation_confidence, fingerprint, method (+ line_confidence for the line head)."""
+        method = method or self.default_method
+        tokens, op_logits, fp, line = self._predict(continuous, categorical, method, beam_width, temperature,
+                                                    max_length, seed, False)
         z = op_logits - op_logits.max(axis=1, keepdims=True)
         probs = np.exp(z)
         probs /= probs.sum(axis=1, keepdims=True)
         best = probs.argmax(axis=1)
         out = []
         tok = self.tokenizer
-        for row, op, p, f in zip(tokens.tolist(), best.tolist(), probs, fp.tolist()):
+        for i, (row, op, p, f) in enumerate(zip(tokens.tolist(), best.tolist(), probs, fp.tolist())):
             ids = []
             for t in row:
                 if t == decoding.EOS:
                     break
                 if t not in self._skip:
                     ids.append(t)
-            out.append({"gcode": tok.decode(ids), "tokens": tok.tokens(ids), "token_ids": ids,
-                        "operation": self.operations[op], "operation_confidence": float(p[op]), "fingerprint": f})
+            item = {"gcode": tok.decode(ids), "tokens": tok.tokens(ids), "token_ids": ids, "method": method,
+                    "operation": self.operations[op], "operation_confidence": float(p[op]), "fingerprint": f}
+            if line is not None:  # the table's text itself (identical to decoding its tokens unless truncated)
+                item["line_confidence"] = float(line[1][i])
+                if max_length is None:
+                    item["gcode"] = self.lines[int(line[0][i])]
+            out.append(item)
         return out

@@ -48,7 +48,7 @@ def test_export_writes_every_graph_and_a_complete_model_json(exported):
     meta = json.loads(exported["model_json"].read_text())
     folder = exported["model_json"].parent
     assert meta["format"] == "gcodefp-onnx" and meta["variant"] == "fp32" and meta["kind"] == "full"
-    assert set(meta["files"]) == {"encoder", "decoder", "greedy", "encoder_only"}
+    assert set(meta["files"]) == {"encoder", "decoder", "greedy", "encoder_only", "predict"}
     for name, file in meta["files"].items():
         assert (folder / file).stat().st_size == meta["file_sizes"][name]
     enc = meta["graphs"]["encoder"]
@@ -66,7 +66,12 @@ def test_export_writes_every_graph_and_a_complete_model_json(exported):
     par = meta["parity"]
     assert par["passed"] and par["windows"] == 512 and "dataset" in par["data"]
     assert max(par["max_abs_diff"].values()) < 1e-4
-    assert par["greedy_identical"] == {"greedy_fused": 1.0, "greedy_stepwise": 1.0}
+    assert par["greedy_identical"] == {"greedy_fused": 1.0, "greedy_stepwise": 1.0, "line": 1.0}
+    pr = meta["graphs"]["predict"]
+    assert [o["name"] for o in pr["outputs"]] == ["line", "line_confidence", "op_logits", "fingerprint"]
+    table = meta["line_table"]
+    assert len(table["lines"]) == meta["model_config"]["n_lines"] > 10
+    assert len(table["programs"]) == 6 and table["operation_program"][6:] == [1, 3, 5]  # damage* -> *150025
     assert not (folder / "model.failed.json").exists()
 
 
@@ -82,14 +87,19 @@ def test_onnx_matches_pytorch_at_dynamic_batch_sizes(exported, batch):
     np.testing.assert_allclose(got["fingerprint"], fp_ref, atol=1e-4)
     np.testing.assert_allclose(got["memory"], state["memory"], atol=1e-4)
     ref = decoding.greedy(TorchStep(model), state, batch, exported["meta"]["max_tokens"])
-    np.testing.assert_array_equal(pred.predict_arrays(cont, cat)[0], ref)
-    np.testing.assert_array_equal(pred.predict_arrays(cont, cat, fused=True)[0], ref)
+    np.testing.assert_array_equal(pred.predict_arrays(cont, cat, method="greedy")[0], ref)
+    np.testing.assert_array_equal(pred.predict_arrays(cont, cat, method="greedy", fused=True)[0], ref)
+    # The default answer is the line head's: one graph call, the same line as PyTorch's.
+    line_ref = model.predict_line(torch.as_tensor(cont), torch.as_tensor(cat))[0].numpy()
+    rows = pred.predict(cont, cat)
+    assert [r["gcode"] for r in rows] == [model.line_table.lines[i] for i in line_ref]
+    assert all(r["method"] == "line" and 0 < r["line_confidence"] <= 1 for r in rows)
 
 
 def test_verification_fails_for_a_different_model(exported):
     model, _ = load_checkpoint(exported["checkpoint"])
     with torch.no_grad():
-        model.op_head.bias.add_(0.5)       # a mismatched reference: the operation logits move
+        model.program_head.bias[0] += 0.5  # a mismatched reference: the operation logits move
         model.token_embed.weight.mul_(-1)  # and the decoder changes its mind
     report = verify(exported["model_json"], model=model, dataset=exported["dataset"], windows=64)
     assert not report["passed"]

@@ -36,8 +36,11 @@ def test_predict_returns_the_contract_fields(pred, windows):
     out = pred.predict(cont, cat)
     assert len(out) == len(cont)
     tokens = pred.predict_arrays(cont, cat)[0]
+    assert pred.default_method == "line"
     for row, r in zip(tokens, out):
-        assert set(r) == {"gcode", "tokens", "token_ids", "operation", "operation_confidence", "fingerprint"}
+        assert set(r) == {"gcode", "tokens", "token_ids", "operation", "operation_confidence", "fingerprint",
+                          "method", "line_confidence"}
+        assert r["gcode"] in pred.lines and r["method"] == "line"
         assert r["gcode"] == pred.tokenizer.decode(row.tolist())
         assert r["tokens"] == pred.tokenizer.tokens(r["token_ids"])
         assert 2 not in r["token_ids"] and 0 not in r["token_ids"]  # EOS / PAD stripped
@@ -46,19 +49,21 @@ def test_predict_returns_the_contract_fields(pred, windows):
         assert abs(np.linalg.norm(r["fingerprint"]) - 1) < 1e-4
     assert isinstance(out[0]["fingerprint"], list) and isinstance(out[0]["token_ids"], list)
     json.dumps(out)  # serialisable as is
+    greedy = pred.predict(cont, cat, method="greedy")
+    assert all(set(r) == set(out[0]) - {"line_confidence"} and r["method"] == "greedy" for r in greedy)
 
 
 def test_decoding_methods_agree_where_they_must(pred, windows):
     cont, cat = windows
-    greedy = pred.predict_arrays(cont, cat)[0]
-    np.testing.assert_array_equal(pred.predict_arrays(cont, cat, fused=True)[0], greedy)
+    greedy = pred.predict_arrays(cont, cat, method="greedy")[0]
+    np.testing.assert_array_equal(pred.predict_arrays(cont, cat, method="greedy", fused=True)[0], greedy)
     np.testing.assert_array_equal(pred.predict_arrays(cont, cat, method="beam", beam_width=1)[0], greedy)
     np.testing.assert_array_equal(pred.predict_arrays(cont, cat, method="sample", temperature=0)[0], greedy)
     a = pred.predict_arrays(cont, cat, method="sample", temperature=1.5, seed=3)[0]
     np.testing.assert_array_equal(a, pred.predict_arrays(cont, cat, method="sample", temperature=1.5, seed=3)[0])
     beam = pred.predict(cont, cat, method="beam", beam_width=4)
     assert len(beam) == len(cont) and all(isinstance(r["gcode"], str) for r in beam)
-    short = pred.predict_arrays(cont, cat, max_length=2)[0]
+    short = pred.predict_arrays(cont, cat, method="greedy", max_length=2)[0]
     np.testing.assert_array_equal(short, greedy[:, :2])  # greedy is prefix-consistent
 
 
