@@ -116,6 +116,7 @@ async def info(request: Request):
         "features": {"feature_set": spec.feature_set, "continuous": spec.continuous, "categorical": spec.categorical,
                      "required_columns": inputs.required_columns(spec)},
         "vocab_size": p.tokenizer.vocab_size, "max_tokens": p.max_tokens, "operations": p.operations,
+        "methods": p.methods(), "default_method": p.default_method, "program_lines": len(p.lines),
         "embedding_dim": int(meta.get("model_config", {}).get("fingerprint_dim", 0)) or None,
         "parameter_count": meta.get("parameter_count"), "metrics": meta.get("metrics", {}),
         "limits": {"max_batch": inputs.MAX_BATCH, "max_body_bytes": inputs.MAX_BODY_BYTES},
@@ -161,6 +162,9 @@ async def read_windows(request: Request, model: LoadedModel, batch: bool, keys: 
                 raise inputs.InputError("sensor_data", "required")
             c, k = inputs.parse_sensor_data(doc["sensor_data"], model.spec, model.window)
             cont, cat = c[None], k[None]
+    if opts.method is not None and opts.method not in model.predictor.methods():
+        raise inputs.InputError("inference_config.method", f"{opts.method!r} is not offered by this model; "
+                                f"choose one of {', '.join(model.predictor.methods())}")
     metrics.PARSE_LATENCY.labels(fmt).observe(time.perf_counter() - t0)
     return cont, cat, opts
 
@@ -175,8 +179,10 @@ async def run_model(model: LoadedModel, endpoint: str, fn, n: int, inline: bool)
 
 
 def prediction(row: dict, with_fp: bool) -> dict:
-    out = {"gcode_sequence": row["gcode"], "tokens": row["tokens"],
+    out = {"gcode_sequence": row["gcode"], "tokens": row["tokens"], "method": row["method"],
            "operation": {"name": row["operation"], "confidence": round(row["operation_confidence"], 6)}}
+    if "line_confidence" in row:
+        out["line_confidence"] = round(row["line_confidence"], 6)
     if with_fp:
         out["fingerprint"] = row["fingerprint"]
     return out
@@ -191,7 +197,7 @@ async def predict_windows(request: Request, endpoint: str, batch: bool, keys: se
         return model.predictor.predict(c, k, method=opts.method, beam_width=opts.beam_width,
                                        temperature=opts.temperature, max_length=opts.max_length, seed=opts.seed)
 
-    rows, ms = await run_model(model, endpoint, infer, len(cont), inline=len(cont) == 1 and opts.method == "greedy")
+    rows, ms = await run_model(model, endpoint, infer, len(cont), inline=len(cont) == 1 and opts.method in (None, "line", "greedy"))
     return model, rows, ms, opts
 
 

@@ -123,7 +123,7 @@ class GCodeAPIClient:
         return self._request("GET", "/info")
 
     def predict(self, continuous=None, categorical=None, *, columns: dict | None = None, return_fingerprint=False,
-                method: str = "greedy", temperature: float | None = None, beam_width: int | None = None,
+                method: str | None = None, temperature: float | None = None, beam_width: int | None = None,
                 max_length: int | None = None, seed: int | None = None, binary: bool = False) -> dict:
         cfg = self._config(method, temperature, beam_width, max_length, seed)
         if binary:
@@ -133,7 +133,7 @@ class GCodeAPIClient:
         return self._post_json("/predict", {"sensor_data": self._sensor_data(continuous, categorical, columns),
                                             "return_fingerprint": return_fingerprint, "inference_config": cfg})
 
-    def batch_predict(self, windows: list, *, return_fingerprint=False, method: str = "greedy",
+    def batch_predict(self, windows: list, *, return_fingerprint=False, method: str | None = None,
                       temperature: float | None = None, beam_width: int | None = None, max_length: int | None = None,
                       seed: int | None = None) -> list[dict]:
         """windows: [(continuous, categorical), ...] or [{"columns": {...}}, ...]; one server-side batch."""

@@ -30,7 +30,7 @@ from gcodefp_core import schema
 MAX_BODY_BYTES = int(os.environ.get("GCODEFP_MAX_BODY_BYTES", 8 * 1024 * 1024))
 MAX_BATCH = int(os.environ.get("GCODEFP_MAX_BATCH", 64))
 MAX_BEAM = 16
-METHODS = ("greedy", "beam", "sample")
+METHODS = ("line", "greedy", "beam", "sample")  # which a model offers: GET /info
 BINARY_TYPES = ("application/octet-stream",)
 CONFIG_KEYS = {"method", "temperature", "beam_width", "max_length", "seed"}
 # Columns of a raw log that are not model inputs: accepted (so raw rows can be posted) and ignored.
@@ -49,7 +49,7 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Options:
-    method: str = "greedy"
+    method: str | None = None          # None: the model's default ("line" when it has a line head)
     temperature: float = 1.0
     beam_width: int = 4
     max_length: int | None = None
@@ -106,8 +106,8 @@ def parse_options(doc: dict, max_tokens: int) -> Options:
     unknown = sorted(set(cfg) - CONFIG_KEYS)
     if unknown:
         raise InputError(f"inference_config.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(CONFIG_KEYS))}")
-    method = cfg.get("method", "greedy")
-    if method not in METHODS:
+    method = cfg.get("method")
+    if method is not None and method not in METHODS:
         raise InputError("inference_config.method", f"must be one of {', '.join(METHODS)}, got {method!r}")
     temperature = cfg.get("temperature", 1.0)
     if not _is_number(temperature) or not 0 <= temperature <= 10:

@@ -6,7 +6,9 @@ window, four times the model); these JSON schemas just document the same shapes.
 from __future__ import annotations
 
 _CONFIG = {"type": "object", "properties": {
-    "method": {"type": "string", "enum": ["greedy", "beam", "sample"], "default": "greedy"},
+    "method": {"type": "string", "enum": ["line", "greedy", "beam", "sample"], "description": (
+        "line: the line head's lookup in the operation's program (one call; the default when the model "
+        "has one); greedy / beam / sample: the token decoder. GET /info lists a model's methods.")},
     "temperature": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0},
     "beam_width": {"type": "integer", "minimum": 1, "maximum": 16, "default": 4},
     "max_length": {"type": "integer", "minimum": 1, "description": "decode limit (default: the model's)"},
