@@ -160,8 +160,9 @@ class GCodeFingerprintModel(nn.Module):
                                                nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_lines))
             else:
                 self.line_head = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_lines))
-            # Which lines each program has (filled from the LineTable by set_line_mask; saved with the weights).
-            self.register_buffer("line_mask", torch.ones(n_programs, cfg.n_lines, dtype=torch.bool))
+            # Which lines each program has, 1.0 / 0.0 (filled from the LineTable by set_line_mask; saved
+            # with the weights). Float, not bool: casting a bool constant in-graph trips the fp16 converter.
+            self.register_buffer("line_mask", torch.ones(n_programs, cfg.n_lines))
         self.fp_head = nn.Linear(d, cfg.fingerprint_dim)
         self.h0_proj = nn.Linear(d, d)
         # Training-only cosine-classifier "proxies", one unit direction per operation, that shape the
@@ -179,7 +180,7 @@ class GCodeFingerprintModel(nn.Module):
 
     def set_line_mask(self, mask) -> None:
         """mask [programs, n_lines] bool (LineTable.mask)."""
-        self.line_mask.copy_(torch.as_tensor(np.asarray(mask), dtype=torch.bool))
+        self.line_mask.copy_(torch.as_tensor(np.asarray(mask), dtype=torch.float32))
 
     def heads(self, enc: "Encoded"):
         """-> op_logits [B,ops], line_logits [B,n_lines] (None without a line head).
@@ -194,7 +195,7 @@ class GCodeFingerprintModel(nn.Module):
             return self.op_head(summary), line_logits
         program = self.program_head(summary)
         if line_logits is not None:
-            mass = torch.softmax(line_logits, dim=-1) @ self.line_mask.t().to(line_logits.dtype)
+            mass = torch.softmax(line_logits, dim=-1) @ self.line_mask.t()
             program = program + torch.log(mass + 1e-4)
         program = torch.log_softmax(program, dim=-1).index_select(1, self.op_program)
         variant_in = torch.cat([summary, self.stats_proj(enc.stats)], dim=1) if self.cfg.variant_stats else summary
@@ -245,7 +246,7 @@ class GCodeFingerprintModel(nn.Module):
         line [B] int64, line_confidence [B] (softmax within the program), op_logits, fingerprint."""
         enc = self.summarise(continuous, categorical)
         op_logits, line_logits = self.heads(enc)
-        allowed = self.line_mask.index_select(0, self.op_program.index_select(0, op_logits.argmax(dim=-1)))
+        allowed = self.line_mask.index_select(0, self.op_program.index_select(0, op_logits.argmax(dim=-1))) > 0.5
         scores = torch.where(allowed, line_logits, torch.full_like(allowed, MASKED, dtype=line_logits.dtype))
         probs = torch.softmax(scores, dim=-1)
         confidence, line = probs.max(dim=-1)

@@ -90,6 +90,9 @@ def default_sample_window(meta: dict) -> dict:
 def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
     feats = meta.get("features", {})
     tok = meta.get("tokenizer", {})
+    table = meta.get("line_table") or {}
+    answers = (f"the line head (a lookup among the {len(table['lines'])} program lines of the training runs); "
+               "the token decoder on request" if table.get("lines") else "the token decoder")
     lines = [
         f"# G-code fingerprint model {version}", "",
         f"- variant: {meta.get('variant', '?')}",
@@ -97,6 +100,8 @@ def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
         f"{len(feats.get('continuous', []))} continuous + {len(feats.get('categorical', []))} categorical inputs",
         f"- vocabulary: {tok.get('vocab_size', len(tok.get('vocab', tok.get('tokens', []))))} tokens; "
         f"max {meta.get('max_tokens', '?')} decode steps",
+        f"- answers with: {answers}",
+        f"- side-channel only (no controller state read): {'yes' if feats.get('feature_set') == 'side_channel' else 'no'}",
         f"- operations: {', '.join(meta.get('operations', []))}",
         f"- parameters: {meta.get('parameter_count', meta.get('parameters', '?'))}",
         f"- source checkpoint sha256: {meta.get('source_checkpoint', {}).get('sha256', '?')}",

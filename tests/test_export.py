@@ -59,7 +59,7 @@ def test_export_writes_every_graph_and_a_complete_model_json(exported):
     assert [i["name"] for i in dec["inputs"]] == ["tokens", "h", "memory"]
     assert [o["name"] for o in dec["outputs"]] == ["logits", "h_next"]
     assert dec["outputs"][0]["shape"] == ["batch", meta["model_config"]["vocab_size"]]
-    assert meta["opset"] == 18 and meta["dynamic_batch"] is True
+    assert meta["opset"] == 20 and meta["dynamic_batch"] is True
     assert meta["parameter_count"] > 1000 and len(meta["source_checkpoint"]["sha256"]) == 64
     assert meta["max_tokens"] == meta["model_config"]["max_decode_len"]
     assert "tokens" in meta["tokenizer"] and len(meta["operations"]) == 9

@@ -19,7 +19,7 @@ def register(sub) -> None:
     batch.add_argument("--dynamic-batch", action="store_true", default=True, help="dynamic batch axis (default)")
     batch.add_argument("--batch-size", type=int, help="fixed batch size instead of a dynamic axis")
     p.add_argument("--seq-len", type=int, help="rows per window (must equal the trained window)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 20)")
     p.add_argument("--dataset", type=Path, help="verify on this dataset's test windows (default: synthetic logs)")
     p.add_argument("--verify-windows", type=int, default=1024, help="windows compared (default 1024)")
     p.set_defaults(handler=_export)
