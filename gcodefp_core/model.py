@@ -83,7 +83,7 @@ class ModelConfig:
 # Hyper-parameters a config's "model" section may set (the rest come from the dataset).
 TUNABLE = ("d_model", "conv_blocks", "kernel_size", "last_rows", "token_dim", "fingerprint_dim", "dropout",
            "fourier_features", "fourier_scale", "delta_scale", "line_hidden", "line_source", "variant_stats",
-           "line_head", "factorise_operations")
+           "line_head", "line_classes", "factorise_operations")
 # Masked-out line logits: a large finite value, not -inf (quantizers and softmax choke on infinities).
 MASKED = -1e4
 
@@ -195,7 +195,8 @@ class GCodeFingerprintModel(nn.Module):
             return self.op_head(summary), line_logits
         program = self.program_head(summary)
         if line_logits is not None:
-            mass = torch.softmax(line_logits, dim=-1) @ self.line_mask.t()
+            # A broadcast product, not a MatMul: quantizers would store an int8 copy of the 0/1 mask.
+            mass = (torch.softmax(line_logits, dim=-1).unsqueeze(1) * self.line_mask).sum(dim=-1)
             program = program + torch.log(mass + 1e-4)
         program = torch.log_softmax(program, dim=-1).index_select(1, self.op_program)
         variant_in = torch.cat([summary, self.stats_proj(enc.stats)], dim=1) if self.cfg.variant_stats else summary

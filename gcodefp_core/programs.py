@@ -26,6 +26,7 @@ class LineTable:
     mask: np.ndarray                  # [programs, lines] bool: line i occurs in program p (training runs)
     operation_program: list[int]      # per operation: its program's index
     operation_variant: list[int]      # per operation: 1 = a damaged run of its program, else 0
+    per_program: bool = False         # classes are (program, line) pairs: each column of mask has one 1
 
     @property
     def n_lines(self) -> int:
@@ -34,7 +35,8 @@ class LineTable:
     def to_dict(self) -> dict:
         return {"lines": self.lines, "programs": self.programs,
                 "program_lines": [np.flatnonzero(row).tolist() for row in self.mask],
-                "operation_program": self.operation_program, "operation_variant": self.operation_variant}
+                "operation_program": self.operation_program, "operation_variant": self.operation_variant,
+                "per_program": self.per_program}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LineTable":
@@ -45,7 +47,7 @@ class LineTable:
         for p, idx in enumerate(d["program_lines"]):
             mask[p, idx] = True
         return cls(list(d["lines"]), list(d["programs"]), mask, list(d["operation_program"]),
-                   list(d["operation_variant"]))
+                   list(d["operation_variant"]), bool(d.get("per_program", False)))
 
 
 def operation_factors(operations: list[str]) -> tuple[list[str], list[int], list[int]]:
@@ -57,23 +59,37 @@ def operation_factors(operations: list[str]) -> tuple[list[str], list[int], list
     return programs, [programs.index(p) for p in program_names], variants
 
 
-def build_line_table(ds) -> LineTable:
-    """The line classes of a dataset: distinct target lines of its training windows, in the order of
-    the dataset's line table, with the programs each occurs in."""
+def build_line_table(ds, per_program: bool = False) -> LineTable:
+    """The line classes of a dataset: the distinct target lines of its training windows, with the
+    programs each occurs in. per_program: one class per (program, line) pair instead, so a line
+    that ends every program (M30, a retract) is still told apart by where the tool stands, and the
+    line head alone decides the program."""
     train = ds.split_windows("train")
     line_of = ds.arrays["row_line"][train]
-    ops = ds.operation_labels(train)
     programs, op_program, op_variant = operation_factors(list(ds.operations))
-    classes = np.unique(line_of)
-    mask = np.zeros((len(programs), len(classes)), dtype=bool)
-    col = np.searchsorted(classes, line_of)
-    mask[np.asarray(op_program)[ops], col] = True
-    lines = [ds.manifest["lines"][i] for i in classes]
-    return LineTable(lines, programs, mask, op_program, op_variant)
+    prog_of = np.asarray(op_program)[ds.operation_labels(train)]
+    keys = np.unique(np.stack([prog_of if per_program else np.zeros_like(prog_of), line_of], 1), axis=0)
+    mask = np.zeros((len(programs), len(keys)), dtype=bool)
+    if per_program:
+        mask[keys[:, 0], np.arange(len(keys))] = True
+    else:
+        mask[prog_of, np.searchsorted(keys[:, 1], line_of)] = True
+    lines = [ds.manifest["lines"][i] for i in keys[:, 1]]
+    return LineTable(lines, programs, mask, op_program, op_variant, per_program)
 
 
-def class_of_dataset_line(ds, table: LineTable) -> np.ndarray:
-    """For each line of the dataset's line table, its class in `table`; -1 where the table lacks it
-    (a line no training run executes). Index it with ds.arrays["row_line"][window_ids]."""
-    index = {line: i for i, line in enumerate(table.lines)}
-    return np.array([index.get(line, -1) for line in ds.manifest["lines"]], dtype=np.int64)
+def row_classes(ds, table: LineTable) -> np.ndarray:
+    """The line class of every row's target (index it with window ids); -1 where the table lacks it
+    (a line no training run executes, or, per program, not in that program's training runs)."""
+    per_program = table.per_program
+    program_of_run = np.asarray(table.operation_program)[
+        [ds.operations.index(r["operation"]) for r in ds.manifest["runs"]]]
+    prog = program_of_run[ds.arrays["row_run"]] if per_program else np.zeros(len(ds.arrays["row_run"]), np.int64)
+    if per_program:
+        index = {(int(np.flatnonzero(table.mask[:, i])[0]), line): i for i, line in enumerate(table.lines)}
+    else:
+        index = {(0, line): i for i, line in enumerate(table.lines)}
+    texts = ds.manifest["lines"]
+    pairs = {(int(p), int(l)) for p, l in zip(prog, ds.arrays["row_line"])}
+    cls = {pair: index.get((pair[0], texts[pair[1]]), -1) for pair in pairs}
+    return np.array([cls[(int(p), int(l))] for p, l in zip(prog, ds.arrays["row_line"])], dtype=np.int64)

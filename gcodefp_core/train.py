@@ -25,7 +25,7 @@ from . import evaluate, tracking
 from .decoding import PAD
 from .fileio import check_known_fields, read_json, write_json
 from .model import TUNABLE, GCodeFingerprintModel, ModelConfig, build_model, count_parameters
-from .programs import LineTable, build_line_table, class_of_dataset_line
+from .programs import LineTable, build_line_table, row_classes
 from .schema import CONTROLLER_NUMERIC
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,11 @@ def model_config_for(ds, model_section: dict, table: LineTable | None = None) ->
     operation head (model.factorise_operations, default on) take their sizes from `table`."""
     section = dict(model_section)
     line_head = section.pop("line_head", True)
+    table = table or build_line_table(ds, per_program=section.get("line_classes") == "program_line")
+    if section.pop("line_classes", "line") not in ("line", "program_line"):
+        raise ValueError("model config: line_classes must be 'line' (one class per distinct line) or "
+                         "'program_line' (one per program and line)")
     factorise = section.pop("factorise_operations", True)
-    table = table or build_line_table(ds)
     programs = {"operation_program": table.operation_program, "operation_variant": table.operation_variant,
                 "n_lines": table.n_lines if line_head else 0, "factorise_operations": bool(factorise)}
     # Fourier features go to the controller's numeric state (positions, feed) when the feature set has it.
@@ -206,14 +209,14 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     seed_everything(seed)
-    table = build_line_table(ds)
+    table = build_line_table(ds, per_program=config.get("model", {}).get("line_classes", "line") == "program_line")
     mcfg = model_config_for(ds, config.get("model", {}), table)
     model = build_model(mcfg)
     model.line_table = table
     if mcfg.n_lines:
         model.set_line_mask(table.mask)
     model.to(tcfg.device)
-    line_class = class_of_dataset_line(ds, table)
+    line_class = row_classes(ds, table)
     train_ids, val_ids = ds.split_windows("train"), ds.split_windows("val")
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise ValueError(f"dataset {ds.path}: train and val splits need windows (have {len(train_ids)}, {len(val_ids)})")
@@ -252,7 +255,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
             for s in range(0, per_epoch, tcfg.batch_size):
                 ids = np.sort(train_ids[order[s:s + tcfg.batch_size]])
                 batch = ds.batch(ids)
-                batch["line_class"] = line_class[ds.arrays["row_line"][ids]]
+                batch["line_class"] = line_class[ids]
                 loss, parts = compute_loss(model, batch, tcfg, op_weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -164,3 +164,26 @@ def test_balanced_operation_weights_are_inverse_frequency(ds):
     present = counts > 0
     assert np.allclose(w[present] * counts[present], counts.sum() / len(counts))  # each class weighs the same
     assert abs(float((w * counts).sum() / counts.sum()) - 1.0) < 1e-6 or not present.all()
+
+
+@pytest.mark.parametrize("per_program", [False, True])
+def test_line_table_classes_name_each_training_target(synthetic_dataset, per_program):
+    """Every training window's target has a class whose text is the target line and whose program is
+    the window's program; per program, a line shared by programs gets one class in each."""
+    from gcodefp_core.dataset import load_dataset
+    from gcodefp_core.programs import LineTable, build_line_table, row_classes
+
+    ds = load_dataset(synthetic_dataset)
+    table = build_line_table(ds, per_program=per_program)
+    assert LineTable.from_dict(table.to_dict()).per_program == per_program
+    classes = row_classes(ds, table)
+    ids = ds.split_windows("train")
+    cls = classes[ids]
+    assert (cls >= 0).all()
+    assert [table.lines[c] for c in cls] == ds.target_lines(ids)
+    programs = np.asarray(table.operation_program)[ds.operation_labels(ids)]
+    assert table.mask[programs, cls].all()
+    if per_program:
+        assert (table.mask.sum(0) == 1).all() and len(table.lines) > len(set(table.lines))
+    else:
+        assert len(table.lines) == len(set(table.lines))
