@@ -148,8 +148,9 @@ def build_package(model_dir, registry, version: str | None = None, benchmark: di
         (tmp / "model_card.md").write_text(model_card(meta_out, version, metrics, benchmark))
         write_json(tmp / "benchmark.json", benchmark)
         window = sample_window or default_sample_window(meta)
+        method = "line" if (meta.get("line_table") or {}).get("lines") else "greedy"  # the model's default
         write_json(tmp / "sample_request.json", {"sensor_data": window, "return_fingerprint": True,
-                                                   "inference_config": {"method": "greedy"}})
+                                                   "inference_config": {"method": method}})
         entries = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
                    for p in sorted(tmp.iterdir()) if p.is_file()}
         write_json(tmp / MANIFEST, {

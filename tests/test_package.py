@@ -147,3 +147,19 @@ def test_serve_command_refuses_a_missing_source(monkeypatch, tmp_path, capsys):
     assert "give --registry or --package" in capsys.readouterr().err
     assert main(["serve", "--registry", str(tmp_path / "nope")]) == 2
     assert "--registry: no such folder" in capsys.readouterr().err
+
+
+def test_sample_request_and_card_follow_the_models_answer(export_dir, tmp_path):
+    """A decoder-only model's sample request asks for greedy decoding; a model with a line head
+    asks for its line lookup, and the card says which feature set and answer it ships."""
+    plain = pkg.build_package(export_dir, tmp_path / "reg", version="v1")
+    assert json.loads((plain / "sample_request.json").read_text())["inference_config"] == {"method": "greedy"}
+    meta = json.loads((export_dir / "model.json").read_text())
+    meta["line_table"] = {"lines": ["G0 X1", "M30"], "programs": ["face"], "program_lines": [[0, 1]],
+                          "operation_program": [0], "operation_variant": [0]}
+    (export_dir / "model.json").write_text(json.dumps(meta))
+    lined = pkg.build_package(export_dir, tmp_path / "reg", version="v2")
+    assert json.loads((lined / "sample_request.json").read_text())["inference_config"] == {"method": "line"}
+    card = (lined / "model_card.md").read_text()
+    assert "line head (a lookup among the 2 program lines" in card
+    assert f"feature set {meta['features']['feature_set']}" in card
