@@ -212,14 +212,15 @@ class GCodeFingerprintModel(nn.Module):
         if cat is not None:
             x = x + cat
         x = F.gelu(x)
-        extra = []  # per-row controller features of the last rows
-        if self.fourier is not None:
+        extra, pos = [], None  # per-row controller features of the last rows
+        if self.cfg.fourier_inputs:
             pos = continuous[:, -rows - 1:, :].index_select(2, self.fourier_index)
+        if self.fourier is not None:
             z = self.fourier(pos[:, 1:])
             extra += [torch.sin(z), torch.cos(z)]
-            if self.cfg.delta_scale > 0:
-                # Where the tool is heading tells apart lines that pass through the same point.
-                extra.append((pos[:, 1:] - pos[:, :-1]) * self.cfg.delta_scale)
+        if pos is not None and self.cfg.delta_scale > 0:
+            # Where the tool is heading tells apart lines that pass through the same point.
+            extra.append((pos[:, 1:] - pos[:, :-1]) * self.cfg.delta_scale)
         last = torch.cat([x[:, -rows:, :]] + extra, dim=2).flatten(1)
         conv = self.blocks(x.transpose(1, 2)).transpose(1, 2)               # [B, T', D]
         summary = self.summary(torch.cat([conv.mean(dim=1), self.last_proj(last)], dim=1))

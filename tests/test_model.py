@@ -194,3 +194,24 @@ def test_line_head_needs_operation_programs():
     cfg = tiny().cfg.to_dict() | {"n_lines": 5}
     with pytest.raises(ValueError, match="operation_program"):
         ModelConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize("fourier_features", [0, 6])
+def test_controller_line_head_with_and_without_fourier_features(fourier_features):
+    """The controller-only line head (positions, their steps, categorical state) builds and runs
+    with or without Fourier features; its answers stay among the predicted program's lines."""
+    model = tiny(operation_program=PROGRAMS, operation_variant=VARIANTS, factorise_operations=True, n_lines=12,
+                 line_source="controller", delta_scale=10.0, variant_stats=True, line_hidden=24)
+    cfg = model.cfg.to_dict() | {"fourier_features": fourier_features}
+    model = build_model(ModelConfig.from_dict(cfg)).eval()
+    model.set_line_mask(np.repeat(np.eye(6, dtype=bool), 2, axis=1))
+    cont, cat = inputs(model, batch=5)
+    with torch.no_grad():
+        line, confidence, op_logits, _ = model.predict_line(cont, cat)
+    assert torch.equal(line // 2, torch.as_tensor(PROGRAMS)[op_logits.argmax(-1)])
+    cont2 = cont.clone()
+    cont2[:, :-9, 1] += 3.0  # a non-controller column, outside the last rows: the line scores ignore it
+    with torch.no_grad():
+        a = model(cont, cat, torch.ones(5, 2, dtype=torch.long))[3]
+        b = model(cont2, cat, torch.ones(5, 2, dtype=torch.long))[3]
+    torch.testing.assert_close(a, b)
