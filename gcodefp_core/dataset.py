@@ -68,6 +68,10 @@ class DatasetConfig:
             raise ValueError("data config: val_fraction and test_fraction must be in [0, 1)")
         return cfg
 
+    def columns(self):
+        """The raw columns this config reads (schema.FeatureColumns)."""
+        return feature_columns(self.feature_set, tuple(self.exclude_channels), tuple(self.exclude_columns))
+
 
 def split_runs(runs: list[RunLog], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
     """Run name -> split. Per operation: shuffle (seeded), then test, val, train; every operation with
@@ -85,7 +89,7 @@ def split_runs(runs: list[RunLog], val_fraction: float, test_fraction: float, se
 
 
 def read_runs(files: list[Path], cfg: DatasetConfig) -> tuple[list[RunLog], list[dict]]:
-    columns = feature_columns(cfg.feature_set, tuple(cfg.exclude_channels), tuple(cfg.exclude_columns))
+    columns = cfg.columns()
     runs, skipped = [], []
     for path in files:
         try:
@@ -142,7 +146,7 @@ def build_dataset(cfg: DatasetConfig, out_dir: Path | str, logs_dir: Path | str 
 def _write_arrays(runs: list[RunLog], cfg: DatasetConfig, dest: Path) -> dict:
     split_of = split_runs(runs, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     train = [r for r in runs if split_of[r.name] == "train"]
-    spec = FeatureSpec.for_columns(cfg.feature_set, feature_columns(cfg.feature_set, tuple(cfg.exclude_channels), tuple(cfg.exclude_columns)), cfg.clip)
+    spec = FeatureSpec.for_columns(cfg.feature_set, cfg.columns(), cfg.clip)
     spec.fit([r.frame for r in train])
     tokenizer = GCodeTokenizer.build([canonicalize(g) for r in train for g in r.frame[TARGET_COLUMN]], cfg.min_token_freq)
 

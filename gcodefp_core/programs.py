@@ -81,15 +81,17 @@ def build_line_table(ds, per_program: bool = False) -> LineTable:
 def row_classes(ds, table: LineTable) -> np.ndarray:
     """The line class of every row's target (index it with window ids); -1 where the table lacks it
     (a line no training run executes, or, per program, not in that program's training runs)."""
-    per_program = table.per_program
-    program_of_run = np.asarray(table.operation_program)[
-        [ds.operations.index(r["operation"]) for r in ds.manifest["runs"]]]
-    prog = program_of_run[ds.arrays["row_run"]] if per_program else np.zeros(len(ds.arrays["row_run"]), np.int64)
-    if per_program:
-        index = {(int(np.flatnonzero(table.mask[:, i])[0]), line): i for i, line in enumerate(table.lines)}
+    rows = len(ds.arrays["row_run"])
+    if table.per_program:
+        program_of_run = np.asarray(table.operation_program)[
+            [ds.operations.index(r["operation"]) for r in ds.manifest["runs"]]]
+        prog = program_of_run[ds.arrays["row_run"]]
+        index = {(int(table.mask[:, i].argmax()), line): i for i, line in enumerate(table.lines)}
     else:
+        prog = np.zeros(rows, np.int64)
         index = {(0, line): i for i, line in enumerate(table.lines)}
+    # Look up each distinct (program, dataset line) pair once, then spread to the rows.
+    pairs, inverse = np.unique(np.stack([prog, ds.arrays["row_line"]], 1), axis=0, return_inverse=True)
     texts = ds.manifest["lines"]
-    pairs = {(int(p), int(l)) for p, l in zip(prog, ds.arrays["row_line"])}
-    cls = {pair: index.get((pair[0], texts[pair[1]]), -1) for pair in pairs}
-    return np.array([cls[(int(p), int(l))] for p, l in zip(prog, ds.arrays["row_line"])], dtype=np.int64)
+    cls = np.array([index.get((int(p), texts[int(l)]), -1) for p, l in pairs], dtype=np.int64)
+    return cls[inverse.reshape(-1)]

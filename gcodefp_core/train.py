@@ -94,15 +94,23 @@ def validate_config(cfg: dict, where: str = "config") -> None:
     tracking.validate_config(cfg.get("wandb", {}))
 
 
+def line_table_for(ds, model_section: dict) -> LineTable:
+    """The line head's classes as the config's model.line_classes asks: "line" (one per distinct
+    line, default) or "program_line" (one per program and line)."""
+    kind = model_section.get("line_classes", "line")
+    if kind not in ("line", "program_line"):
+        raise ValueError("model config: line_classes must be 'line' (one class per distinct line) or "
+                         "'program_line' (one per program and line)")
+    return build_line_table(ds, per_program=kind == "program_line")
+
+
 def model_config_for(ds, model_section: dict, table: LineTable | None = None) -> ModelConfig:
     """The model config for a dataset. The line head (model.line_head, default on) and the factorised
     operation head (model.factorise_operations, default on) take their sizes from `table`."""
     section = dict(model_section)
     line_head = section.pop("line_head", True)
-    table = table or build_line_table(ds, per_program=section.get("line_classes") == "program_line")
-    if section.pop("line_classes", "line") not in ("line", "program_line"):
-        raise ValueError("model config: line_classes must be 'line' (one class per distinct line) or "
-                         "'program_line' (one per program and line)")
+    table = table or line_table_for(ds, section)
+    section.pop("line_classes", None)
     factorise = section.pop("factorise_operations", True)
     programs = {"operation_program": table.operation_program, "operation_variant": table.operation_variant,
                 "n_lines": table.n_lines if line_head else 0, "factorise_operations": bool(factorise)}
@@ -209,7 +217,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     seed_everything(seed)
-    table = build_line_table(ds, per_program=config.get("model", {}).get("line_classes", "line") == "program_line")
+    table = line_table_for(ds, config.get("model", {}))
     mcfg = model_config_for(ds, config.get("model", {}), table)
     model = build_model(mcfg)
     model.line_table = table
