@@ -51,6 +51,20 @@ class TrainConfig:
     # Weight the operation loss by inverse class frequency of the training windows: the damage*
     # classes have 4 runs each against 19 for the others, and share their programs with *150025.
     balance_operations: bool = False
+    # Augmentation against what changes between recording days rather than between operations:
+    # each training window's sensor channels (currents and boards, never controller state) get one
+    # random offset per channel, N(0, sensor_offset_std) in normalised units (board calibration and
+    # mounting drift shift a channel's level for a whole session).
+    sensor_offset_std: float = 0.0
+    # Probability that a training window's categorical column is replaced by "unknown" (index 0), so
+    # that index is trained: a controller state never seen in training (e.g. jogging after M30)
+    # then reads as "state unknown" instead of an untrained random embedding.
+    categorical_dropout: float = 0.0
+    # Probability that a training window loses a whole sensor board (its channels set to the
+    # training mean, exactly how a board a run did not record is filled). Which boards a run has
+    # identifies its recording day (6 to 12 of 16 per run), not the operation; dropping boards at
+    # random keeps the model from reading the presence pattern and teaches it to survive a dead board.
+    board_dropout: float = 0.0
     samples_per_epoch: int | None = None  # windows per epoch (seeded subsample); None = all
     val_max_windows: int = 8000          # evenly spaced val windows scored every epoch
     max_minutes: float | None = None     # stop (keeping the best checkpoint) after this long
@@ -65,6 +79,9 @@ class TrainConfig:
         cfg = cls(**d)
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.patience < 1:
             raise ValueError("train config: epochs, batch_size, patience must be >= 1 and lr > 0")
+        if cfg.sensor_offset_std < 0 or not 0 <= cfg.categorical_dropout < 1 or not 0 <= cfg.board_dropout < 1:
+            raise ValueError("train config: sensor_offset_std must be >= 0, categorical_dropout and board_dropout "
+                             "in [0, 1)")
         if cfg.monitor not in ("score", "loss") + evaluate.OVERALL_METRICS:
             raise ValueError(f"train config: monitor {cfg.monitor!r} is not a validation metric")
         return cfg
@@ -177,6 +194,33 @@ def compute_loss(model: GCodeFingerprintModel, batch: dict, cfg: TrainConfig,
     return loss, parts
 
 
+class SensorLayout:
+    """Which continuous features are sensors (not controller state), and which belong to each board."""
+
+    def __init__(self, features: list[str]):
+        self.sensors = np.array([j for j, c in enumerate(features) if c not in CONTROLLER_NUMERIC], np.int64)
+        nodes = sorted({c.split(".", 1)[0] for c in features if "." in c})
+        # [boards, features] 0/1: multiplying a window by (1 - dropped @ this) zeroes dropped boards.
+        self.board_columns = np.array([[float(c.split(".", 1)[0] == n) for c in features] for n in nodes],
+                                      np.float32).reshape(len(nodes), len(features))
+
+
+def augment(batch: dict, cfg: TrainConfig, layout: SensorLayout, rng: np.random.Generator) -> dict:
+    """Training-time augmentation (see TrainConfig.sensor_offset_std, board_dropout,
+    categorical_dropout), in place."""
+    cont, sensors = batch["continuous"], layout.sensors
+    if cfg.sensor_offset_std > 0 and len(sensors):
+        cont[:, :, sensors] += rng.normal(0.0, cfg.sensor_offset_std, (len(cont), 1, len(sensors))).astype(cont.dtype)
+    if cfg.board_dropout > 0 and len(layout.board_columns):
+        dropped = (rng.random((len(cont), len(layout.board_columns))) < cfg.board_dropout).astype(np.float32)
+        cont *= (1.0 - np.minimum(dropped @ layout.board_columns, 1.0))[:, None, :]
+    if cfg.categorical_dropout > 0 and batch["categorical"].shape[2]:
+        cat = batch["categorical"]
+        drop = rng.random((len(cat), 1, cat.shape[2])) < cfg.categorical_dropout
+        batch["categorical"] = np.where(drop, 0, cat)
+    return batch
+
+
 def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -231,6 +275,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
     if len(val_ids) > tcfg.val_max_windows:
         val_ids = val_ids[np.linspace(0, len(val_ids) - 1, tcfg.val_max_windows).astype(np.int64)]
     op_weights = operation_weights(ds, train_ids).to(tcfg.device) if tcfg.balance_operations else None
+    layout = SensorLayout(ds.continuous_features)
     per_epoch = min(tcfg.samples_per_epoch or len(train_ids), len(train_ids))
     steps_per_epoch = math.ceil(per_epoch / tcfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -259,11 +304,13 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
             epoch, t0 = state["epoch"] + 1, time.perf_counter()
             model.train()
             order = np.random.default_rng([seed, epoch]).permutation(len(train_ids))[:per_epoch]
+            aug_rng = np.random.default_rng([seed, epoch, 1])
             sums, n = {}, 0
             for s in range(0, per_epoch, tcfg.batch_size):
                 ids = np.sort(train_ids[order[s:s + tcfg.batch_size]])
                 batch = ds.batch(ids)
                 batch["line_class"] = line_class[ids]
+                augment(batch, tcfg, layout, aug_rng)
                 loss, parts = compute_loss(model, batch, tcfg, op_weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

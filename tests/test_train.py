@@ -187,3 +187,47 @@ def test_line_table_classes_name_each_training_target(synthetic_dataset, per_pro
         assert (table.mask.sum(0) == 1).all() and len(table.lines) > len(set(table.lines))
     else:
         assert len(table.lines) == len(set(table.lines))
+
+
+def test_augmentation_touches_only_what_it_says(ds):
+    """Sensor offsets shift each window's sensor channels by one constant per channel and never touch
+    controller state; board dropout zeroes whole boards (= the fill of an unrecorded board);
+    categorical dropout maps whole columns of a window to "unknown" (0); all off = no change."""
+    from gcodefp_core.train import SensorLayout, TrainConfig, augment
+
+    ids = ds.split_windows("train")[:64]
+    layout = SensorLayout(ds.continuous_features)
+    controller = [j for j in range(len(ds.continuous_features)) if j not in set(layout.sensors)]
+    assert controller and len(layout.sensors) and len(layout.board_columns)
+    rng = np.random.default_rng(0)
+
+    plain = ds.batch(ids)
+    same = augment(ds.batch(ids), TrainConfig(), layout, rng)
+    assert np.array_equal(same["continuous"], plain["continuous"])
+    assert np.array_equal(same["categorical"], plain["categorical"])
+
+    shifted = augment(ds.batch(ids), TrainConfig(sensor_offset_std=0.5), layout, rng)["continuous"]
+    diff = shifted - plain["continuous"]
+    assert np.allclose(diff[:, :, controller], 0)
+    assert np.allclose(diff[:, :, layout.sensors], diff[:, :1, layout.sensors], atol=1e-5)  # constant in time
+    assert 0.3 < diff[:, 0, layout.sensors].std() < 0.7
+
+    dropped = augment(ds.batch(ids), TrainConfig(board_dropout=0.5), layout, rng)["continuous"]
+    gone = np.all(dropped == 0, axis=1) & ~np.all(plain["continuous"] == 0, axis=1)   # [windows, features]
+    assert gone.any() and not gone[:, controller].any()
+    board_of = layout.board_columns.argmax(0)
+    for w, f in zip(*np.nonzero(gone)):   # a dropped channel's whole board is gone
+        cols = np.flatnonzero(layout.board_columns[board_of[f]])
+        assert np.all(dropped[w][:, cols] == 0)
+    kept = ~np.all(dropped == 0, axis=1)
+    assert np.array_equal(dropped[kept[:, None, :].repeat(dropped.shape[1], 1)],
+                          plain["continuous"][kept[:, None, :].repeat(dropped.shape[1], 1)])
+
+    cats = augment(ds.batch(ids), TrainConfig(categorical_dropout=0.5), layout, rng)["categorical"]
+    unknown = np.all(cats == 0, axis=1) & ~np.all(plain["categorical"] == 0, axis=1)
+    assert unknown.any()
+    assert np.array_equal(cats[~unknown[:, None, :].repeat(cats.shape[1], 1)],
+                          plain["categorical"][~unknown[:, None, :].repeat(cats.shape[1], 1)])
+
+    with pytest.raises(ValueError, match="board_dropout"):
+        TrainConfig.from_dict({"board_dropout": 1.5})
