@@ -47,6 +47,7 @@ class ModelConfig:
     # state the line is a lookup of the position in the program; sensor cues that identify the
     # recording day only add ways to be wrong on an unseen run.
     line_source: str = "summary"
+    line_rows: int = 0                 # rows the controller line head reads, the newest (0 = last_rows)
     variant_stats: bool = False        # the damaged-or-not head also reads per-channel window mean/std
     token_dim: int = 64
     fingerprint_dim: int = 128
@@ -72,6 +73,8 @@ class ModelConfig:
         if cfg.line_source not in ("summary", "controller") or (cfg.line_source == "controller" and not cfg.fourier_inputs):
             raise ValueError("model config: line_source must be 'summary' or 'controller' (which needs "
                              "controller inputs, i.e. the full feature set)")
+        if not 0 <= cfg.line_rows <= cfg.last_rows:
+            raise ValueError(f"model config: line_rows must be in [0, last_rows={cfg.last_rows}] (0 = last_rows)")
         if cfg.d_model < 8 or cfg.kernel_size % 2 == 0:
             raise ValueError("model config: d_model must be >= 8 and kernel_size odd")
         return cfg
@@ -82,7 +85,7 @@ class ModelConfig:
 
 # Hyper-parameters a config's "model" section may set (the rest come from the dataset).
 TUNABLE = ("d_model", "conv_blocks", "kernel_size", "last_rows", "token_dim", "fingerprint_dim", "dropout",
-           "fourier_features", "fourier_scale", "delta_scale", "line_hidden", "line_source", "variant_stats",
+           "fourier_features", "fourier_scale", "delta_scale", "line_hidden", "line_source", "line_rows", "variant_stats",
            "line_head", "line_classes", "factorise_operations")
 # Masked-out line logits: a large finite value, not -inf (quantizers and softmax choke on infinities).
 MASKED = -1e4
@@ -156,7 +159,8 @@ class GCodeFingerprintModel(nn.Module):
             if cfg.line_source == "controller":
                 n_in = len(cfg.fourier_inputs)
                 per_ctrl_row = n_in + 2 * n_fourier + n_delta + (d if cfg.cardinalities else 0)
-                self.line_head = nn.Sequential(nn.Linear(cfg.last_rows * per_ctrl_row, hidden), nn.GELU(),
+                n_rows = cfg.line_rows or cfg.last_rows
+                self.line_head = nn.Sequential(nn.Linear(n_rows * per_ctrl_row, hidden), nn.GELU(),
                                                nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_lines))
             else:
                 self.line_head = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_lines))
@@ -227,7 +231,7 @@ class GCodeFingerprintModel(nn.Module):
         line_input = summary
         if self.cfg.line_source == "controller":
             ctrl = [pos[:, 1:]] + extra + ([cat[:, -rows:, :]] if cat is not None else [])
-            line_input = torch.cat(ctrl, dim=2).flatten(1)
+            line_input = torch.cat(ctrl, dim=2)[:, -(self.cfg.line_rows or rows):].flatten(1)
         stats = None
         if self.cfg.variant_stats:
             mean = continuous.mean(dim=1)

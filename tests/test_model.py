@@ -215,3 +215,22 @@ def test_controller_line_head_with_and_without_fourier_features(fourier_features
         a = model(cont, cat, torch.ones(5, 2, dtype=torch.long))[3]
         b = model(cont2, cat, torch.ones(5, 2, dtype=torch.long))[3]
     torch.testing.assert_close(a, b)
+
+
+def test_controller_line_head_reads_only_its_newest_rows():
+    """line_rows=2: the line scores depend on the last two rows' controller state and not on the
+    controller state of older rows (which the summary path still reads)."""
+    model = tiny(operation_program=PROGRAMS, operation_variant=VARIANTS, factorise_operations=True, n_lines=12,
+                 line_source="controller", delta_scale=10.0, line_hidden=24, line_rows=2)
+    model.set_line_mask(np.repeat(np.eye(6, dtype=bool), 2, axis=1))
+    cont, cat = inputs(model, batch=5)
+    tokens = torch.ones(5, 2, dtype=torch.long)
+    older, newest = cont.clone(), cont.clone()
+    older[:, :-3, 0] += 3.0     # positions before the step into the second-newest row
+    newest[:, -1, 0] += 3.0
+    with torch.no_grad():
+        base, a, b = (model(c, cat, tokens)[3] for c in (cont, older, newest))
+    torch.testing.assert_close(base, a)
+    assert not torch.allclose(base, b)
+    with pytest.raises(ValueError, match="line_rows"):
+        ModelConfig.from_dict(model.cfg.to_dict() | {"line_rows": 5})
