@@ -87,10 +87,16 @@ def default_sample_window(meta: dict) -> dict:
     return {"continuous": cont, "categorical": [list(first) for _ in range(window)]}
 
 
+# Training settings that change what the model has learned to ignore (gcodefp_core.train.TrainConfig).
+AUGMENTATION = ("board_dropout", "sensor_offset_std", "categorical_dropout")
+
+
 def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
     feats = meta.get("features", {})
     tok = meta.get("tokenizer", {})
     table = meta.get("line_table") or {}
+    train = meta.get("train_config") or {}
+    augmentation = ", ".join(f"{k} {train[k]}" for k in AUGMENTATION if train.get(k))
     answers = (f"the line head (a lookup among the {len(table['lines'])} program lines of the training runs); "
                "the token decoder on request" if table.get("lines") else "the token decoder")
     lines = [
@@ -102,6 +108,7 @@ def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
         f"max {meta.get('max_tokens', '?')} decode steps",
         f"- answers with: {answers}",
         f"- side-channel only (no controller state read): {'yes' if feats.get('feature_set') == 'side_channel' else 'no'}",
+        f"- training augmentation: {augmentation or 'none'}",
         f"- operations: {', '.join(meta.get('operations', []))}",
         f"- parameters: {meta.get('parameter_count', meta.get('parameters', '?'))}",
         f"- source checkpoint sha256: {meta.get('source_checkpoint', {}).get('sha256', '?')}",
