@@ -29,12 +29,12 @@ from gcodefp_core.schema import PROGRAM_OF
 
 def clock_table(ds) -> dict[tuple[str, int], str]:
     """(program, row offset) -> most common target line among the training runs."""
-    runs, run_of, line_of = ds.manifest["runs"], ds.arrays["row_run"], ds.arrays["row_line"]
+    line_of = ds.arrays["row_line"]
     counts: dict[tuple[str, int], Counter] = defaultdict(Counter)
-    for i, run in enumerate(runs):
+    for run in ds.manifest["runs"]:
         if run["split"] != "train":
             continue
-        rows = np.flatnonzero(run_of == i)
+        rows = np.arange(run["first_row"], run["first_row"] + run["rows"])
         program = PROGRAM_OF.get(run["operation"], run["operation"])
         for offset, line in enumerate(line_of[rows]):
             counts[(program, offset)][int(line)] += 1
@@ -45,14 +45,13 @@ def clock_table(ds) -> dict[tuple[str, int], str]:
 def evaluate(ds, split: str = "test") -> dict:
     table = clock_table(ds)
     run_of, runs = ds.arrays["row_run"], ds.manifest["runs"]
-    first_row = {i: int(np.flatnonzero(run_of == i)[0]) for i in range(len(runs))}
     ids = ds.split_windows(split)
     targets = ds.target_lines(ids)
     hits: dict[str, list[bool]] = defaultdict(list)
     for w, target in zip(ids, targets):
         run = int(run_of[w])
         program = PROGRAM_OF.get(runs[run]["operation"], runs[run]["operation"])
-        hits[runs[run]["operation"]].append(table.get((program, int(w) - first_row[run])) == target)
+        hits[runs[run]["operation"]].append(table.get((program, int(w) - runs[run]["first_row"])) == target)
     out = {"overall": float(np.mean([h for v in hits.values() for h in v])), "windows": len(ids)}
     out["per_operation"] = {op: {"exact_match": float(np.mean(v)), "windows": len(v)} for op, v in sorted(hits.items())}
     return out
