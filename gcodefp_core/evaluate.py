@@ -57,8 +57,7 @@ def predict(models: list[GCodeFingerprintModel], ds, window_ids: np.ndarray, bat
                 line_p = line_p + torch.softmax(line_logits.double(), -1) / len(models)
             fps.append(fp)
         if with_lines:  # the averaged line probabilities, among the lines of the predicted program
-            m = models[0]
-            allowed = m.line_mask.index_select(0, m.op_program.index_select(0, op_p.argmax(-1))) > 0.5
+            allowed = models[0].allowed_lines(op_p.argmax(-1))
             line_p = torch.where(allowed, line_p, torch.zeros_like(line_p))
             confidence, line = (line_p / line_p.sum(-1, keepdim=True).clamp_min(1e-12)).max(-1)
             out["line_pred"].append(line.numpy())

@@ -186,6 +186,10 @@ class GCodeFingerprintModel(nn.Module):
         """mask [programs, n_lines] bool (LineTable.mask)."""
         self.line_mask.copy_(torch.as_tensor(np.asarray(mask), dtype=torch.float32))
 
+    def allowed_lines(self, op_index: torch.Tensor) -> torch.Tensor:
+        """op_index [B] -> bool [B, n_lines]: the lines of each operation's program."""
+        return self.line_mask.index_select(0, self.op_program.index_select(0, op_index)) > 0.5
+
     def heads(self, enc: "Encoded"):
         """-> op_logits [B,ops], line_logits [B,n_lines] (None without a line head).
         With factorise_operations the op scores are log-probabilities (softmax-invariant):
@@ -252,7 +256,7 @@ class GCodeFingerprintModel(nn.Module):
         line [B] int64, line_confidence [B] (softmax within the program), op_logits, fingerprint."""
         enc = self.summarise(continuous, categorical)
         op_logits, line_logits = self.heads(enc)
-        allowed = self.line_mask.index_select(0, self.op_program.index_select(0, op_logits.argmax(dim=-1))) > 0.5
+        allowed = self.allowed_lines(op_logits.argmax(dim=-1))
         scores = torch.where(allowed, line_logits, torch.full_like(allowed, MASKED, dtype=line_logits.dtype))
         probs = torch.softmax(scores, dim=-1)
         confidence, line = probs.max(dim=-1)
