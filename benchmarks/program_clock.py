@@ -6,7 +6,8 @@ Each operation runs one fixed program, and runs of one program take almost the s
 in the training runs of the same program (the most common line at that offset), predicts the line.
 This is not something a window model can use: a 64-row window does not say where the program
 started. It measures what a streaming monitor would gain by keeping that one number per machine,
-and it is the reference for the side-channel exact-line bar.
+and it is the reference for the side-channel exact-line bar. Streaming mode (gcodefp_core.stream)
+uses the same clock with the operation inferred from the sensors.
 
     .venv/bin/python benchmarks/program_clock.py --dataset DIR [--output results/program_clock.json]
 
@@ -16,42 +17,29 @@ is taken as known (the program clock needs it); test split, every window, per op
 from __future__ import annotations
 
 import argparse
-import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from gcodefp_core.dataset import load_dataset
 from gcodefp_core.fileio import write_json
-from gcodefp_core.schema import PROGRAM_OF
-
-
-def clock_table(ds) -> dict[tuple[str, int], str]:
-    """(program, row offset) -> most common target line among the training runs."""
-    line_of = ds.arrays["row_line"]
-    counts: dict[tuple[str, int], Counter] = defaultdict(Counter)
-    for run in ds.manifest["runs"]:
-        if run["split"] != "train":
-            continue
-        rows = np.arange(run["first_row"], run["first_row"] + run["rows"])
-        program = PROGRAM_OF.get(run["operation"], run["operation"])
-        for offset, line in enumerate(line_of[rows]):
-            counts[(program, offset)][int(line)] += 1
-    lines = ds.manifest["lines"]
-    return {key: lines[c.most_common(1)[0][0]] for key, c in counts.items()}
+from gcodefp_core.programs import build_line_table
+from gcodefp_core.stream import build_program_clock
 
 
 def evaluate(ds, split: str = "test") -> dict:
-    table = clock_table(ds)
+    """The clock alone (gcodefp_core.stream.ProgramClock, the operation known): per window, is the
+    most common training line at its row offset the target line?"""
+    table = build_line_table(ds)
+    clock = build_program_clock(ds, table)
     run_of, runs = ds.arrays["row_run"], ds.manifest["runs"]
     ids = ds.split_windows(split)
-    targets = ds.target_lines(ids)
     hits: dict[str, list[bool]] = defaultdict(list)
-    for w, target in zip(ids, targets):
-        run = int(run_of[w])
-        program = PROGRAM_OF.get(runs[run]["operation"], runs[run]["operation"])
-        hits[runs[run]["operation"]].append(table.get((program, int(w) - runs[run]["first_row"])) == target)
+    for w, op, target in zip(ids, ds.operation_labels(ids), ds.target_lines(ids)):
+        run = runs[int(run_of[w])]
+        hit = clock.lookup(table.operation_program[op], int(w) - run["first_row"])
+        hits[run["operation"]].append(hit is not None and table.lines[hit[0]] == target)
     out = {"overall": float(np.mean([h for v in hits.values() for h in v])), "windows": len(ids)}
     out["per_operation"] = {op: {"exact_match": float(np.mean(v)), "windows": len(v)} for op, v in sorted(hits.items())}
     return out

@@ -116,19 +116,44 @@ def line_scores(pred: dict, ds, window_ids, table_lines: list[str] | None = None
         "loss": pred["tf_loss"],
     }
     lines = ds.target_lines(window_ids)
-
-    def text_scores(texts: list[str], prefix: str) -> None:
-        scores[f"{prefix}exact"] = np.array([p == t for p, t in zip(texts, lines)])
-        words = [(p.split(), t.split()) for p, t in zip(texts, lines)]
-        scores[f"{prefix}word_correct"] = np.array([sum(a == b for a, b in zip(p, t)) for p, t in words])
-        scores[f"{prefix}n_words"] = np.array([max(len(p), len(t), 1) for p, t in words])
-
     if "decoded" in pred:
         scores["greedy_correct"] = ((pred["decoded"] == target) & mask).sum(1)
-        text_scores([tok.decode([decoding.BOS] + row.tolist()) for row in pred["decoded"]], "decoder_")
+        scores |= text_scores([tok.decode([decoding.BOS] + row.tolist()) for row in pred["decoded"]], lines, "decoder_")
     if "line_pred" in pred:
-        text_scores([table_lines[i] for i in pred["line_pred"]], "line_")
+        scores |= text_scores([table_lines[i] for i in pred["line_pred"]], lines, "line_")
     return scores
+
+
+def text_scores(texts: list[str], targets: list[str], prefix: str) -> dict[str, np.ndarray]:
+    """Per line: exact (bool), word_correct, n_words (word_acc = sum(word_correct) / sum(n_words))."""
+    words = [(p.split(), t.split()) for p, t in zip(texts, targets)]
+    return {f"{prefix}exact": np.array([p == t for p, t in zip(texts, targets)]),
+            f"{prefix}word_correct": np.array([sum(a == b for a, b in zip(p, t)) for p, t in words]),
+            f"{prefix}n_words": np.array([max(len(p), len(t), 1) for p, t in words])}
+
+
+def stream_report(clock, table, ds, window_ids: np.ndarray, pred: dict) -> dict:
+    """Streaming mode (gcodefp_core.stream): every run followed from its start, the clock and the
+    accumulated operation evidence on top of the window predictions."""
+    from .stream import replay
+
+    streamed = replay(clock, table.operation_program, ds, window_ids, np.log(np.clip(pred["op_prob"], 1e-12, None)),
+                      pred["line_pred"], pred["line_confidence"])
+    scores = {"op_acc": streamed["operation"] == pred["operation"], "clock": streamed["clock"]}
+    scores |= text_scores([table.lines[i] for i in streamed["line"]], ds.target_lines(window_ids), "")
+
+    def summary(idx) -> dict:
+        return {"windows": int(len(idx)), "op_acc": float(scores["op_acc"][idx].mean()),
+                "exact_match": float(scores["exact"][idx].mean()),
+                "word_acc": float(scores["word_correct"][idx].sum() / max(scores["n_words"][idx].sum(), 1)),
+                "clock_answers": float(scores["clock"][idx].mean())}
+
+    report = {"clock_weight": clock.weight, "overall": summary(np.arange(len(window_ids))), "per_operation": {}}
+    for i, op in enumerate(ds.operations):
+        idx = np.flatnonzero(pred["operation"] == i)
+        if len(idx):
+            report["per_operation"][op] = summary(idx)
+    return report
 
 
 def summarise(scores: dict[str, np.ndarray], idx=slice(None)) -> dict[str, float]:
@@ -172,6 +197,9 @@ def evaluate_models(models: list[GCodeFingerprintModel], ds, split: str = "test"
         idx = np.flatnonzero(pred["operation"] == i)
         if len(idx):
             report["per_operation"][op] = summarise(scores, idx)
+    clock = getattr(models[0], "program_clock", None)
+    if clock is not None and "line_pred" in pred:
+        report["stream"] = stream_report(clock, models[0].line_table, ds, window_ids, pred)
     return report
 
 
@@ -182,4 +210,11 @@ def format_table(report: dict) -> str:
     for name, m in list(report["per_operation"].items()) + [("OVERALL", report["overall"])]:
         cells = "".join(f"{m[c]:>19d}" if c == "windows" else f"{100 * m.get(c, float('nan')):>18.2f}%" for c in cols)
         rows.append(f"{name:<16}{cells}")
+    if "stream" in report:
+        cols = ("windows", "op_acc", "exact_match", "word_acc", "clock_answers")
+        rows += ["", f"streaming mode (each run followed from its start; clock weight {report['stream']['clock_weight']:g}):",
+                 f"{'operation':<16}" + "".join(f"{c:>15}" for c in cols)]
+        for name, m in list(report["stream"]["per_operation"].items()) + [("OVERALL", report["stream"]["overall"])]:
+            rows.append(f"{name:<16}" + "".join(f"{m[c]:>15d}" if c == "windows" else f"{100 * m[c]:>14.2f}%"
+                                                for c in cols))
     return "\n".join(rows)

@@ -191,6 +191,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: 
         "max_tokens": cfg.max_decode_len, "features": ref["features"], "tokenizer": ref["tokenizer"],
         "operations": ref["operations"], "model_config": cfg.to_dict(), "parameter_count": count_parameters(model),
         "line_table": ckpt.get("line_table") if "predict" in graphs else None,
+        "program_clock": ckpt.get("program_clock") if "predict" in graphs else None,  # streaming mode
         "train_config": (ckpt.get("config") or {}).get("train", {}),
         "file_sizes": {n: (folder / f).stat().st_size for n, f in files.items()},
         "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),

@@ -347,5 +347,9 @@ def load_checkpoint(path, map_location="cpu") -> tuple[GCodeFingerprintModel, di
         from .programs import LineTable
 
         model.line_table = LineTable.from_dict(ckpt["line_table"])
+    if "program_clock" in ckpt:
+        from .stream import ProgramClock
+
+        model.program_clock = ProgramClock.from_dict(ckpt["program_clock"])
     model.eval()
     return model, ckpt

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import decoding
 from .features import FeatureSpec
+from .stream import ProgramClock, StreamTracker
 
 FORMAT = "gcodefp-onnx"
 VARIANTS = ("fp32", "fp16", "int8_dynamic", "int8_static")
@@ -114,6 +115,9 @@ class OnnxPredictor:
             ids = self.tokenizer.encode(line)[1:self.max_tokens + 1]  # drop BOS
             self._line_tokens[i, :len(ids)] = ids
         self.default_method = "line" if "predict" in self.sessions else "greedy"
+        # Streaming mode (gcodefp_core.stream): None for exports made before it existed.
+        self.program_clock = ProgramClock.from_dict(metadata["program_clock"]) if metadata.get("program_clock") else None
+        self._operation_program = np.asarray(table.get("operation_program", []), np.int64)
 
     @classmethod
     def load(cls, path: str | Path, intra_op_threads: int = 1, providers: list[str] | None = None) -> "OnnxPredictor":
@@ -128,6 +132,12 @@ class OnnxPredictor:
     def methods(self) -> list[str]:
         return [m for m in METHODS if (m == "line" and "predict" in self.sessions)
                 or (m != "line" and "decoder" in self.sessions)]
+
+    def stream_tracker(self) -> StreamTracker:
+        """A fresh tracker for one machine's program run (feed it predict_lines answers in row order)."""
+        if "predict" not in self.sessions:
+            raise ValueError(f"{self.folder}: streaming needs a model with a line head (a predict graph)")
+        return StreamTracker(self.program_clock or ProgramClock.empty(), self._operation_program)
 
     def predict_lines(self, continuous: np.ndarray, categorical: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The predict graph -> line [B] (index into self.lines), line_confidence, op_logits, fingerprint."""

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import evaluate, tracking
+from . import evaluate, stream, tracking
 from .decoding import PAD
 from .fileio import check_known_fields, read_json, write_json
-from .model import TUNABLE, GCodeFingerprintModel, ModelConfig, build_model, count_parameters
+from .model import TUNABLE, GCodeFingerprintModel, ModelConfig, build_model, count_parameters, load_checkpoint
 from .programs import LineTable, build_line_table, row_classes
 from .schema import CONTROLLER_NUMERIC
 
@@ -350,6 +350,8 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
             epochs_this_call += 1
             if stop_after is not None and epochs_this_call >= stop_after:
                 break
+        if mcfg.n_lines:
+            attach_program_clock(best_path, ds, val_ids)
         best = torch.load(best_path, weights_only=True)
         result = {"run_dir": str(run_dir), "seed": seed, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
                   "finished": state["finished"], "train_seconds": round(state["elapsed"], 1),
@@ -361,6 +363,24 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
         return result
     finally:
         tracker.finish()
+
+
+def attach_program_clock(best_path: Path, ds, val_ids: np.ndarray) -> dict:
+    """Streaming mode's program clock (gcodefp_core.stream), its weight chosen on the validation
+    windows, saved into the best checkpoint with the streamed validation metrics."""
+    model, ckpt = load_checkpoint(best_path)
+    pred = evaluate.predict([model], ds, val_ids, greedy=False)
+    clock, _ = stream.fit_program_clock(ds, model.line_table, pred, val_ids)
+    streamed = evaluate.stream_report(clock, model.line_table, ds, val_ids, pred)["overall"]
+    metrics = {f"val_stream_{k}": streamed[k] for k in ("op_acc", "exact_match", "word_acc")}
+    metrics["val_stream_clock_weight"] = clock.weight
+    ckpt["program_clock"] = clock.to_dict()
+    ckpt["metrics"] = ckpt.get("metrics", {}) | metrics
+    save_checkpoint(best_path, ckpt)
+    log.info("program clock: weight %g, streamed validation op %.4f exact %.4f (per window: op %.4f exact %.4f)",
+             clock.weight, metrics["val_stream_op_acc"], metrics["val_stream_exact_match"],
+             ckpt["metrics"].get("val_op_acc", float("nan")), ckpt["metrics"].get("val_exact_match", float("nan")))
+    return metrics
 
 
 def prepare_dataset(config: dict, output: Path, dataset_dir: Path | None = None):
