@@ -84,7 +84,10 @@ def evaluate(checkpoints: list[Path], dataset: Path) -> dict:
     torch.set_num_threads(1)
     models = [load_checkpoint(c)[0] for c in checkpoints]
     report = evaluate_models(models, load_dataset(dataset), "test")
-    return {"overall": report["overall"], "per_operation": report["per_operation"]}
+    out = {"overall": report["overall"], "per_operation": report["per_operation"]}
+    if "stream" in report:  # streaming mode (gcodefp_core.stream; see benchmarks/streaming.py)
+        out["stream"] = report["stream"]
+    return out
 
 
 def spread(reports: list[dict]) -> dict:
@@ -208,6 +211,10 @@ def main() -> None:
             entry["latency"] = latency(members, args.work / name, datasets[name])
         results["feature_sets"][name] = entry
         print(fmt_table(f"\n== {name}: test split, mean [min-max] over seeds {args.seeds} (%)", entry["spread"]))
+        if all("stream" in r for r in singles):
+            entry["stream_spread"] = spread([r["stream"] for r in singles])
+            print(fmt_table("streaming mode (each run followed from its start), mean [min-max] (%)",
+                            entry["stream_spread"]))
         ens, one = entry["ensemble"]["overall"], entry["best_member"]
         print(f"ensemble of {len(members)} vs best member (seed {one['seed']}, by validation score):")
         for m in METRICS:

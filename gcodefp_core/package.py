@@ -99,6 +99,9 @@ def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
     augmentation = ", ".join(f"{k} {train[k]}" for k in AUGMENTATION if train.get(k))
     answers = (f"the line head (a lookup among the {len(table['lines'])} program lines of the training runs); "
                "the token decoder on request" if table.get("lines") else "the token decoder")
+    clock = meta.get("program_clock") or {}
+    streaming = (f"program clock over {len(clock['programs'])} programs, clock weight {clock['weight']:g} "
+                 "(chosen on validation)" if clock.get("programs") else "operation evidence only (no program clock)")
     lines = [
         f"# G-code fingerprint model {version}", "",
         f"- variant: {meta.get('variant', '?')}",
@@ -109,6 +112,7 @@ def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
         f"- answers with: {answers}",
         f"- side-channel only (no controller state read): {'yes' if feats.get('feature_set') == 'side_channel' else 'no'}",
         f"- training augmentation: {augmentation or 'none'}",
+        f"- streaming mode (POST /stream/{{machine}}): {streaming}",
         f"- operations: {', '.join(meta.get('operations', []))}",
         f"- parameters: {meta.get('parameter_count', meta.get('parameters', '?'))}",
         f"- source checkpoint sha256: {meta.get('source_checkpoint', {}).get('sha256', '?')}",

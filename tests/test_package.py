@@ -164,7 +164,10 @@ def test_sample_request_and_card_follow_the_models_answer(export_dir, tmp_path):
     assert "line head (a lookup among the 2 program lines" in card
     assert f"feature set {meta['features']['feature_set']}" in card
     assert "training augmentation: none" in card
+    assert "streaming mode (POST /stream/{machine}): operation evidence only (no program clock)" in card
     meta["train_config"] = {"epochs": 3, "board_dropout": 0.25, "sensor_offset_std": 0.0}
+    meta["program_clock"] = {"programs": ["face"], "line": [[0, 1]], "share": [[1.0, 0.5]], "weight": 2.0}
     (export_dir / "model.json").write_text(json.dumps(meta))
     card = (pkg.build_package(export_dir, tmp_path / "reg", version="v3") / "model_card.md").read_text()
     assert "training augmentation: board_dropout 0.25\n" in card
+    assert "program clock over 1 programs, clock weight 2 (chosen on validation)" in card
