@@ -2,7 +2,8 @@
 
 Configuration (environment): GCODEFP_REGISTRY (registry folder) or GCODEFP_PACKAGE (one package),
 GCODEFP_ADMIN_TOKEN (enables POST /admin/reload), GCODEFP_POLL_SECONDS, GCODEFP_MAX_BATCH,
-GCODEFP_MAX_BODY_BYTES, GCODEFP_LOG_LEVEL, PROMETHEUS_MULTIPROC_DIR (several workers; see api/metrics.py).
+GCODEFP_MAX_BODY_BYTES, GCODEFP_MAX_STREAMS, GCODEFP_MAX_STREAM_ROWS, GCODEFP_LOG_LEVEL,
+PROMETHEUS_MULTIPROC_DIR (several workers; see api/metrics.py).
 
 The handlers are async and run single-window greedy inference inline: the model takes ~1 ms and a
 threadpool hop costs as much as the endpoint itself. Batches and beam/sampling (tens of ms) go to
@@ -23,15 +24,16 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from . import inputs, metrics
+from . import inputs, metrics, streams
 from .logging_setup import setup_logging
 from .middleware import RequestMiddleware
 from .model_store import LoadedModel, ModelStore
-from .schemas import OPENAPI_BATCH, OPENAPI_PREDICT
+from .schemas import OPENAPI_BATCH, OPENAPI_PREDICT, OPENAPI_STREAM
 
 setup_logging()
 log = logging.getLogger("api")
 PREDICT_KEYS = {"sensor_data", "return_fingerprint", "inference_config"}
+STREAM_KEYS = {"sensor_data", "start"}
 
 
 def respond(doc: dict, status: int = 200) -> Response:
@@ -40,7 +42,7 @@ def respond(doc: dict, status: int = 200) -> Response:
 
 
 def input_error(exc: inputs.InputError) -> Response:
-    where = "query" if exc.field.startswith("query.") else "body"
+    where = exc.location or ("query" if exc.field.startswith("query.") else "body")
     loc = [where, *exc.field.removeprefix("query.").split(".")]
     return respond({"error": str(exc), "detail": [{"loc": loc, "msg": exc.message, "type": "value_error"}]},
                    exc.status)
@@ -51,6 +53,7 @@ async def lifespan(app: FastAPI):
     store = ModelStore.from_env()
     app.state.store = store
     app.state.admin_token = os.environ.get("GCODEFP_ADMIN_TOKEN") or None
+    app.state.streams = streams.StreamRegistry()
     try:
         await store.reload(trigger="startup")
     except Exception:
@@ -90,7 +93,8 @@ async def _internal_error(request: Request, exc: Exception):
 async def welcome():
     return respond({"name": "G-code fingerprint API", "links": {
         "health": "/health", "ready": "/ready", "info": "/info", "predict": "/predict",
-        "batch_predict": "/batch_predict", "fingerprint": "/fingerprint", "metrics": "/metrics", "docs": "/docs"}})
+        "batch_predict": "/batch_predict", "fingerprint": "/fingerprint", "stream": "/stream/{machine_id}",
+        "metrics": "/metrics", "docs": "/docs"}})
 
 
 @app.get("/health")
@@ -119,7 +123,8 @@ async def info(request: Request):
         "methods": p.methods(), "default_method": p.default_method, "program_lines": len(p.lines),
         "embedding_dim": int(meta.get("model_config", {}).get("fingerprint_dim", 0)) or None,
         "parameter_count": meta.get("parameter_count"), "metrics": meta.get("metrics", {}),
-        "limits": {"max_batch": inputs.MAX_BATCH, "max_body_bytes": inputs.MAX_BODY_BYTES},
+        "limits": {"max_batch": inputs.MAX_BATCH, "max_body_bytes": inputs.MAX_BODY_BYTES,
+                   "max_stream_rows": inputs.MAX_STREAM_ROWS, "max_streams": request.app.state.streams.max_streams},
         "binary_body": f"application/octet-stream: float32 LE [N, {model.window}, "
                        f"{len(spec.continuous)} + {len(spec.categorical)}]",
         "runtime": {"pid": os.getpid(), "torch_imported": "torch" in sys.modules,
@@ -174,7 +179,8 @@ async def run_model(model: LoadedModel, endpoint: str, fn, n: int, inline: bool)
     out = fn() if inline else await asyncio.to_thread(fn)
     dt = time.perf_counter() - t0
     metrics.INFERENCE_LATENCY.labels(endpoint, model.variant).observe(dt)
-    metrics.BATCH_SIZE.labels(endpoint).observe(n)
+    if n:  # a stream chunk that completes no window runs no model
+        metrics.BATCH_SIZE.labels(endpoint).observe(n)
     return out, round(dt * 1000, 3)
 
 
@@ -228,6 +234,57 @@ async def fingerprint(request: Request):
     return respond({"fingerprint": fp.tolist(), "embedding_dim": int(fp.shape[0]),
                     "norm": round(float(inputs.np.linalg.norm(fp)), 6), "inference_time_ms": ms,
                     "model_version": model.version})
+
+
+# ---- streaming: one machine followed from its program start (api/streams.py) -----------------
+@app.post("/stream/{machine_id:path}", openapi_extra=OPENAPI_STREAM)
+async def stream_post(request: Request, machine_id: str):
+    streams.check_machine_id(machine_id)
+    streams.require_line_head(current(request))  # before anything else, so that a 409 holds no session
+    doc = inputs.parse_json_object(await inputs.read_body(request), STREAM_KEYS)
+    start = doc.get("start", False)
+    if not isinstance(start, bool):
+        raise inputs.InputError("start", "must be true or false")
+    if "sensor_data" not in doc:
+        raise inputs.InputError("sensor_data", "required")
+    registry: streams.StreamRegistry = request.app.state.streams
+    session = registry.acquire(machine_id)
+    try:
+        async with session.lock:  # this machine's requests apply one at a time, in arrival order
+            model = current(request)  # taken under the lock: a request queued across a swap uses the new model
+            streams.require_line_head(model)
+            t0 = time.perf_counter()
+            cont, cat = inputs.parse_rows(doc["sensor_data"], model.spec, inputs.MAX_STREAM_ROWS)
+            metrics.PARSE_LATENCY.labels("json").observe(time.perf_counter() - t0)
+
+            async def run(fn, n, inline):
+                return await run_model(model, "/stream", fn, n, inline)
+
+            return respond(await streams.post_rows(session, model, cont, cat, start, run))
+    finally:
+        registry.release(session)
+
+
+def stream_session(request: Request, machine_id: str) -> streams.Session:
+    session = request.app.state.streams.get(streams.check_machine_id(machine_id))
+    if session is None:
+        raise inputs.InputError("machine_id", f"no stream session for {machine_id!r} in this worker (never started, "
+                                              "ended, or evicted)", 404, location="path")
+    return session
+
+
+@app.get("/stream/{machine_id:path}")
+async def stream_get(request: Request, machine_id: str):
+    return respond(streams.state(stream_session(request, machine_id)))
+
+
+@app.delete("/stream/{machine_id:path}")
+async def stream_delete(request: Request, machine_id: str):
+    session = stream_session(request, machine_id)
+    async with session.lock:  # after the machine's requests already queued, not in the middle of one
+        request.app.state.streams.end(session)
+    return respond({"machine_id": machine_id, "ended": True, "rows_since_start": session.rows_since_start,
+                    "windows": session.tracker.windows})
 
 
 # ---- admin -----------------------------------------------------------------------------------

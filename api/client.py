@@ -11,13 +11,18 @@
         rs = api.batch_predict([(cont1, cat1), (cont2, cat2)], method="beam", beam_width=4)
         fp = api.get_fingerprint(continuous, categorical)["fingerprint"]
         r = api.predict(continuous, categorical, binary=True)  # float32 body: ~2x cheaper to parse than JSON
+        r = api.stream("mill-3", rows_cont, rows_cat, start=True)  # a machine's rows, in order from its program start
+        for p in r["predictions"]: p["row"], p["gcode_sequence"], p["operation"]["name"]
+        api.stream_state("mill-3"), api.end_stream("mill-3")
 
 Errors raise APIError subclasses: APIValidationError (422/413: the message names the field),
-APIUnavailableError (503: no model yet), APIConnectionError, APITimeoutError.
+APIUnavailableError (503: no model yet), APINotFoundError (404: e.g. an unknown stream session),
+APIConnectionError, APITimeoutError.
 """
 from __future__ import annotations
 
 import struct
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -37,6 +42,10 @@ class APIValidationError(APIError):
 
 class APIUnavailableError(APIError):
     """503: the server has no model loaded yet."""
+
+
+class APINotFoundError(APIError):
+    """404: e.g. no stream session for that machine (never started, ended, or evicted)."""
 
 
 class APIConnectionError(APIError):
@@ -73,7 +82,8 @@ class GCodeAPIClient:
         if r.status_code >= 400:
             msg = f"{method} {path}: HTTP {r.status_code}: {body.get('error', body)}"
             cls = (APIValidationError if r.status_code in (413, 422) else
-                   APIUnavailableError if r.status_code == 503 else APIError)
+                   APIUnavailableError if r.status_code == 503 else
+                   APINotFoundError if r.status_code == 404 else APIError)
             raise cls(msg, r.status_code, body)
         return body
 
@@ -144,6 +154,24 @@ class GCodeAPIClient:
 
     def get_fingerprint(self, continuous=None, categorical=None, *, columns: dict | None = None) -> dict:
         return self._post_json("/fingerprint", {"sensor_data": self._sensor_data(continuous, categorical, columns)})
+
+    # ---- streaming: one machine followed from its program start ---------------------------
+    @staticmethod
+    def _stream_path(machine_id: str) -> str:
+        return "/stream/" + quote(str(machine_id), safe="")
+
+    def stream(self, machine_id: str, continuous=None, categorical=None, *, columns: dict | None = None,
+               start: bool = False) -> dict:
+        """Post a machine's next rows (n x F / n x C, or columns of n values), in order from its program's
+        start; start=True begins a new run. -> predictions for every window the rows complete."""
+        doc = {"sensor_data": self._sensor_data(continuous, categorical, columns), "start": start}
+        return self._post_json(self._stream_path(machine_id), doc)
+
+    def stream_state(self, machine_id: str) -> dict:
+        return self._request("GET", self._stream_path(machine_id))
+
+    def end_stream(self, machine_id: str) -> dict:
+        return self._request("DELETE", self._stream_path(machine_id))
 
     def reload(self, version: str | None = None) -> dict:
         if not self.admin_token:

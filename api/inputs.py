@@ -7,7 +7,8 @@ So bodies are read as bytes, parsed with orjson and checked with numpy; every er
 Body formats
 - JSON (`/predict`, `/fingerprint`): {"sensor_data": {...}, "return_fingerprint": bool,
   "inference_config": {"method", "temperature", "beam_width", "max_length", "seed"}}; `/batch_predict`
-  takes "windows": [sensor_data, ...] instead. sensor_data is either
+  takes "windows": [sensor_data, ...] instead; `/stream/{machine_id}` takes {"sensor_data", "start"}
+  with any number of rows (parse_rows) instead of exactly W. sensor_data is either
     {"continuous": [[W x F]], "categorical": [[W x C]]}  in the feature order of GET /info, or
     {"columns": {"<log column>": [W values], ...}}       raw log columns by name, any order.
   Values are raw log readings (the server normalises them). null = reading absent: it is filled like
@@ -29,6 +30,7 @@ from gcodefp_core import schema
 
 MAX_BODY_BYTES = int(os.environ.get("GCODEFP_MAX_BODY_BYTES", 8 * 1024 * 1024))
 MAX_BATCH = int(os.environ.get("GCODEFP_MAX_BATCH", 64))
+MAX_STREAM_ROWS = int(os.environ.get("GCODEFP_MAX_STREAM_ROWS", 4096))  # rows per POST /stream/{machine_id}
 MAX_BEAM = 16
 METHODS = ("line", "greedy", "beam", "sample")  # which a model offers: GET /info
 BINARY_TYPES = ("application/octet-stream",)
@@ -40,11 +42,12 @@ LOG_COLUMNS = frozenset(schema.board_columns(()) + list(schema.CURRENTS) + [f"{c
 
 
 class InputError(ValueError):
-    """Bad request input; `field` is a dotted path such as sensor_data.continuous."""
+    """Bad request input; `field` is a dotted path such as sensor_data.continuous. `location`: where
+    the field is ("body", "query" or "path"); default: "query" for query.* fields, else "body"."""
 
-    def __init__(self, field: str, message: str, status: int = 422):
+    def __init__(self, field: str, message: str, status: int = 422, location: str | None = None):
         super().__init__(f"{field}: {message}")
-        self.field, self.message, self.status = field, message, status
+        self.field, self.message, self.status, self.location = field, message, status, location
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,33 @@ def parse_sensor_data(sd, spec, window: int, field: str = "sensor_data") -> tupl
     cat = _numeric(sd["categorical"], f"{field}.categorical", (window, C), f"{window} rows x {C} categorical codes",
                    allow_str=True)
     return cont, cat
+
+
+def parse_rows(sd, spec, max_rows: int = MAX_STREAM_ROWS, field: str = "sensor_data") -> tuple[np.ndarray, np.ndarray]:
+    """Any number of rows (1..max_rows; /stream) in either sensor_data form -> parse_sensor_data's arrays.
+    The row count is read from the payload (continuous: its rows; columns: the most common list length,
+    so that the column of another length is the one named), then every check of a window applies."""
+    if not isinstance(sd, dict):
+        raise InputError(field, "must be an object with continuous/categorical or columns")
+    if "columns" in sd:
+        columns = sd["columns"]
+        if not isinstance(columns, dict) or not columns:
+            raise InputError(f"{field}.columns", "must be a non-empty object {column name: [values]}")
+        lengths = [len(v) for v in columns.values() if isinstance(v, list)]
+        if not lengths:
+            raise InputError(f"{field}.columns.{next(iter(columns))}", "must be a list of values, one per row")
+        n, where = max(set(lengths), key=lengths.count), f"{field}.columns"
+    else:
+        rows = sd.get("continuous")
+        if not isinstance(rows, list):
+            raise InputError(f"{field}.continuous", f"required: a list of rows of {len(spec.continuous)} values "
+                                                    "(or give columns)")
+        n, where = len(rows), f"{field}.continuous"
+    if n == 0:
+        raise InputError(where, "no rows; post at least one")
+    if n > max_rows:
+        raise InputError(where, f"{n} rows exceed the limit of {max_rows} per request", 413)
+    return parse_sensor_data(sd, spec, n, field)
 
 
 def required_columns(spec) -> list[str]:

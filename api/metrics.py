@@ -33,6 +33,10 @@ MODEL_INFO = Gauge("gcodefp_model_info", "1 for the model version a worker serve
                    ["version", "variant"], multiprocess_mode="liveall")
 RELOADS = Counter("gcodefp_model_reloads_total", "Package loads by trigger and result", ["trigger", "result"])
 LOAD_FAILURES = Counter("gcodefp_model_load_failures_total", "Packages refused (checksum, load or warm-up failed)")
+# Stream sessions live in each worker's memory: "livesum" adds up the live workers' counts.
+STREAM_SESSIONS = Gauge("gcodefp_stream_sessions", "Machine stream sessions held (POST /stream/{machine_id})",
+                        multiprocess_mode="livesum")
+STREAM_EVICTIONS = Counter("gcodefp_stream_evictions_total", "Stream sessions evicted (GCODEFP_MAX_STREAMS reached)")
 
 
 def set_model(version: str, variant: str, old: tuple[str, str] | None) -> None:
@@ -55,7 +59,7 @@ def render() -> tuple[bytes, str]:
 
 
 def worker_exit() -> None:
-    """Drop this process's live gauges (in-flight, model info) from the shared files."""
+    """Drop this process's live gauges (in-flight, model info, stream sessions) from the shared files."""
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 

@@ -15,6 +15,7 @@ log = logging.getLogger("api.access")
 ENDPOINTS = frozenset({"/", "/health", "/ready", "/info", "/predict", "/batch_predict", "/fingerprint", "/metrics",
                        "/admin/reload", "/docs", "/openapi.json"})
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+STREAM = "/stream/{machine_id}"  # one label for every machine
 QUIET = frozenset({"/health", "/metrics"})  # probes and scrapes: counted, logged only at debug level
 
 
@@ -29,7 +30,8 @@ class RequestMiddleware:
         rid = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
         token = request_id_var.set(rid)
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"  # bounded label set: scanners cannot blow it up
+        # bounded label set: scanners (and machine ids) cannot blow it up
+        endpoint = path if path in ENDPOINTS else STREAM if path.startswith("/stream/") else "other"
         status = 500
         t0 = time.perf_counter()
         metrics.IN_FLIGHT.inc()

@@ -34,3 +34,10 @@ OPENAPI_PREDICT = _body({"sensor_data": SENSOR_DATA, "return_fingerprint": {"typ
 OPENAPI_BATCH = _body({"windows": {"type": "array", "items": SENSOR_DATA},
                        "return_fingerprint": {"type": "boolean", "default": False},
                        "inference_config": _CONFIG}, ["windows"])
+OPENAPI_STREAM = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["sensor_data"], "properties": {
+        "sensor_data": {**SENSOR_DATA, "description": (
+            "The machine's next rows (1..GCODEFP_MAX_STREAM_ROWS, in order from its program's start), in either "
+            "sensor_data form: continuous (n x F) + categorical (n x C), or columns {name: [n values]}.")},
+        "start": {"type": "boolean", "default": False,
+                  "description": "a new program run begins with these rows (rows_since_start = 0)"}}}}}}}

@@ -118,6 +118,9 @@ class OnnxPredictor:
         # Streaming mode (gcodefp_core.stream): None for exports made before it existed.
         self.program_clock = ProgramClock.from_dict(metadata["program_clock"]) if metadata.get("program_clock") else None
         self._operation_program = np.asarray(table.get("operation_program", []), np.int64)
+        if "predict" in self.sessions and len(self._operation_program) != len(self.operations):
+            raise ValueError(f"{self.folder}: model.json line_table.operation_program must give a program for each "
+                             f"of the {len(self.operations)} operations, has {len(self._operation_program)}")
 
     @classmethod
     def load(cls, path: str | Path, intra_op_threads: int = 1, providers: list[str] | None = None) -> "OnnxPredictor":

@@ -1,0 +1,195 @@
+"""Streaming mode over HTTP (POST/GET/DELETE /stream/{machine_id}): one session per machine.
+
+A window model judges 64 rows alone; gcodefp_core.stream follows a machine from the start of its
+program (row offset -> the program clock; operation evidence adds up over windows). That needs
+state between requests, so a session lives in this worker's memory: with several workers, a
+machine must always reach the same worker (or run one worker). The client posts the rows in
+order from the program's start, in chunks of any size; windows may span chunks, so a session
+keeps the last W-1 rows, already normalised (rows are independent, so a chunk is normalised alone).
+
+Bounded: at most GCODEFP_MAX_STREAMS sessions; a new machine evicts the least recently used one.
+A hot swap (the session's model version is not the served one) keeps rows_since_start (a property
+of the machine, not of the model) but drops the buffer and the evidence: the new model may read
+other features or normalise them differently. Its predictions resume once W new rows have arrived.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import inputs, metrics
+
+log = logging.getLogger("api.streams")
+MAX_STREAMS = int(os.environ.get("GCODEFP_MAX_STREAMS", 1000))
+MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+INLINE_ROWS = 8        # a chunk this small runs on the event loop: a thread hop costs as much as the work
+BATCH_WINDOWS = 256    # windows per model call: bounds one call's memory (a 4096-row chunk has ~4000 windows)
+
+
+def check_machine_id(machine_id: str) -> str:
+    if not MACHINE_ID_RE.match(machine_id):
+        raise inputs.InputError("machine_id", f"must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {machine_id!r}",
+                                location="path")
+    return machine_id
+
+
+def require_line_head(model) -> None:
+    if "predict" not in model.predictor.sessions:
+        raise inputs.InputError("model", f"model {model.version} has no line head (predict graph); streaming needs "
+                                         "one (use /predict, or serve a model trained with the line head)", 409)
+
+
+@dataclass(eq=False)
+class Session:
+    machine_id: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request of this machine at a time, FIFO
+    version: str | None = None    # the model version it follows; None: not started yet (first request running)
+    tracker: object = None        # gcodefp_core.stream.StreamTracker
+    clock: bool = False           # whether that model has a program clock
+    rows_since_start: int = 0
+    cont: np.ndarray | None = None  # the last <= W-1 rows, normalised: float32 [n, F]
+    cat: np.ndarray | None = None   # int64 [n, C]
+    started_at: float = 0.0
+    last_used: float = field(default_factory=time.time)
+    operation: dict | None = None   # the latest streamed operation {"name", "confidence"}
+    users: int = 0                  # requests holding or awaiting it (acquire .. release)
+
+
+class StreamRegistry:
+    """Sessions by machine id, least recently used first (an OrderedDict kept in use order)."""
+
+    def __init__(self, max_streams: int = MAX_STREAMS):
+        if max_streams < 1:
+            raise ValueError(f"GCODEFP_MAX_STREAMS must be >= 1, got {max_streams}")
+        self.max_streams = max_streams
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, machine_id: str) -> Session | None:
+        """A started session (reading its state does not count as use)."""
+        s = self._sessions.get(machine_id)
+        return s if s is not None and s.version is not None else None
+
+    def acquire(self, machine_id: str) -> Session:
+        """The machine's session (a new, unstarted one if unknown), marked most recently used.
+        Every acquire must be paired with release()."""
+        s = self._sessions.get(machine_id)
+        if s is None:
+            s = self._sessions[machine_id] = Session(machine_id)
+            self._evict(keep=s)
+        self._sessions.move_to_end(machine_id)
+        s.last_used, s.users = time.time(), s.users + 1
+        metrics.STREAM_SESSIONS.set(len(self._sessions))
+        return s
+
+    def release(self, s: Session) -> None:
+        """A request is done with the session; one whose first request failed (bad input) and that no
+        other request awaits is forgotten, so that bad input holds no slot."""
+        s.users -= 1
+        if s.version is None and s.users == 0 and self._sessions.get(s.machine_id) is s:
+            del self._sessions[s.machine_id]
+            metrics.STREAM_SESSIONS.set(len(self._sessions))
+
+    def _evict(self, keep: Session) -> None:
+        """Least recently used first, never one a request is using (the limit may be passed meanwhile)."""
+        idle = (s for s in list(self._sessions.values()) if s.users == 0 and s is not keep)
+        while len(self._sessions) > self.max_streams:
+            old = next(idle, None)
+            if old is None:
+                return
+            del self._sessions[old.machine_id]
+            metrics.STREAM_EVICTIONS.inc()
+            log.warning("stream session of %s evicted (GCODEFP_MAX_STREAMS=%d)", old.machine_id, self.max_streams,
+                        extra={"event": "stream_evicted", "machine_id": old.machine_id,
+                               "rows_since_start": old.rows_since_start,
+                               "idle_seconds": round(time.time() - old.last_used, 3)})
+
+    def end(self, s: Session) -> None:
+        if self._sessions.get(s.machine_id) is s:
+            del self._sessions[s.machine_id]
+            metrics.STREAM_SESSIONS.set(len(self._sessions))
+
+
+# ---- one chunk --------------------------------------------------------------------------------------
+def _predict_windows(predictor, cont: np.ndarray, cat: np.ndarray) -> dict[str, np.ndarray]:
+    """predict_lines over [m, W, .] windows in calls of BATCH_WINDOWS (or the graph's fixed batch, padded)."""
+    fixed = predictor.metadata.get("batch_size")
+    step = int(fixed) if fixed else BATCH_WINDOWS
+    keys, parts = ("op_logits", "line", "line_confidence"), []
+    for i in range(0, len(cont), step):
+        c, k = cont[i:i + step], cat[i:i + step]
+        n = len(c)
+        if fixed and n < step:  # pad by repeating the last window; the padding's answers are dropped
+            c, k = (np.concatenate([a, np.repeat(a[-1:], step - n, axis=0)]) for a in (c, k))
+        out = predictor.predict_lines(c, k)
+        parts.append({key: out[key][:n] for key in keys})
+    return {key: np.concatenate([p[key] for p in parts]) for key in keys}
+
+
+def compute(model, buf_cont, buf_cat, raw_cont: np.ndarray, raw_cat: np.ndarray):
+    """Pure (runs in a thread for large chunks): normalise the chunk, cut every window that ends in
+    it, run the model on them. -> (model outputs or None, new buffer cont, new buffer cat)."""
+    c, k = inputs.model_inputs(model.spec, raw_cont[None], raw_cat[None])
+    all_c = np.concatenate([buf_cont, c[0]]) if buf_cont is not None else c[0]
+    all_k = np.concatenate([buf_cat, k[0]]) if buf_cat is not None else k[0]
+    w = model.window
+    out = None
+    if len(all_c) >= w:  # window j = rows j .. j+W-1 of buffer + chunk
+        wc = np.lib.stride_tricks.sliding_window_view(all_c, w, axis=0).transpose(0, 2, 1)
+        wk = np.lib.stride_tricks.sliding_window_view(all_k, w, axis=0).transpose(0, 2, 1)
+        out = _predict_windows(model.predictor, wc, wk)
+    keep = max(len(all_c) - (w - 1), 0)
+    return out, all_c[keep:].copy(), all_k[keep:].copy()
+
+
+def _op(operations: list[str], logits: np.ndarray) -> dict:
+    z = np.exp(logits - logits.max())
+    i = int(z.argmax())
+    return {"name": operations[i], "confidence": round(float(z[i] / z.sum()), 6)}
+
+
+async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run) -> dict:
+    """Apply one chunk to a session (hold session.lock). run(fn, n_windows, inline) runs the model
+    and records metrics -> (result, ms). The session changes only after the model has answered."""
+    fresh = session.version is None or start
+    changed = not fresh and session.version != model.version
+    rows_before = 0 if fresh else session.rows_since_start
+    buf = (None, None) if fresh or changed else (session.cont, session.cat)
+    n = len(raw_cont)
+    n_windows = max(n + (0 if buf[0] is None else len(buf[0])) - model.window + 1, 0)
+    (out, cont, cat), ms = await run(lambda: compute(model, *buf, raw_cont, raw_cat), n_windows, n <= INLINE_ROWS)
+
+    if fresh or changed:  # a new run, or the same run under another model: fresh evidence
+        session.tracker, session.version = model.predictor.stream_tracker(), model.version
+        session.clock, session.operation = model.predictor.program_clock is not None, None
+        if fresh:
+            session.started_at = time.time()
+    p = model.predictor
+    predictions = []
+    first = rows_before + n - n_windows  # the offset of the first window's newest row
+    for j in range(n_windows):
+        logits, line, conf = out["op_logits"][j], int(out["line"][j]), float(out["line_confidence"][j])
+        step = session.tracker.update(first + j, logits, line, conf)
+        session.operation = {"name": p.operations[step.operation], "confidence": round(step.operation_confidence, 6)}
+        predictions.append({"row": first + j, "gcode_sequence": p.lines[step.line], "operation": session.operation,
+                            "line_confidence": round(step.line_confidence, 6), "line_source": step.line_source,
+                            "window": {"operation": _op(p.operations, logits), "gcode_sequence": p.lines[line]}})
+    session.rows_since_start, session.cont, session.cat = rows_before + n, cont, cat
+    return {"machine_id": session.machine_id, "rows_since_start": session.rows_since_start,
+            "windows": session.tracker.windows, "model_version": model.version, "started": fresh,
+            "model_changed": changed, "predictions": predictions, "inference_time_ms": ms}
+
+
+def state(session: Session) -> dict:
+    return {"machine_id": session.machine_id, "rows_since_start": session.rows_since_start,
+            "windows": session.tracker.windows, "operation": session.operation, "model_version": session.version,
+            "started_at": session.started_at, "last_used": session.last_used, "clock": session.clock}
