@@ -17,7 +17,6 @@ Each --dataset is the built dataset its checkpoints were trained on (`gcodefp bu
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path

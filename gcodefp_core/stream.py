@@ -161,13 +161,11 @@ def replay(clock: ProgramClock, operation_program, ds, window_ids: np.ndarray, o
 def fit_program_clock(ds, table: LineTable, val_pred: dict, val_ids: np.ndarray,
                       grid: tuple[float, ...] = WEIGHT_GRID) -> tuple[ProgramClock, dict]:
     """Build the clock and choose its weight by streamed exact-line match on the validation split.
-    val_pred: op_logits (or op_prob), line_pred, line_confidence of the windows val_ids.
+    val_pred: evaluate.predict's op_prob, line_pred, line_confidence for the windows val_ids.
     -> (clock, {weight: validation exact match})."""
     clock = build_program_clock(ds, table)
     targets = ds.target_lines(val_ids)
-    op = val_pred.get("op_logits", val_pred.get("op_prob"))
-    if "op_prob" in val_pred and "op_logits" not in val_pred:
-        op = np.log(np.clip(op, 1e-12, None))
+    op = np.log(np.clip(val_pred["op_prob"], 1e-12, None))
     scores = {}
     for w in grid:
         clock.weight = w

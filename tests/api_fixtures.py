@@ -140,3 +140,20 @@ def sample_request(api_registry) -> dict:
 @pytest.fixture(scope="session")
 def package_meta(api_registry) -> dict:
     return json.loads((api_registry / "packages" / "v1" / "model.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def http(api_server):
+    """An HTTP client for the shared server."""
+    import httpx
+
+    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def predictor(api_registry):
+    """The served package (v1) loaded in this process, to compare the server's answers with."""
+    from gcodefp_core.runtime import OnnxPredictor
+
+    return OnnxPredictor.load(api_registry / "packages" / "v1")

@@ -19,19 +19,6 @@ from gcodefp_core import package as pkg
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def http(api_server):
-    with httpx.Client(base_url=api_server.url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def predictor(api_registry):
-    from gcodefp_core.runtime import OnnxPredictor
-
-    return OnnxPredictor.load(api_registry / "packages" / "v1")
-
-
 def raw_window(package_meta, seed=0):
     """A plausible raw window: training mean + noise, categorical codes the model has seen."""
     f = package_meta["features"]

@@ -8,7 +8,6 @@ import re
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 
@@ -21,19 +20,6 @@ from gcodefp_core.synthetic import generate_run
 
 pytestmark = pytest.mark.slow
 N_ROWS = 130  # rows of the synthetic run used: about 4 windows of 32 rows
-
-
-@pytest.fixture(scope="module")
-def http(api_server):
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def predictor(api_registry):
-    from gcodefp_core.runtime import OnnxPredictor
-
-    return OnnxPredictor.load(api_registry / "packages" / "v1")
 
 
 @pytest.fixture(scope="module")
