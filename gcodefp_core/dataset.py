@@ -28,17 +28,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .features import FeatureSpec
 from .fileio import check_known_fields, write_json
 from .logs import LogFormatError, RunLog, list_log_files, read_log
-from .schema import OPERATIONS, SESSION_CHANNELS, TARGET_COLUMN, feature_columns
+from .schema import LINE_NUMBER_COLUMN, OPERATIONS, SESSION_CHANNELS, TARGET_COLUMN, feature_columns
 from .tokenizer import GCodeTokenizer, canonicalize
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 ARRAYS = ("rows_continuous", "rows_categorical", "row_line", "row_run", "line_tokens") + tuple(f"windows_{s}" for s in SPLITS)
 FORMAT_VERSION = 1
+# Label-side arrays that datasets built before they existed lack (loaders must cope without them).
+OPTIONAL_ARRAYS = ("row_line_number",)
 
 
 @dataclass
@@ -155,7 +158,7 @@ def _write_arrays(runs: list[RunLog], cfg: DatasetConfig, dest: Path) -> dict:
     line_index = {g: i for i, g in enumerate(lines)}
     max_tokens = tokenizer.max_encoded_length(lines)
     arrays = {"line_tokens": tokenizer.encode_batch(lines, max_tokens).astype(np.int32)}
-    conts, cats, row_line, row_run, run_meta = [], [], [], [], []
+    conts, cats, row_line, row_number, row_run, run_meta = [], [], [], [], [], []
     windows: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     offset = 0
     for i, (run, lines_of_run) in enumerate(zip(runs, canon)):
@@ -163,6 +166,7 @@ def _write_arrays(runs: list[RunLog], cfg: DatasetConfig, dest: Path) -> dict:
         conts.append(cont)
         cats.append(cat.astype(np.int32))
         row_line.append(np.fromiter((line_index[g] for g in lines_of_run), np.int32, len(run)))
+        row_number.append(_line_numbers(run.frame))
         row_run.append(np.full(len(run), i, np.int32))
         ends = offset + np.arange(cfg.window - 1, len(run), cfg.stride, dtype=np.int64)
         windows[split_of[run.name]].append(ends)
@@ -171,10 +175,11 @@ def _write_arrays(runs: list[RunLog], cfg: DatasetConfig, dest: Path) -> dict:
                          "filled_cells": run.filled_cells, "boards_present": run.boards_present})
         offset += len(run)
     arrays.update(rows_continuous=np.concatenate(conts), rows_categorical=np.concatenate(cats),
-                  row_line=np.concatenate(row_line), row_run=np.concatenate(row_run))
+                  row_line=np.concatenate(row_line), row_run=np.concatenate(row_run),
+                  row_line_number=np.concatenate(row_number))
     for s in SPLITS:
         arrays[f"windows_{s}"] = np.concatenate(windows[s]) if windows[s] else np.empty(0, np.int64)
-    for name in ARRAYS:
+    for name in ARRAYS + OPTIONAL_ARRAYS:
         np.save(dest / f"{name}.npy", arrays[name])
 
     dropped = sum(r.dropped_rows for r in runs)
@@ -197,10 +202,18 @@ def _write_arrays(runs: list[RunLog], cfg: DatasetConfig, dest: Path) -> dict:
     }
 
 
+def _line_numbers(frame) -> np.ndarray:
+    """The program line number of each row (-1 where the log has none)."""
+    if LINE_NUMBER_COLUMN not in frame:
+        return np.full(len(frame), -1, np.int32)
+    return pd.to_numeric(frame[LINE_NUMBER_COLUMN], errors="coerce").fillna(-1).to_numpy().astype(np.int32)
+
+
 def _content_hash(folder: Path, manifest: dict) -> str:
     h = hashlib.sha256()
-    for name in ARRAYS:
-        h.update((folder / f"{name}.npy").read_bytes())
+    for name in ARRAYS + OPTIONAL_ARRAYS:
+        if (folder / f"{name}.npy").is_file():
+            h.update((folder / f"{name}.npy").read_bytes())
     core = {k: v for k, v in manifest.items() if k not in ("source", "content_hash", "build_seconds")}
     h.update(json.dumps(core, sort_keys=True).encode())
     return h.hexdigest()
@@ -227,6 +240,8 @@ class Dataset:
             raise FileNotFoundError(f"not a dataset folder (no manifest.json): {self.path}")
         self.manifest = json.loads(manifest_path.read_text())
         self.arrays = {name: np.load(self.path / f"{name}.npy") for name in ARRAYS}
+        self.arrays |= {name: np.load(self.path / f"{name}.npy") for name in OPTIONAL_ARRAYS
+                        if (self.path / f"{name}.npy").is_file()}
         self.features = FeatureSpec.from_dict(self.manifest["features"])
         tok = dict(self.manifest["tokenizer"])
         tok.pop("vocab_size", None)

@@ -40,7 +40,7 @@ def predict(models: list[GCodeFingerprintModel], ds, window_ids: np.ndarray, bat
     for m in models:
         m.eval()
     out: dict[str, list] = {k: [] for k in ("op_prob", "fingerprint", "tf_pred", "tf_loss", "decoded", "targets",
-                                            "operation", "run", "line_pred", "line_confidence")}
+                                            "operation", "run", "line_pred", "line_confidence", "line_model")}
     with_lines = all(m.cfg.n_lines for m in models)
     for start in range(0, len(window_ids), batch_size):
         b = ds.batch(window_ids[start:start + batch_size])
@@ -60,8 +60,14 @@ def predict(models: list[GCodeFingerprintModel], ds, window_ids: np.ndarray, bat
             allowed = models[0].allowed_lines(op_p.argmax(-1))
             line_p = torch.where(allowed, line_p, torch.zeros_like(line_p))
             confidence, line = (line_p / line_p.sum(-1, keepdim=True).clamp_min(1e-12)).max(-1)
-            out["line_pred"].append(line.numpy())
-            out["line_confidence"].append(confidence.numpy())
+            line, confidence = line.numpy(), confidence.numpy()
+            out["line_model"].append(line)
+            path = getattr(models[0], "program_path", None)
+            if path is not None:  # snap onto the program's tool path where the position lies on it
+                program = models[0].op_program[op_p.argmax(-1)].numpy()
+                line, confidence = path.snap(program, b["continuous"][:, -1], line, confidence)
+            out["line_pred"].append(line)
+            out["line_confidence"].append(confidence)
         target = tokens[:, 1:]
         nll = -torch.log(tok_p.gather(2, target.unsqueeze(2)).squeeze(2) + 1e-12)
         mask = target != decoding.PAD
@@ -197,6 +203,12 @@ def evaluate_models(models: list[GCodeFingerprintModel], ds, split: str = "test"
         idx = np.flatnonzero(pred["operation"] == i)
         if len(idx):
             report["per_operation"][op] = summarise(scores, idx)
+    path = getattr(models[0], "program_path", None)
+    if path is not None and "line_pred" in pred:
+        lines, targets = np.asarray(table_lines(models), dtype=object), np.asarray(ds.target_lines(window_ids), dtype=object)
+        report["program_path"] = {"tolerance_mm": path.tolerance_mm,
+                                  "snapped": float((pred["line_pred"] != pred["line_model"]).mean()),
+                                  "exact_match_line_head_only": float((lines[pred["line_model"]] == targets).mean())}
     clock = getattr(models[0], "program_clock", None)
     if clock is not None and "line_pred" in pred:
         report["stream"] = stream_report(clock, models[0].line_table, ds, window_ids, pred)

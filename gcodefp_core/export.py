@@ -192,6 +192,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: 
         "operations": ref["operations"], "model_config": cfg.to_dict(), "parameter_count": count_parameters(model),
         "line_table": ckpt.get("line_table") if "predict" in graphs else None,
         "program_clock": ckpt.get("program_clock") if "predict" in graphs else None,  # streaming mode
+        "program_path": ckpt.get("program_path") if "predict" in graphs else None,    # snapping onto the tool path
         "train_config": (ckpt.get("config") or {}).get("train", {}),
         "file_sizes": {n: (folder / f).stat().st_size for n, f in files.items()},
         "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
@@ -261,7 +262,7 @@ def verify(model_json: str | Path, model=None, checkpoint: str | Path | None = N
             diff("fingerprint", got["fingerprint"], fp_ref)
             if has_lines:
                 line_ref, conf_ref, _, _ = (t.numpy() for t in model.predict_line(torch.as_tensor(c), torch.as_tensor(k)))
-                lines = pred.predict_lines(c, k)
+                lines = pred.predict_lines(c, k, snap=False)  # the graph against PyTorch's; snapping is numpy on both sides
                 same["line"] = same.get("line", 0) + int((lines["line"] == line_ref).sum())
                 diff("line_confidence", lines["line_confidence"], conf_ref)
                 diff("predict_op_logits", lines["op_logits"], op_ref)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .schema import NODES, OPERATIONS, TARGET_COLUMN, FeatureColumns, operation_of
+from .schema import LINE_NUMBER_COLUMN, NODES, OPERATIONS, TARGET_COLUMN, FeatureColumns, operation_of
 
 log = logging.getLogger(__name__)
 LOG_PATTERNS = ("*.csv", "*.csv.gz")
@@ -69,7 +69,8 @@ def read_log(path: Path | str, columns: FeatureColumns) -> RunLog:
     operation = operation_of(name)
     if operation not in OPERATIONS:
         raise LogFormatError(path, f"unknown operation {operation!r} in the file name; expected one of {', '.join(OPERATIONS)}")
-    wanted = set(columns.continuous) | set(columns.categorical) | set(columns.required)
+    # The line number travels with the label (it orders the program path); it is never a feature.
+    wanted = set(columns.continuous) | set(columns.categorical) | set(columns.required) | {LINE_NUMBER_COLUMN}
     try:
         # Read every column (not usecols): with usecols pandas silently accepts rows with extra fields.
         frame = pd.read_csv(path, low_memory=False, dtype={c: str for c in (*columns.categorical, TARGET_COLUMN)})

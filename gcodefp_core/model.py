@@ -347,6 +347,10 @@ def load_checkpoint(path, map_location="cpu") -> tuple[GCodeFingerprintModel, di
         from .programs import LineTable
 
         model.line_table = LineTable.from_dict(ckpt["line_table"])
+    if ckpt.get("program_path"):
+        from .program_path import ProgramPath
+
+        model.program_path = ProgramPath.from_dict(ckpt["program_path"])
     if "program_clock" in ckpt:
         from .stream import ProgramClock
 

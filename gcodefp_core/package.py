@@ -102,6 +102,9 @@ def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
     clock = meta.get("program_clock") or {}
     streaming = (f"program clock over {len(clock['programs'])} programs, clock weight {clock['weight']:g} "
                  "(chosen on validation)" if clock.get("programs") else "operation evidence only (no program clock)")
+    path = meta.get("program_path") or {}
+    snapping = (f"onto the programs' tool paths ({sum(len(e) for e in path['ends'])} segments) within "
+                f"{path['tolerance_mm']:g} mm (chosen on validation)" if path.get("tolerance_mm") else "off")
     lines = [
         f"# G-code fingerprint model {version}", "",
         f"- variant: {meta.get('variant', '?')}",
@@ -113,6 +116,7 @@ def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
         f"- side-channel only (no controller state read): {'yes' if feats.get('feature_set') == 'side_channel' else 'no'}",
         f"- training augmentation: {augmentation or 'none'}",
         f"- streaming mode (POST /stream/{{machine}}): {streaming}",
+        f"- line snapping (the last row's position on the program path): {snapping}",
         f"- operations: {', '.join(meta.get('operations', []))}",
         f"- parameters: {meta.get('parameter_count', meta.get('parameters', '?'))}",
         f"- source checkpoint sha256: {meta.get('source_checkpoint', {}).get('sha256', '?')}",

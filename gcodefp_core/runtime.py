@@ -28,6 +28,7 @@ import numpy as np
 
 from . import decoding
 from .features import FeatureSpec
+from .program_path import ProgramPath
 from .stream import ProgramClock, StreamTracker
 
 FORMAT = "gcodefp-onnx"
@@ -117,6 +118,8 @@ class OnnxPredictor:
         self.default_method = "line" if "predict" in self.sessions else "greedy"
         # Streaming mode (gcodefp_core.stream): None for exports made before it existed.
         self.program_clock = ProgramClock.from_dict(metadata["program_clock"]) if metadata.get("program_clock") else None
+        # Snapping onto the program's tool path (gcodefp_core.program_path): models with positions only.
+        self.program_path = ProgramPath.from_dict(metadata["program_path"]) if metadata.get("program_path") else None
         self._operation_program = np.asarray(table.get("operation_program", []), np.int64)
         if "predict" in self.sessions and len(self._operation_program) != len(self.operations):
             raise ValueError(f"{self.folder}: model.json line_table.operation_program must give a program for each "
@@ -142,11 +145,19 @@ class OnnxPredictor:
             raise ValueError(f"{self.folder}: streaming needs a model with a line head (a predict graph)")
         return StreamTracker(self.program_clock or ProgramClock.empty(), self._operation_program)
 
-    def predict_lines(self, continuous: np.ndarray, categorical: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """The predict graph -> line [B] (index into self.lines), line_confidence, op_logits, fingerprint."""
+    def predict_lines(self, continuous: np.ndarray, categorical: np.ndarray | None = None,
+                      snap: bool = True) -> dict[str, np.ndarray]:
+        """The predict graph -> line [B] (index into self.lines), line_confidence, op_logits, fingerprint.
+        With a program path (and snap), the line is snapped onto the predicted program's tool path where
+        the last row's position lies on it (confidence 1.0 there); snap=False gives the graph's own."""
         sess = self.sessions["predict"]
-        out = sess.run(None, self._window_feeds("predict", continuous, categorical))
-        return dict(zip((o.name for o in sess.get_outputs()), out))
+        feeds = self._window_feeds("predict", continuous, categorical)
+        out = dict(zip((o.name for o in sess.get_outputs()), sess.run(None, feeds)))
+        if snap and self.program_path is not None:
+            program = self._operation_program[out["op_logits"].argmax(1)]
+            out["line"], out["line_confidence"] = self.program_path.snap(
+                program, feeds["continuous"][:, -1], out["line"], out["line_confidence"])
+        return out
 
     # ---- array level ----------------------------------------------------------------------------
     def _window_feeds(self, graph: str, continuous: np.ndarray, categorical: np.ndarray | None) -> dict:

@@ -43,6 +43,7 @@ CATEGORICAL_CONTROLLER: tuple[str, ...] = ("stat", "unit", "dist", "coor", "momo
 LABEL_COLUMNS: tuple[str, ...] = ("line", "gcode_line", "gcode_string")
 TARGET_COLUMN = "gcode_string"
 UNIT_COLUMN = "unit"
+LINE_NUMBER_COLUMN = "gcode_line"  # the program line number: label-side (orders the program path), never a feature
 INCHES = 0  # `unit` code for inches; 1 is millimetres
 MM_PER_INCH = 25.4
 

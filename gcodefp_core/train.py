@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import evaluate, stream, tracking
+from . import evaluate, program_path, stream, tracking
 from .decoding import PAD
 from .fileio import check_known_fields, read_json, write_json
 from .model import TUNABLE, GCodeFingerprintModel, ModelConfig, build_model, count_parameters, load_checkpoint
@@ -351,6 +351,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
             if stop_after is not None and epochs_this_call >= stop_after:
                 break
         if mcfg.n_lines:
+            attach_program_path(best_path, ds, val_ids)   # first: the clock is fitted on the snapped lines
             attach_program_clock(best_path, ds, val_ids)
         best = torch.load(best_path, weights_only=True)
         result = {"run_dir": str(run_dir), "seed": seed, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
@@ -363,6 +364,27 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
         return result
     finally:
         tracker.finish()
+
+
+def attach_program_path(best_path: Path, ds, val_ids: np.ndarray) -> dict:
+    """The program path (gcodefp_core.program_path) of a model with controller positions, its snapping
+    tolerance chosen on the validation windows, saved into the best checkpoint; {} when the feature
+    set has no positions."""
+    model, ckpt = load_checkpoint(best_path)
+    path = program_path.build_program_path(ds, model.line_table)
+    if path is None:
+        return {}
+    model.program_path = None  # fit on the line head's own answers
+    pred = evaluate.predict([model], ds, val_ids, greedy=False)
+    path, scores = program_path.fit_program_path(path, model.line_table, pred, ds.target_lines(val_ids),
+                                                 ds.arrays["rows_continuous"][val_ids])
+    metrics = {"val_path_tolerance_mm": path.tolerance_mm, "val_path_exact_match": scores[path.tolerance_mm]}
+    ckpt["program_path"] = path.to_dict()
+    ckpt["metrics"] = ckpt.get("metrics", {}) | metrics
+    save_checkpoint(best_path, ckpt)
+    log.info("program path: %d segments, tolerance %g mm, validation exact line %.4f (line head alone %.4f)",
+             path.n_segments, path.tolerance_mm, scores[path.tolerance_mm], scores[0.0])
+    return metrics
 
 
 def attach_program_clock(best_path: Path, ds, val_ids: np.ndarray) -> dict:

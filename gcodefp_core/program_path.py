@@ -1,0 +1,237 @@
+"""The program path: snap a window's last position onto the known tool path of its program.
+
+With controller state (the `full` feature set) the active line is, in principle, geometry: each
+program is fixed, a motion line moves the tool from the previous line's end point to its own, and a
+status report names the line whose segment the tool is on. A learned head gets this only roughly
+(neighbouring lines of an adaptive program end 0.2 mm apart, and the tool reports a line while
+sitting within hundredths of a millimetre of its end point), so the model misses where a lookup is
+exact. The path supplies that lookup:
+
+- built from the *training* runs: per program, the lines they executed in line-number order, each
+  with its end point (the X/Y/Z words of its text, in millimetres; an axis the line does not name
+  stays where the training runs saw it while that line ran);
+- `snap`: when the last row's position lies within `tolerance_mm` of a segment (the previous
+  executed line's end point -> this line's end point), that segment's line is the answer, with
+  confidence 1.0; anywhere else (rapids from home, arcs between their end points, idle rows after
+  M30, a line no training run executed) the model's line head answers as before. At a shared end
+  point the earlier segment wins: the controller still reports a line while the tool sits at its
+  end point.
+
+The tolerance is chosen on the validation windows (0 turns snapping off). Plain data and numpy: it
+travels in checkpoints and in model.json, and the ONNX runtime applies it after the predict graph.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .features import category_key
+from .schema import INCHES, MM_PER_INCH, POSITIONS, UNIT_COLUMN
+
+TOLERANCES_MM = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3)   # the validation grid (0 = off)
+_AXIS_WORD = re.compile(r"(?<![A-Z])([XYZR])\s*([-+]?(?:\d+\.?\d*|\.\d+))")
+_MACHINE_COORDINATES = re.compile(r"\bG0*53(?!\d)")   # G53: the words are machine, not work, coordinates
+MOTION_COLUMN = "momo"          # the controller's motion mode: 2 = G2 (clockwise arc), 3 = G3
+ARC_POINTS = 12                 # an arc is followed as this many chords
+
+
+def axis_words(line: str) -> dict[str, float]:
+    """The X/Y/Z targets (and arc radius R) a G-code line names -> {word: value in the line's unit};
+    empty for a G53 line (machine coordinates: not points of the work path)."""
+    text = line.upper()
+    if _MACHINE_COORDINATES.search(text):
+        return {}
+    return {axis: float(value) for axis, value in _AXIS_WORD.findall(text)}
+
+
+def arc_points(start: np.ndarray, end: np.ndarray, radius: float, clockwise: bool, n: int = ARC_POINTS) -> np.ndarray:
+    """The points of an R-format arc in the XY plane (Z moves linearly: a helix), from just after
+    `start` to `end` inclusive -> [n, 3]; just [end] when the radius cannot span the chord."""
+    chord = end[:2] - start[:2]
+    c = float(np.hypot(*chord))
+    if c == 0 or abs(radius) < c / 2 - 1e-6:
+        return end[None].copy()
+    h = np.sqrt(max(radius * radius - c * c / 4, 0.0))
+    left = np.array([-chord[1], chord[0]]) / c
+    # A minor arc (R > 0) has its centre on the side it turns towards; R < 0 asks for the major arc.
+    side = (-1.0 if clockwise else 1.0) * (1.0 if radius > 0 else -1.0)
+    centre = start[:2] + chord / 2 + side * h * left
+    a0 = np.arctan2(*(start[:2] - centre)[::-1])
+    a1 = np.arctan2(*(end[:2] - centre)[::-1])
+    sweep = -((a0 - a1) % (2 * np.pi)) if clockwise else (a1 - a0) % (2 * np.pi)
+    f = np.arange(1, n + 1) / n
+    r = abs(radius)
+    pts = np.stack([centre[0] + r * np.cos(a0 + sweep * f), centre[1] + r * np.sin(a0 + sweep * f),
+                    start[2] + (end[2] - start[2]) * f], axis=1)
+    pts[-1] = end
+    return pts
+
+
+@dataclass
+class ProgramPath:
+    programs: list[str]                 # the line table's programs, in its order
+    ends: list[np.ndarray]              # per program [n, 3] float64: each executed line's end point (mm)
+    classes: list[np.ndarray]           # per program [n] int64: the line-table class of each segment
+    position_index: list[int]           # where posx, posy, posz sit among the continuous features
+    mean: np.ndarray                    # [3] their normalisation (features in mm)
+    std: np.ndarray
+    tolerance_mm: float = 0.0           # 0 = off
+
+    def positions_mm(self, last_rows: np.ndarray) -> np.ndarray:
+        """Normalised continuous rows [B, F] -> positions [B, 3] in millimetres."""
+        return np.asarray(last_rows, np.float64)[:, self.position_index] * self.std + self.mean
+
+    def locate(self, program: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """program [B] int, positions [B, 3] mm -> (line class [B], -1 where nothing is near;
+        distance to the nearest moving segment in mm [B], inf where there is none)."""
+        program = np.asarray(program, np.int64)
+        line = np.full(len(program), -1, np.int64)
+        dist = np.full(len(program), np.inf)
+        for p in np.unique(program):
+            if not 0 <= p < len(self.ends) or not len(self.ends[p]):
+                continue
+            rows = np.flatnonzero(program == p)
+            end = self.ends[p]
+            start = np.concatenate([end[:1], end[:-1]])
+            seg = end - start                                               # [n, 3]
+            length2 = (seg * seg).sum(1)
+            rel = positions[rows, None, :] - start[None]                    # [b, n, 3]
+            t = np.divide((rel * seg[None]).sum(2), length2, out=np.zeros((len(rows), len(end))),
+                          where=length2 > 0).clip(0.0, 1.0)
+            d2 = ((rel - t[..., None] * seg[None]) ** 2).sum(2)
+            d2[:, length2 == 0] = np.inf   # a line that does not move (setup, M30) is the model's call
+            nearest = d2.argmin(1)                                          # first minimum: the earlier line
+            found = np.isfinite(d2[np.arange(len(rows)), nearest])
+            line[rows[found]] = self.classes[p][nearest[found]]
+            dist[rows[found]] = np.sqrt(d2[np.arange(len(rows)), nearest][found])
+        return line, dist
+
+    def snap(self, program: np.ndarray, last_rows: np.ndarray, line: np.ndarray, confidence: np.ndarray,
+             tolerance_mm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The model's (line, confidence) with the path's line wherever the last row's position lies on
+        the program's path (within the tolerance)."""
+        tol = self.tolerance_mm if tolerance_mm is None else tolerance_mm
+        line, confidence = np.asarray(line).copy(), np.asarray(confidence).copy()
+        if tol <= 0:
+            return line, confidence
+        path_line, dist = self.locate(program, self.positions_mm(last_rows))
+        on_path = (dist <= tol) & (path_line >= 0)
+        line[on_path] = path_line[on_path]
+        confidence[on_path] = 1.0
+        return line, confidence
+
+    @property
+    def n_segments(self) -> int:
+        return int(sum(len(e) for e in self.ends))
+
+    def to_dict(self) -> dict:
+        return {"programs": self.programs, "position_index": self.position_index,
+                "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
+                "tolerance_mm": float(self.tolerance_mm),
+                "ends": [np.round(e, 4).tolist() for e in self.ends], "classes": [c.tolist() for c in self.classes]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProgramPath":
+        for key in ("programs", "position_index", "mean", "std", "ends", "classes"):
+            if key not in d:
+                raise ValueError(f"program path: missing field {key!r}")
+        ends = [np.asarray(e, np.float64).reshape(-1, 3) for e in d["ends"]]
+        classes = [np.asarray(c, np.int64) for c in d["classes"]]
+        if not len(ends) == len(classes) == len(d["programs"]) or any(len(e) != len(c) for e, c in zip(ends, classes)):
+            raise ValueError("program path: ends and classes must give one list per program, of equal lengths")
+        if len(d["position_index"]) != 3 or len(d["mean"]) != 3 or len(d["std"]) != 3:
+            raise ValueError("program path: position_index, mean and std need one entry per axis (x, y, z)")
+        return cls(list(d["programs"]), ends, classes, [int(i) for i in d["position_index"]],
+                   np.asarray(d["mean"], np.float64), np.asarray(d["std"], np.float64),
+                   float(d.get("tolerance_mm", 0.0)))
+
+
+def build_program_path(ds, table) -> ProgramPath | None:
+    """The path of every program from the dataset's training runs; None when the dataset has no
+    positions (side_channel) or no line numbers (built before they were kept)."""
+    from .programs import row_classes
+
+    names = ds.continuous_features
+    if "row_line_number" not in ds.arrays or not all(p in names for p in POSITIONS):
+        return None
+    index = [names.index(p) for p in POSITIONS]
+    mean = np.asarray(ds.features.mean, np.float64)[index]
+    std = np.asarray(ds.features.std, np.float64)[index]
+    inches = _inch_rows(ds)
+    motion = _motion_modes(ds)
+    cls = row_classes(ds, table)
+    runs = ds.manifest["runs"]
+    run_program = np.asarray(table.operation_program)[[ds.operations.index(r["operation"]) for r in runs]]
+    train_runs = np.flatnonzero([r["split"] == "train" for r in runs])
+    row_run, number = ds.arrays["row_run"], ds.arrays["row_line_number"]
+    ends, classes = [], []
+    for p in range(len(table.programs)):
+        rows = np.flatnonzero(np.isin(row_run, train_runs[run_program[train_runs] == p]) & (number >= 0) & (cls >= 0))
+        seen = ds.arrays["rows_continuous"][rows][:, index].astype(np.float64) * std + mean
+        order = np.argsort(number[rows], kind="stable")
+        rows, seen = rows[order], seen[order]
+        numbers, first = np.unique(number[rows], return_index=True)
+        bounds = np.append(first, len(rows))
+        prog_ends, prog_classes = [], []
+        for k in range(len(numbers)):
+            sl = slice(bounds[k], bounds[k + 1])
+            line_class = int(np.bincount(cls[rows[sl]]).argmax())
+            end = np.median(seen[sl], axis=0)     # where the tool sat on the axes the line does not move
+            scale = MM_PER_INCH if inches is not None and inches[rows[sl]].mean() > 0.5 else 1.0
+            words = axis_words(table.lines[line_class])
+            for axis, value in words.items():
+                if axis in "XYZ":
+                    end["XYZ".index(axis)] = value * scale
+            modes = motion[rows[sl]] if motion is not None else np.empty(0, np.int64)
+            modes = modes[modes >= 0]
+            mode = int(np.bincount(modes).argmax()) if len(modes) else -1
+            if prog_ends and mode in (2, 3) and "R" in words:   # G2 / G3: follow the arc, not its chord
+                points = arc_points(prog_ends[-1], end, words["R"] * scale, clockwise=mode == 2)
+            else:
+                points = end[None]
+            prog_ends.extend(points)
+            prog_classes.extend([line_class] * len(points))
+        # Rounded to 0.1 um here, not only when saved: the path evaluated is exactly the path shipped.
+        ends.append(np.round(np.asarray(prog_ends, np.float64).reshape(-1, 3), 4))
+        classes.append(np.asarray(prog_classes, np.int64))
+    return ProgramPath(list(table.programs), ends, classes, index, mean, std)
+
+
+def _inch_rows(ds) -> np.ndarray | None:
+    """Bool per row: the controller reported inches (so a line's X/Y/Z words are inches)."""
+    if UNIT_COLUMN not in ds.categorical_features:
+        return None
+    code = ds.features.categorical_maps.get(UNIT_COLUMN, {}).get(category_key(INCHES))
+    if code is None:
+        return np.zeros(len(ds.arrays["row_run"]), bool)
+    return ds.arrays["rows_categorical"][:, ds.categorical_features.index(UNIT_COLUMN)] == code
+
+
+def _motion_modes(ds) -> np.ndarray | None:
+    """The controller's motion mode per row as its raw number (2 = G2, 3 = G3; -1 unknown), or None."""
+    if MOTION_COLUMN not in ds.categorical_features:
+        return None
+    raw_of = np.full(max(ds.features.categorical_maps.get(MOTION_COLUMN, {}).values(), default=0) + 1, -1, np.int64)
+    for key, code in ds.features.categorical_maps.get(MOTION_COLUMN, {}).items():
+        raw_of[code] = int(key) if key.isdigit() else -1
+    codes = ds.arrays["rows_categorical"][:, ds.categorical_features.index(MOTION_COLUMN)]
+    return np.where(codes < len(raw_of), raw_of[np.minimum(codes, len(raw_of) - 1)], -1)
+
+
+def fit_program_path(path: ProgramPath, table, pred: dict, targets: list[str], window_last_rows: np.ndarray,
+                     tolerances=TOLERANCES_MM) -> tuple[ProgramPath, dict[float, float]]:
+    """Choose the tolerance with the best validation exact-line match (ties: the smaller one).
+    pred: evaluate.predict's output for the validation windows (op_prob, line_pred, line_confidence);
+    window_last_rows: their last normalised rows [B, F]."""
+    program = np.asarray(table.operation_program)[pred["op_prob"].argmax(1)]
+    lines = np.asarray(table.lines, dtype=object)
+    truth = np.asarray(targets, dtype=object)
+    scores = {}
+    for tol in tolerances:
+        line, _ = path.snap(program, window_last_rows, pred["line_pred"], pred["line_confidence"], tol)
+        scores[float(tol)] = float((lines[line] == truth).mean()) if len(truth) else 0.0
+    best = max(scores, key=lambda t: (scores[t], -t))
+    path.tolerance_mm = best
+    return path, scores
