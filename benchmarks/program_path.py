@@ -29,17 +29,13 @@ METRICS = ("exact_match", "word_acc")
 
 def ensure_path(model, ds) -> bool:
     """Give `model` a fitted program path when its checkpoint has none -> whether it was fitted here."""
-    from gcodefp_core import evaluate, program_path
+    from gcodefp_core import program_path
 
     if getattr(model, "program_path", None) is not None:
         return False
-    path = program_path.build_program_path(ds, model.line_table)
-    if path is None:
+    model.program_path, _ = program_path.path_for_model(model, ds, ds.split_windows("val"))
+    if model.program_path is None:
         raise SystemExit(f"{ds.path}: no program path (a side_channel dataset, or built before line numbers were kept)")
-    val_ids = ds.split_windows("val")
-    pred = evaluate.predict([model], ds, val_ids, greedy=False)
-    model.program_path, _ = program_path.fit_program_path(path, model.line_table, pred, ds.target_lines(val_ids),
-                                                          ds.arrays["rows_continuous"][val_ids])
     return True
 
 

@@ -31,9 +31,12 @@ METRICS = ("op_acc", "exact_match", "word_acc")
 
 def score(models: list, ds) -> dict:
     """Window and streaming reports for one model (or an ensemble) on the test split."""
-    from gcodefp_core import evaluate, stream
+    from gcodefp_core import evaluate, program_path, stream
 
     table = models[0].line_table
+    path_fitted = getattr(models[0], "program_path", None) is None
+    if path_fitted:  # as `gcodefp train` does: the path first, so the clock is fitted on snapped lines
+        models[0].program_path, _ = program_path.path_for_model(models[0], ds, ds.split_windows("val"))
     clock = getattr(models[0], "program_clock", None) if len(models) == 1 else None
     val_ids, test_ids = ds.split_windows("val"), ds.split_windows("test")
     fitted = clock is None
@@ -48,7 +51,8 @@ def score(models: list, ds) -> dict:
         if len(idx):
             window["per_operation"][op] = evaluate.summarise(scores, idx)
     streamed = evaluate.stream_report(clock, table, ds, test_ids, pred)
-    return {"window": window, "stream": streamed, "clock_weight": clock.weight, "clock_fitted_here": fitted}
+    return {"window": window, "stream": streamed, "clock_weight": clock.weight, "clock_fitted_here": fitted,
+            "program_path_tolerance_mm": getattr(models[0].program_path, "tolerance_mm", None) if models[0].program_path else None}
 
 
 def spread(reports: list[dict], mode: str) -> dict:

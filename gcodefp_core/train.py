@@ -371,13 +371,9 @@ def attach_program_path(best_path: Path, ds, val_ids: np.ndarray) -> dict:
     tolerance chosen on the validation windows, saved into the best checkpoint; {} when the feature
     set has no positions."""
     model, ckpt = load_checkpoint(best_path)
-    path = program_path.build_program_path(ds, model.line_table)
+    path, scores = program_path.path_for_model(model, ds, val_ids)
     if path is None:
         return {}
-    model.program_path = None  # fit on the line head's own answers
-    pred = evaluate.predict([model], ds, val_ids, greedy=False)
-    path, scores = program_path.fit_program_path(path, model.line_table, pred, ds.target_lines(val_ids),
-                                                 ds.arrays["rows_continuous"][val_ids])
     metrics = {"val_path_tolerance_mm": path.tolerance_mm, "val_path_exact_match": scores[path.tolerance_mm]}
     ckpt["program_path"] = path.to_dict()
     ckpt["metrics"] = ckpt.get("metrics", {}) | metrics
