@@ -3,12 +3,13 @@ the test split (by run, stride 1), print per-operation tables (mean and spread o
 3-seed ensemble against the best single member, and an ablation of the side-channel inputs.
 
     .venv/bin/python benchmarks/model_quality.py [--configs configs/production.json configs/side_channel.json]
-        [--seeds 42 43 44] [--jobs 2] [--device cpu] [--ablation] [--latency]
+        [--seeds 42 43 44] [--jobs 2] [--device cpu] [--ablation] [--latency] [--checkpoints NAME=A.pt,B.pt,C.pt]
         [--dataset production=DIR ...] [--work artifacts/model-quality] [--output results/model_quality.json]
 
 Training runs as `gcodefp train` subprocesses (--jobs at a time). --dataset NAME=DIR reuses a
 prebuilt dataset for the config named NAME (its file stem); otherwise each config's data section is
-built into <work>/<name>/dataset. The ablation drops one channel group at a time from the
+built into <work>/<name>/dataset. --checkpoints NAME=... evaluates checkpoints trained elsewhere (on
+a GPU, say) for the config NAME instead of training it. The ablation drops one channel group at a time from the
 side-channel dataset (one seed); dropping columns from a built dataset equals rebuilding without
 them, because every column is normalised on its own. --latency exports the best member and the
 ensemble's members to ONNX and times the batch-1 line prediction on this machine.
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--ablation-epochs", type=int, default=None)
     ap.add_argument("--ablation-only", action="store_true", help="skip the multi-seed runs")
     ap.add_argument("--latency", action="store_true", help="export and time the best member and the ensemble")
+    ap.add_argument("--checkpoints", action="append", default=[], metavar="NAME=A.pt,B.pt,C.pt",
+                    help="evaluate these checkpoints (one per --seeds entry) for the config NAME instead of training it")
     ap.add_argument("--work", type=Path, default=ROOT / "artifacts/model-quality")
     ap.add_argument("--output", type=Path, default=ROOT / "results/model_quality.json")
     args = ap.parse_args()
@@ -167,8 +170,12 @@ def main() -> None:
             datasets[name] = Path(prebuilt[name])
         else:
             datasets[name] = Path(prepare_dataset(load_config(config), args.work / name).path)
+    given = {name: [Path(p) for p in paths.split(",")] for name, paths in (c.split("=", 1) for c in args.checkpoints)}
+    for name, paths in given.items():
+        if len(paths) != len(args.seeds):
+            raise SystemExit(f"--checkpoints {name}: {len(paths)} checkpoints for {len(args.seeds)} seeds")
     jobs = [] if args.ablation_only else [(c, datasets[c.stem], args.work / c.stem, s, {})
-                                          for c in args.configs for s in args.seeds]
+                                          for c in args.configs for s in args.seeds if c.stem not in given]
     side = next((c for c in args.configs if json.loads(c.read_text())["data"].get("feature_set") == "side_channel"), None)
     if args.ablation and side is not None:
         over = {"epochs": args.ablation_epochs} if args.ablation_epochs else {}
@@ -180,11 +187,13 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         ckpts = list(pool.map(lambda j: train_job(j[0], j[1], j[2], j[3], args.device, threads, j[4]), jobs))
     train_seconds = time.perf_counter() - t_start
+    members_of = {c.stem: given.get(c.stem) or [ck for (cfg, _, out, _, _), ck in zip(jobs, ckpts)
+                                                 if cfg == c and "ablation" not in str(out)] for c in args.configs}
 
     # Evaluate every checkpoint (and each ensemble) in separate processes (decoding is Python-bound).
     eval_jobs = {}
     for config in [] if args.ablation_only else args.configs:
-        members = [ck for (c, _, _, _, o), ck in zip(jobs, ckpts) if c == config and "ablation" not in str(ck)]
+        members = members_of[config.stem]
         for s, ck in zip(args.seeds, members):
             eval_jobs[(config.stem, f"seed{s}")] = ([ck], datasets[config.stem])
         eval_jobs[(config.stem, "ensemble")] = (members, datasets[config.stem])
@@ -202,10 +211,10 @@ def main() -> None:
     for config in [] if args.ablation_only else args.configs:
         name = config.stem
         singles = [reports[(name, f"seed{s}")] for s in args.seeds]
-        members = [ck for (c, _, _, _, o), ck in zip(jobs, ckpts) if c == config and "ablation" not in str(ck)]
+        members = members_of[name]
         val = [torch.load(ck, weights_only=True)["metrics"]["val_score"] for ck in members]
         best = int(np.argmax(val))
-        entry = {"config": str(config), "spread": spread(singles), "singles": singles,
+        entry = {"config": str(config), "checkpoints": [str(m) for m in members], "spread": spread(singles), "singles": singles,
                  "ensemble": reports[(name, "ensemble")], "best_member": {"seed": args.seeds[best], **singles[best]}}
         if args.latency:
             entry["latency"] = latency(members, args.work / name, datasets[name])
