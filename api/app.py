@@ -189,6 +189,7 @@ def prediction(row: dict, with_fp: bool) -> dict:
            "operation": {"name": row["operation"], "confidence": round(row["operation_confidence"], 6)}}
     if "line_confidence" in row:
         out["line_confidence"] = round(row["line_confidence"], 6)
+        out["line_source"] = row["line_source"]
     if with_fp:
         out["fingerprint"] = row["fingerprint"]
     return out

@@ -65,7 +65,7 @@ def predict(models: list[GCodeFingerprintModel], ds, window_ids: np.ndarray, bat
             path = getattr(models[0], "program_path", None)
             if path is not None:  # snap onto the program's tool path where the position lies on it
                 program = models[0].op_program[op_p.argmax(-1)].numpy()
-                line, confidence = path.snap(program, b["continuous"][:, -1], line, confidence)
+                line, confidence, _ = path.snap(program, b["continuous"][:, -1], line, confidence)
             out["line_pred"].append(line)
             out["line_confidence"].append(confidence)
         target = tokens[:, 1:]

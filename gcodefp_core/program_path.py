@@ -121,18 +121,18 @@ class ProgramPath:
         return line, dist
 
     def snap(self, program: np.ndarray, last_rows: np.ndarray, line: np.ndarray, confidence: np.ndarray,
-             tolerance_mm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+             tolerance_mm: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The model's (line, confidence) with the path's line wherever the last row's position lies on
-        the program's path (within the tolerance)."""
+        the program's path (within the tolerance) -> (line, confidence, on_path [B] bool)."""
         tol = self.tolerance_mm if tolerance_mm is None else tolerance_mm
         line, confidence = np.asarray(line).copy(), np.asarray(confidence).copy()
         if tol <= 0:
-            return line, confidence
+            return line, confidence, np.zeros(len(line), bool)
         path_line, dist = self.locate(program, self.positions_mm(last_rows), prefer=line)
         on_path = (dist <= tol) & (path_line >= 0)
         line[on_path] = path_line[on_path]
         confidence[on_path] = 1.0
-        return line, confidence
+        return line, confidence, on_path
 
     @property
     def n_segments(self) -> int:
@@ -244,7 +244,7 @@ def fit_program_path(path: ProgramPath, table, pred: dict, targets: list[str], w
     truth = np.asarray(targets, dtype=object)
     scores = {}
     for tol in tolerances:
-        line, _ = path.snap(program, window_last_rows, pred["line_pred"], pred["line_confidence"], tol)
+        line, _, _ = path.snap(program, window_last_rows, pred["line_pred"], pred["line_confidence"], tol)
         scores[float(tol)] = float((lines[line] == truth).mean()) if len(truth) else 0.0
     best = max(scores, key=lambda t: (scores[t], -t))
     path.tolerance_mm = best

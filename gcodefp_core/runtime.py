@@ -149,14 +149,17 @@ class OnnxPredictor:
                       snap: bool = True) -> dict[str, np.ndarray]:
         """The predict graph -> line [B] (index into self.lines), line_confidence, op_logits, fingerprint.
         With a program path (and snap), the line is snapped onto the predicted program's tool path where
-        the last row's position lies on it (confidence 1.0 there); snap=False gives the graph's own."""
+        the last row's position lies on it (confidence 1.0 there, and `on_path` [B] says where);
+        snap=False gives the graph's own."""
         sess = self.sessions["predict"]
         feeds = self._window_feeds("predict", continuous, categorical)
         out = dict(zip((o.name for o in sess.get_outputs()), sess.run(None, feeds)))
         if snap and self.program_path is not None:
             program = self._operation_program[out["op_logits"].argmax(1)]
-            out["line"], out["line_confidence"] = self.program_path.snap(
+            out["line"], out["line_confidence"], out["on_path"] = self.program_path.snap(
                 program, feeds["continuous"][:, -1], out["line"], out["line_confidence"])
+        else:
+            out["on_path"] = np.zeros(len(out["line"]), bool)
         return out
 
     # ---- array level ----------------------------------------------------------------------------
@@ -223,7 +226,8 @@ class OnnxPredictor:
         if method == "line":
             out = self.predict_lines(continuous, categorical)
             line = out["line"]
-            return self._line_tokens[line, :limit], out["op_logits"], out["fingerprint"], (line, out["line_confidence"])
+            return (self._line_tokens[line, :limit], out["op_logits"], out["fingerprint"],
+                    (line, out["line_confidence"], out["on_path"]))
         if method == "greedy" and fused:
             tokens, op_logits, fp = self.sessions["greedy"].run(
                 ["tokens", "op_logits", "fingerprint"], self._window_feeds("greedy", continuous, categorical))
@@ -244,7 +248,7 @@ class OnnxPredictor:
                 beam_width: int = 4, temperature: float = 1.0, max_length: int | None = None,
                 seed: int | None = None) -> list[dict]:
         """Normalised windows -> one dict per window: gcode, tokens, token_ids, operation,
-        operation_confidence, fingerprint, method (+ line_confidence for the line head)."""
+        operation_confidence, fingerprint, method (+ line_confidence and line_source, "path" or "model", for the line head)."""
         method = method or self.default_method
         tokens, op_logits, fp, line = self._predict(continuous, categorical, method, beam_width, temperature,
                                                     max_length, seed, False)
@@ -265,6 +269,8 @@ class OnnxPredictor:
                     "operation": self.operations[op], "operation_confidence": float(p[op]), "fingerprint": f}
             if line is not None:  # the table's text itself (identical to decoding its tokens unless truncated)
                 item["line_confidence"] = float(line[1][i])
+                # "path": the position lies on the program's tool path, which named the line; "model": the line head.
+                item["line_source"] = "path" if line[2][i] else "model"
                 if max_length is None:
                     item["gcode"] = self.lines[int(line[0][i])]
             out.append(item)

@@ -67,6 +67,8 @@ def test_predict_matches_the_runtime(http, predictor, package_meta):
     assert body["gcode_sequence"] == ref["gcode"] and body["tokens"] == ref["tokens"]
     assert body["operation"]["name"] == ref["operation"]
     assert body["operation"]["confidence"] == pytest.approx(ref["operation_confidence"], abs=1e-5)
+    assert body["line_source"] == ref["line_source"] and body["line_source"] in ("path", "model")
+    assert (body["line_confidence"] == 1.0) >= (body["line_source"] == "path")   # a snapped line is certain
     assert np.allclose(body["fingerprint"], ref["fingerprint"], atol=1e-5)
     assert body["inference_time_ms"] > 0 and body["model_version"] in ("v1", "v2")
     assert "fingerprint" not in http.post("/predict", json={"sensor_data": {"continuous": cont.tolist(),

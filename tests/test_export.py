@@ -94,7 +94,7 @@ def test_onnx_matches_pytorch_at_dynamic_batch_sizes(exported, batch):
     # ... snapped onto the program path where the position lies on it, as evaluate.predict does.
     assert model.program_path is not None and pred.program_path is not None
     program = model.op_program.numpy()[op_logits.argmax(1)]
-    line_ref, _ = model.program_path.snap(program, cont[:, -1], line_ref, conf_ref)
+    line_ref, _, _ = model.program_path.snap(program, cont[:, -1], line_ref, conf_ref)
     rows = pred.predict(cont, cat)
     assert [r["gcode"] for r in rows] == [model.line_table.lines[i] for i in line_ref]
     assert all(r["method"] == "line" and 0 < r["line_confidence"] <= 1 for r in rows)

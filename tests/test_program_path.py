@@ -48,8 +48,8 @@ def test_snapping_finds_the_line_from_the_position_alone(built):
     ids, program, last, truth = split_inputs(ds, table, "val")
     lines = np.asarray(table.lines, dtype=object)
     blank, zero = np.zeros(len(ids), np.int64), np.zeros(len(ids))   # a line head that knows nothing
-    line, conf = path.snap(program, last, blank, zero, tolerance_mm=0.01)
-    snapped = conf == 1.0
+    line, conf, snapped = path.snap(program, last, blank, zero, tolerance_mm=0.01)
+    assert np.all(conf[snapped] == 1.0) and np.all(conf[~snapped] == 0.0)
     assert snapped.mean() > 0.6
     assert (lines[line[snapped]] == truth[snapped]).mean() > 0.95
     assert np.array_equal(line[~snapped], blank[~snapped])          # elsewhere the model's answer stands
@@ -57,7 +57,7 @@ def test_snapping_finds_the_line_from_the_position_alone(built):
     assert np.array_equal(path.snap(program, last, blank, zero, tolerance_mm=0.0)[0], blank)
     moved = last.copy()
     moved[:, path.position_index[2]] += 100.0 / path.std[2]
-    assert not (path.snap(program, moved, blank, zero, tolerance_mm=0.01)[1] == 1.0).any()
+    assert not path.snap(program, moved, blank, zero, tolerance_mm=0.01)[2].any()
 
 
 def test_round_trip_and_bad_input(built):
@@ -100,3 +100,26 @@ def test_no_path_without_positions(synthetic_dataset, tmp_path):
     cfg = DatasetConfig(source="synthetic", feature_set="side_channel", window=32, synthetic_runs_per_operation=2)
     ds = load_dataset(build_dataset(cfg, tmp_path / "side"))
     assert build_program_path(ds, line_table_for(ds, {})) is None
+
+
+def test_the_onnx_runtime_snaps_what_it_serves(tiny_export, synthetic_dataset):
+    """A package trained by `gcodefp train` carries its path in model.json, and predict_lines applies it."""
+    from gcodefp_core.runtime import OnnxPredictor
+
+    pred = OnnxPredictor.load(tiny_export)
+    assert pred.program_path is not None and pred.program_path.tolerance_mm > 0
+    ds = load_dataset(synthetic_dataset)
+    ids = ds.split_windows("val")[::7][:256]
+    b = ds.batch(ids)
+    snapped = pred.predict_lines(b["continuous"], b["categorical"])
+    own = pred.predict_lines(b["continuous"], b["categorical"], snap=False)
+    on = snapped["on_path"]
+    assert on.mean() > 0.1 and not own["on_path"].any()   # (a wrongly predicted program has no path here)
+    truth = np.asarray(ds.target_lines(ids), dtype=object)
+    lines = np.asarray(pred.lines, dtype=object)
+    # The tiny model trained for one short epoch barely knows the lines; on the path, geometry does.
+    assert (lines[snapped["line"][on]] == truth[on]).mean() > 0.9
+    assert (lines[snapped["line"][on]] == truth[on]).mean() > (lines[own["line"][on]] == truth[on]).mean()
+    assert np.array_equal(snapped["line"][~on], own["line"][~on])
+    items = pred.predict(b["continuous"][:8], b["categorical"][:8])
+    assert [r["line_source"] for r in items] == ["path" if o else "model" for o in on[:8]]

@@ -39,7 +39,8 @@ def test_predict_returns_the_contract_fields(pred, windows):
     assert pred.default_method == "line"
     for row, r in zip(tokens, out):
         assert set(r) == {"gcode", "tokens", "token_ids", "operation", "operation_confidence", "fingerprint",
-                          "method", "line_confidence"}
+                          "method", "line_confidence", "line_source"}
+        assert r["line_source"] in ("path", "model")
         assert r["gcode"] in pred.lines and r["method"] == "line"
         assert r["gcode"] == pred.tokenizer.decode(row.tolist())
         assert r["tokens"] == pred.tokenizer.tokens(r["token_ids"])
@@ -50,7 +51,7 @@ def test_predict_returns_the_contract_fields(pred, windows):
     assert isinstance(out[0]["fingerprint"], list) and isinstance(out[0]["token_ids"], list)
     json.dumps(out)  # serialisable as is
     greedy = pred.predict(cont, cat, method="greedy")
-    assert all(set(r) == set(out[0]) - {"line_confidence"} and r["method"] == "greedy" for r in greedy)
+    assert all(set(r) == set(out[0]) - {"line_confidence", "line_source"} and r["method"] == "greedy" for r in greedy)
 
 
 def test_decoding_methods_agree_where_they_must(pred, windows):
