@@ -24,6 +24,7 @@ travels in checkpoints and in model.json, and the ONNX runtime applies it after 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ _MACHINE_COORDINATES = re.compile(r"\bG0*53(?!\d)")   # G53: the words are machi
 MOTION_COLUMN = "momo"          # the controller's motion mode: 2 = G2 (clockwise arc), 3 = G3
 ARC_POINTS = 12                 # an arc is followed as this many chords
 TIE_MM = 1e-3                   # segments this close to the nearest one are equally near
+MARGIN_MM = max(TOLERANCES_MM) + TIE_MM   # the farthest a snapping decision ever looks
+CELL_MM = 2.0                   # the lookup grid's cell (a cube): > 2 * (MARGIN_MM + CELL_MM / 4)
 
 
 def axis_words(line: str) -> dict[str, float]:
@@ -88,37 +91,41 @@ class ProgramPath:
 
     def locate(self, program: np.ndarray, positions: np.ndarray,
                prefer: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """program [B] int, positions [B, 3] mm -> (line class [B], -1 where no moving segment exists;
-        distance to the nearest moving segment in mm [B], inf where there is none).
+        """program [B] int, positions [B, 3] mm -> (line class [B], -1 where no moving segment is within
+        MARGIN_MM; distance to the nearest such segment in mm [B], inf where there is none).
         Segments within TIE_MM of the nearest are equally near (the tool sits where several lines meet
         or overlap): among them `prefer` (the model's line, [B]) wins if it is one, else the earliest."""
         program = np.asarray(program, np.int64)
         line = np.full(len(program), -1, np.int64)
         dist = np.full(len(program), np.inf)
-        for p in np.unique(program):
-            if not 0 <= p < len(self.ends) or not len(self.ends[p]):
+        for i, (p, pos) in enumerate(zip(program.tolist(), np.asarray(positions, np.float64))):
+            index = self._index(p)
+            if index is None:
                 continue
-            rows = np.flatnonzero(program == p)
-            end, classes = self.ends[p], self.classes[p]
-            start = np.concatenate([end[:1], end[:-1]])
-            seg = end - start                                               # [n, 3]
-            length2 = (seg * seg).sum(1)
-            rel = positions[rows, None, :] - start[None]                    # [b, n, 3]
-            t = np.divide((rel * seg[None]).sum(2), length2, out=np.zeros((len(rows), len(end))),
-                          where=length2 > 0).clip(0.0, 1.0)
-            d = np.sqrt(((rel - t[..., None] * seg[None]) ** 2).sum(2))
-            d[:, length2 == 0] = np.inf    # a line that does not move (setup, M30) is the model's call
-            nearest = d.min(1)
-            found = np.isfinite(nearest)
-            tied = d <= nearest[:, None] + TIE_MM
-            choice = classes[tied.argmax(1)]                                # the earliest of the tied
-            if prefer is not None:
-                mine = np.asarray(prefer)[rows]
-                agrees = (tied & (classes[None, :] == mine[:, None])).any(1)
-                choice = np.where(agrees, mine, choice)
-            line[rows[found]] = choice[found]
-            dist[rows[found]] = nearest[found]
+            start, seg, inv_length2, cells = index
+            key = _cell_key(math.floor(pos[0] / CELL_MM), math.floor(pos[1] / CELL_MM), math.floor(pos[2] / CELL_MM))
+            near = cells.get(key)
+            if near is None:
+                continue
+            rel = pos - start[near]
+            t = np.clip((rel * seg[near]).sum(1) * inv_length2[near], 0.0, 1.0)
+            d = np.sqrt(((rel - t[:, None] * seg[near]) ** 2).sum(1))
+            if d.min() > MARGIN_MM:   # the cell's segments pass by farther away: beyond the grid's promise
+                continue
+            tied = near[d <= d.min() + TIE_MM]                  # in program order: the earliest first
+            classes = self.classes[p][tied]
+            mine = None if prefer is None else int(prefer[i])
+            line[i] = mine if mine is not None and (classes == mine).any() else classes[0]
+            dist[i] = d.min()
         return line, dist
+
+    def _index(self, p: int):
+        """Program p's segments and a grid of CELL_MM cells -> the segments within MARGIN_MM of each
+        (so a query reads a handful of segments, not thousands); built once, None without segments."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if p not in cache:
+            cache[p] = _grid_index(self.ends[p]) if 0 <= p < len(self.ends) and len(self.ends[p]) else None
+        return cache[p]
 
     def snap(self, program: np.ndarray, last_rows: np.ndarray, line: np.ndarray, confidence: np.ndarray,
              tolerance_mm: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -128,6 +135,8 @@ class ProgramPath:
         line, confidence = np.asarray(line).copy(), np.asarray(confidence).copy()
         if tol <= 0:
             return line, confidence, np.zeros(len(line), bool)
+        if tol > max(TOLERANCES_MM):
+            raise ValueError(f"tolerance_mm: at most {max(TOLERANCES_MM)} (the lookup grid's reach), got {tol}")
         path_line, dist = self.locate(program, self.positions_mm(last_rows), prefer=line)
         on_path = (dist <= tol) & (path_line >= 0)
         line[on_path] = path_line[on_path]
@@ -155,9 +164,45 @@ class ProgramPath:
             raise ValueError("program path: ends and classes must give one list per program, of equal lengths")
         if len(d["position_index"]) != 3 or len(d["mean"]) != 3 or len(d["std"]) != 3:
             raise ValueError("program path: position_index, mean and std need one entry per axis (x, y, z)")
+        if not 0 <= float(d.get("tolerance_mm", 0.0)) <= max(TOLERANCES_MM):
+            raise ValueError(f"program path: tolerance_mm must be in [0, {max(TOLERANCES_MM)}]")
         return cls(list(d["programs"]), ends, classes, [int(i) for i in d["position_index"]],
                    np.asarray(d["mean"], np.float64), np.asarray(d["std"], np.float64),
                    float(d.get("tolerance_mm", 0.0)))
+
+
+def _cell_key(x, y, z):
+    """One int64 per grid cell (cell indices within +-2^19, i.e. +-1 km at CELL_MM = 2)."""
+    return ((x + 2 ** 19) * 2 ** 20 + (y + 2 ** 19)) * 2 ** 20 + (z + 2 ** 19)
+
+
+def _grid_index(ends: np.ndarray):
+    """-> (start [n,3], seg [n,3], 1/|seg|^2 [n] (0 for a line that does not move), {cell key: moving
+    segment indices, ascending}). Each moving segment is sampled every CELL_MM / 2, so any point of
+    it is within CELL_MM / 4 of a sample, and registered in every cell that a cube of half-side
+    MARGIN_MM + CELL_MM / 4 around a sample touches (at most 2 per axis, as that cube is narrower
+    than a cell): a position within MARGIN_MM of the segment lies in one of those cells."""
+    start = np.concatenate([ends[:1], ends[:-1]])
+    seg = ends - start
+    length2 = (seg * seg).sum(1)
+    inv_length2 = np.divide(1.0, length2, out=np.zeros_like(length2), where=length2 > 0)
+    moving = np.flatnonzero(length2 > 0)
+    steps = np.ceil(np.sqrt(length2[moving]) / (CELL_MM / 2)).astype(np.int64) + 1
+    seg_id = np.repeat(moving, steps)
+    frac = np.concatenate([np.linspace(0.0, 1.0, k) for k in steps]) if len(moving) else np.zeros(0)
+    samples = start[seg_id] + frac[:, None] * seg[seg_id]
+    r = MARGIN_MM + CELL_MM / 4
+    lo, hi = np.floor((samples - r) / CELL_MM).astype(np.int64), np.floor((samples + r) / CELL_MM).astype(np.int64)
+    keys, ids = [], []
+    for corner in np.ndindex(2, 2, 2):
+        cell = lo + np.asarray(corner)
+        ok = (cell <= hi).all(1)
+        keys.append(_cell_key(cell[ok, 0], cell[ok, 1], cell[ok, 2]))
+        ids.append(seg_id[ok])
+    pairs = np.unique(np.stack([np.concatenate(keys), np.concatenate(ids)], 1), axis=0)  # sorted: key, then segment
+    bounds = np.flatnonzero(np.diff(pairs[:, 0])) + 1
+    cells = {int(group[0, 0]): group[:, 1] for group in np.split(pairs, bounds)} if len(pairs) else {}
+    return start, seg, inv_length2, cells
 
 
 def build_program_path(ds, table) -> ProgramPath | None:

@@ -123,3 +123,40 @@ def test_the_onnx_runtime_snaps_what_it_serves(tiny_export, synthetic_dataset):
     assert np.array_equal(snapped["line"][~on], own["line"][~on])
     items = pred.predict(b["continuous"][:8], b["categorical"][:8])
     assert [r["line_source"] for r in items] == ["path" if o else "model" for o in on[:8]]
+
+
+def brute_force(path, program, positions, prefer):
+    """locate() without the grid: every segment of the program, the same tie rule."""
+    from gcodefp_core.program_path import MARGIN_MM, TIE_MM
+
+    line, dist = np.full(len(program), -1), np.full(len(program), np.inf)
+    for i, (p, pos) in enumerate(zip(program, positions)):
+        end = path.ends[p]
+        start = np.concatenate([end[:1], end[:-1]])
+        seg = end - start
+        length2 = (seg * seg).sum(1)
+        moving = length2 > 0
+        t = np.clip(((pos - start) * seg).sum(1) / np.where(moving, length2, 1.0), 0, 1)
+        d = np.where(moving, np.sqrt(((pos - start - t[:, None] * seg) ** 2).sum(1)), np.inf)
+        if d.min() <= MARGIN_MM:
+            tied = path.classes[p][d <= d.min() + TIE_MM]
+            line[i] = prefer[i] if prefer[i] in tied else tied[0]
+            dist[i] = d.min()
+    return line, dist
+
+
+def test_the_lookup_grid_answers_like_brute_force(built):
+    ds, table, path = built
+    ids, program, last, _ = split_inputs(ds, table, "test")
+    rng = np.random.default_rng(0)
+    positions = path.positions_mm(last)
+    # Also points just off the path (within and beyond the grid's reach) and far away.
+    positions = np.concatenate([positions, positions + rng.normal(0, 0.2, positions.shape),
+                                positions + rng.normal(0, 20, positions.shape)])
+    program = np.tile(program, 3)
+    prefer = rng.integers(0, table.n_lines, len(program))
+    line, dist = path.locate(program, positions, prefer)
+    ref_line, ref_dist = brute_force(path, program, positions, prefer)
+    assert np.array_equal(line, ref_line)
+    assert np.array_equal(np.isinf(dist), np.isinf(ref_dist)) and np.allclose(dist[np.isfinite(dist)], ref_dist[np.isfinite(ref_dist)])
+    assert 0.3 < np.isfinite(dist).mean() < 0.9       # the test covers both found and not found
