@@ -3,7 +3,8 @@
 Per format and batch size, timings after warm-up:
 - "full":    the model's whole answer as the server computes it (OnnxPredictor.predict_arrays with
              the default method): for a model with a line head, one forward pass that picks the
-             line among the predicted program's lines (PyTorch: model.predict_line); otherwise as
+             line among the predicted program's lines (PyTorch: model.predict_line), snapped onto
+             the program path when the model has one (the same numpy on both sides); otherwise as
              "decoder";
 - "decoder": encode + decode a whole G-code line greedily, stopping at EOS: the same loop
              (gcodefp_core.decoding.greedy) over PyTorch eager steps or over the ONNX decoder graph;
@@ -82,14 +83,18 @@ def _torch_runner(checkpoint: str | Path, device: str, threads: int):
     torch.set_num_threads(threads)
     model, ckpt = load_checkpoint(checkpoint, map_location=device)
     step, max_len = TorchStep(model), model.cfg.max_decode_len
+    path, op_program = getattr(model, "program_path", None), model.op_program.cpu().numpy()
 
     def run(mode: str, cont: np.ndarray, cat: np.ndarray):
         c, k = torch.as_tensor(cont, device=device), torch.as_tensor(cat, device=device)
 
         def call():
             with torch.inference_mode():
-                if mode == "full" and model.cfg.n_lines:  # numpy out, as the runtime
+                if mode == "full" and model.cfg.n_lines:  # numpy out, snapped onto the program path, as the runtime
                     out = [t.cpu().numpy() for t in model.predict_line(c, k)]
+                    if path is not None:
+                        program = op_program[out[2].argmax(1)]
+                        out[0], out[1], _ = path.snap(program, cont[:, -1], out[0], out[1])
                 elif mode in ("full", "decoder"):  # numpy in, numpy out, as the runtime
                     state = step.initial_state(cont, cat)[0]
                     out = decoding.greedy(step, state, len(cont), max_len)
