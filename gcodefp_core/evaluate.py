@@ -206,7 +206,7 @@ def evaluate_models(models: list[GCodeFingerprintModel], ds, split: str = "test"
     path = getattr(models[0], "program_path", None)
     if path is not None and "line_pred" in pred:
         lines, targets = np.asarray(table_lines(models), dtype=object), np.asarray(ds.target_lines(window_ids), dtype=object)
-        report["program_path"] = {"tolerance_mm": path.tolerance_mm,
+        report["program_path"] = {"tolerance_mm": path.tolerance_mm,   # "snapped": the share of lines it changed
                                   "snapped": float((pred["line_pred"] != pred["line_model"]).mean()),
                                   "exact_match_line_head_only": float((lines[pred["line_model"]] == targets).mean())}
     clock = getattr(models[0], "program_clock", None)
@@ -222,6 +222,11 @@ def format_table(report: dict) -> str:
     for name, m in list(report["per_operation"].items()) + [("OVERALL", report["overall"])]:
         cells = "".join(f"{m[c]:>19d}" if c == "windows" else f"{100 * m.get(c, float('nan')):>18.2f}%" for c in cols)
         rows.append(f"{name:<16}{cells}")
+    if "program_path" in report:
+        path = report["program_path"]
+        rows += ["", f"program path: tolerance {path['tolerance_mm']:g} mm; snapping changed "
+                     f"{100 * path['snapped']:.2f}% of the lines; exact match with the line head alone "
+                     f"{100 * path['exact_match_line_head_only']:.2f}%"]
     if "stream" in report:
         cols = ("windows", "op_acc", "exact_match", "word_acc", "clock_answers")
         rows += ["", f"streaming mode (each run followed from its start; clock weight {report['stream']['clock_weight']:g}):",

@@ -165,7 +165,13 @@ def test_training_evaluation_export_and_runtime_carry_the_clock(model_and_pred, 
     assert stream["overall"]["windows"] == len(ids) == sum(m["windows"] for m in stream["per_operation"].values())
     assert 0 <= stream["overall"]["exact_match"] <= 1 and 0 <= stream["overall"]["clock_answers"] <= 1
     assert "streaming mode" in evaluate.format_table(report)
+    # The same report says what the program path did (this model reads positions: it has one).
+    path = report["program_path"]
+    assert path["tolerance_mm"] == model.program_path.tolerance_mm and 0 <= path["snapped"] <= 1
+    assert report["overall"]["exact_match"] >= path["exact_match_line_head_only"] - 0.05
+    assert "program path: tolerance" in evaluate.format_table(report)
     meta = exported["meta"]
+    assert meta["program_path"] == ckpt["program_path"]
     assert meta["program_clock"] == ckpt["program_clock"]
     predictor = OnnxPredictor.load(exported["model_json"])
     assert predictor.program_clock.weight == model.program_clock.weight
