@@ -9,11 +9,12 @@ exact. The path supplies that lookup:
 
 - built from the *training* runs: per program, the lines they executed in line-number order, each
   with its end point (the X/Y/Z words of its text, in millimetres; an axis the line does not name
-  stays where the training runs saw it while that line ran);
+  stays where the training runs saw it while that line ran); G2/G3 arcs are followed as chords;
 - `snap`: when the last row's position lies within `tolerance_mm` of a segment (the previous
   executed line's end point -> this line's end point), that segment's line is the answer, with
-  confidence 1.0; anywhere else (rapids from home, arcs between their end points, idle rows after
-  M30, a line no training run executed) the model's line head answers as before. Where several
+  confidence 1.0; anywhere else (rapids from home, idle rows after M30, a line no training run
+  executed) the model's line head answers as before. A grid of CELL_MM cubes lists the segments
+  near each, so one lookup reads a handful of segments, not thousands. Where several
   segments are equally near (within 1 um: the tool sits where lines meet, or a later pass retraces an
   earlier one), geometry cannot choose: the model's line wins if it is one of them, else the earliest
   (the controller still reports a line while the tool sits at its end point). Breaking those ties by
