@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -91,17 +90,6 @@ def evaluate(checkpoints: list[Path], dataset: Path) -> dict:
     return out
 
 
-def spread(reports: list[dict]) -> dict:
-    """{row: {metric: [mean, min, max]}} over seeds, for the overall row and each operation."""
-    rows = ["overall"] + list(reports[0]["per_operation"])
-    out = {}
-    for row in rows:
-        vals = [r["overall"] if row == "overall" else r["per_operation"][row] for r in reports]
-        out[row] = {m: [statistics.mean(v[m] for v in vals), min(v[m] for v in vals), max(v[m] for v in vals)]
-                    for m in METRICS if all(m in v for v in vals)}
-    return out
-
-
 def latency(checkpoints: list[Path], work: Path, dataset: Path, repeats: int = 2000) -> dict:
     """Batch-1 median latency (ms) of the exported line prediction: one member, and all members' predict
     graphs run one after another (the ensemble's cost; averaging their outputs is negligible next to
@@ -161,6 +149,7 @@ def main() -> None:
     prebuilt = dict(d.split("=", 1) for d in args.dataset)
     t_start = time.perf_counter()
 
+    from gcodefp_core.evaluate import seed_spread
     from gcodefp_core.train import load_config, prepare_dataset
 
     datasets = {}
@@ -214,14 +203,15 @@ def main() -> None:
         members = members_of[name]
         val = [torch.load(ck, weights_only=True)["metrics"]["val_score"] for ck in members]
         best = int(np.argmax(val))
-        entry = {"config": str(config), "checkpoints": [str(m) for m in members], "spread": spread(singles), "singles": singles,
+        entry = {"config": str(config), "checkpoints": [str(m) for m in members],
+                 "spread": seed_spread(singles, METRICS), "singles": singles,
                  "ensemble": reports[(name, "ensemble")], "best_member": {"seed": args.seeds[best], **singles[best]}}
         if args.latency:
             entry["latency"] = latency(members, args.work / name, datasets[name])
         results["feature_sets"][name] = entry
         print(fmt_table(f"\n== {name}: test split, mean [min-max] over seeds {args.seeds} (%)", entry["spread"]))
         if all("stream" in r for r in singles):
-            entry["stream_spread"] = spread([r["stream"] for r in singles])
+            entry["stream_spread"] = seed_spread([r["stream"] for r in singles], METRICS)
             print(fmt_table("streaming mode (each run followed from its start), mean [min-max] (%)",
                             entry["stream_spread"]))
         ens, one = entry["ensemble"]["overall"], entry["best_member"]

@@ -72,16 +72,6 @@ def snap_cost_us(model, ds, n: int = 2000) -> float:
     return 1e6 * statistics.median(times)
 
 
-def spread(reports: list[dict], mode: str) -> dict:
-    rows = ["overall"] + list(reports[0][mode]["per_operation"])
-    out = {}
-    for row in rows:
-        vals = [r[mode]["overall"] if row == "overall" else r[mode]["per_operation"][row] for r in reports]
-        out[row] = {m: [statistics.mean(v[m] for v in vals), min(v[m] for v in vals), max(v[m] for v in vals)]
-                    for m in METRICS}
-    return out
-
-
 def table(singles: dict, ensemble: dict) -> str:
     head = f"{'operation':<16}" + "".join(f"{mode + ' ' + m:>26}" for mode in MODES for m in METRICS) + \
         f"{'ensemble snapped exact':>26}"
@@ -106,6 +96,7 @@ def main() -> None:
     import torch
 
     from gcodefp_core.dataset import load_dataset
+    from gcodefp_core.evaluate import seed_spread
     from gcodefp_core.model import load_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -114,7 +105,7 @@ def main() -> None:
     fitted = [ensure_path(m, ds) for m in models]
     reports = [score([m], ds) for m in models]
     ensemble = score(models, ds)
-    singles = {mode: spread(reports, mode) for mode in MODES}
+    singles = {mode: seed_spread([r[mode] for r in reports], METRICS) for mode in MODES}
     result = {
         "dataset": str(args.dataset), "checkpoints": [str(c) for c in args.checkpoints],
         "windows": int(len(ds.split_windows("test"))), "singles": reports, "fitted_here": fitted,

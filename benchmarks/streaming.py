@@ -17,7 +17,6 @@ Each --dataset is the built dataset its checkpoints were trained on (`gcodefp bu
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -55,16 +54,6 @@ def score(models: list, ds) -> dict:
             "program_path_tolerance_mm": getattr(models[0].program_path, "tolerance_mm", None) if models[0].program_path else None}
 
 
-def spread(reports: list[dict], mode: str) -> dict:
-    rows = ["overall"] + list(reports[0][mode]["per_operation"])
-    out = {}
-    for row in rows:
-        vals = [r[mode]["overall"] if row == "overall" else r[mode]["per_operation"][row] for r in reports]
-        out[row] = {m: [statistics.mean(v[m] for v in vals), min(v[m] for v in vals), max(v[m] for v in vals)]
-                    for m in METRICS}
-    return out
-
-
 def table(title: str, window: dict, stream_: dict) -> str:
     head = f"{'operation':<16}" + "".join(f"{'window ' + m:>22}" for m in METRICS) + \
         "".join(f"{'stream ' + m:>22}" for m in METRICS)
@@ -90,6 +79,7 @@ def main() -> None:
     import torch
 
     from gcodefp_core.dataset import load_dataset
+    from gcodefp_core.evaluate import seed_spread
     from gcodefp_core.model import load_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -100,7 +90,8 @@ def main() -> None:
         models = [load_checkpoint(c)[0] for c in ckpts]
         singles = [score([m], ds) for m in models]
         entry = {"dataset": str(dataset), "checkpoints": [str(c) for c in ckpts], "singles": singles,
-                 "window": spread(singles, "window"), "stream": spread(singles, "stream")}
+                 "window": seed_spread([r["window"] for r in singles], METRICS),
+                 "stream": seed_spread([r["stream"] for r in singles], METRICS)}
         print(table(f"\n== {name}: test split, mean [min-max] over {len(models)} checkpoints (%)",
                     entry["window"], entry["stream"]))
         if len(models) > 1:

@@ -182,6 +182,18 @@ def summarise(scores: dict[str, np.ndarray], idx=slice(None)) -> dict[str, float
     return out
 
 
+def seed_spread(reports: list[dict], metrics) -> dict:
+    """Reports of several seeds ({"overall": {...}, "per_operation": {op: {...}}} each) ->
+    {row: {metric: [mean, min, max]}} for the overall row and each operation of the first report;
+    a metric is kept where every report has it."""
+    out = {}
+    for row in ["overall"] + list(reports[0]["per_operation"]):
+        vals = [r["overall"] if row == "overall" else r["per_operation"][row] for r in reports]
+        out[row] = {m: [float(np.mean([v[m] for v in vals])), min(v[m] for v in vals), max(v[m] for v in vals)]
+                    for m in metrics if all(m in v for v in vals)}
+    return out
+
+
 def evaluate_models(models: list[GCodeFingerprintModel], ds, split: str = "test", batch_size: int = 1024,
                     beam_width: int = 1, max_reference: int = 20000, max_windows: int | None = None) -> dict:
     """Full report for a split: {"overall": {...}, "per_operation": {op: {...}}}."""
