@@ -218,8 +218,8 @@ def evaluate_models(models: list[GCodeFingerprintModel], ds, split: str = "test"
     path = getattr(models[0], "program_path", None)
     if path is not None and "line_pred" in pred:
         lines, targets = np.asarray(table_lines(models), dtype=object), np.asarray(ds.target_lines(window_ids), dtype=object)
-        report["program_path"] = {"tolerance_mm": path.tolerance_mm,   # "snapped": the share of lines it changed
-                                  "snapped": float((pred["line_pred"] != pred["line_model"]).mean()),
+        report["program_path"] = {"tolerance_mm": path.tolerance_mm,   # "changed": the share of lines snapping changed
+                                  "changed": float((pred["line_pred"] != pred["line_model"]).mean()),
                                   "exact_match_line_head_only": float((lines[pred["line_model"]] == targets).mean())}
     clock = getattr(models[0], "program_clock", None)
     if clock is not None and "line_pred" in pred:
@@ -237,7 +237,7 @@ def format_table(report: dict) -> str:
     if "program_path" in report:
         path = report["program_path"]
         rows += ["", f"program path: tolerance {path['tolerance_mm']:g} mm; snapping changed "
-                     f"{100 * path['snapped']:.2f}% of the lines; exact match with the line head alone "
+                     f"{100 * path['changed']:.2f}% of the lines; exact match with the line head alone "
                      f"{100 * path['exact_match_line_head_only']:.2f}%"]
     if "stream" in report:
         cols = ("windows", "op_acc", "exact_match", "word_acc", "clock_answers")

@@ -120,6 +120,12 @@ class ProgramPath:
             dist[i] = d.min()
         return line, dist
 
+    def prepare(self) -> "ProgramPath":
+        """Build every program's lookup grid now (a server does this at load, not on a request)."""
+        for p in range(len(self.ends)):
+            self._index(p)
+        return self
+
     def _index(self, p: int):
         """Program p's segments and a grid of CELL_MM cells -> the segments within MARGIN_MM of each
         (so a query reads a handful of segments, not thousands); built once, None without segments."""

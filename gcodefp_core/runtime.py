@@ -119,7 +119,7 @@ class OnnxPredictor:
         # Streaming mode (gcodefp_core.stream): None for exports made before it existed.
         self.program_clock = ProgramClock.from_dict(metadata["program_clock"]) if metadata.get("program_clock") else None
         # Snapping onto the program's tool path (gcodefp_core.program_path): models with positions only.
-        self.program_path = ProgramPath.from_dict(metadata["program_path"]) if metadata.get("program_path") else None
+        self.program_path = ProgramPath.from_dict(metadata["program_path"]).prepare() if metadata.get("program_path") else None
         self._operation_program = np.asarray(table.get("operation_program", []), np.int64)
         if "predict" in self.sessions and len(self._operation_program) != len(self.operations):
             raise ValueError(f"{self.folder}: model.json line_table.operation_program must give a program for each "

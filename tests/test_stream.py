@@ -167,7 +167,7 @@ def test_training_evaluation_export_and_runtime_carry_the_clock(model_and_pred, 
     assert "streaming mode" in evaluate.format_table(report)
     # The same report says what the program path did (this model reads positions: it has one).
     path = report["program_path"]
-    assert path["tolerance_mm"] == model.program_path.tolerance_mm and 0 <= path["snapped"] <= 1
+    assert path["tolerance_mm"] == model.program_path.tolerance_mm and 0 <= path["changed"] <= 1
     assert report["overall"]["exact_match"] >= path["exact_match_line_head_only"] - 0.05
     assert "program path: tolerance" in evaluate.format_table(report)
     meta = exported["meta"]
