@@ -59,7 +59,8 @@ def main(argv=None) -> int:
 
     from gcodefp_core.benchmark import format_table, run_benchmark
     from gcodefp_core.export import export_checkpoint, write_json
-    from gcodefp_core.quantize import METHODS, compare_variants, quantize_model
+    from gcodefp_core.quantize import compare_variants, quantize_model
+    from gcodefp_core.variants import QUANTIZED, REFERENCE
 
     ckpt, dataset = args.checkpoint, args.dataset
     if args.synthetic_demo:
@@ -87,10 +88,10 @@ def main(argv=None) -> int:
                   f"({-d['token_acc_greedy']:+.2f})  tf {100 * a['token_acc_tf']:.2f} ({-d['token_acc_tf']:+.2f})  "
                   f"exact {100 * a['exact_match']:.2f}  bars {r.get('bars', {}).get('passed', '-')}")
     else:
-        for method, variant in METHODS.items():
-            quantize_model(args.work / "export" / "model.json", variants_dir / variant / "model.onnx", method)
+        for variant in QUANTIZED:
+            quantize_model(args.work / "export" / "model.json", variants_dir / variant / "model.onnx", variant)
     variants = {d.name: d / "model.json" for d in sorted(variants_dir.iterdir()) if (d / "model.json").is_file()}
-    variants.setdefault("fp32", args.work / "export" / "model.json")
+    variants.setdefault(REFERENCE, args.work / "export" / "model.json")
     result = run_benchmark(ckpt, variants=variants, batch_sizes=args.batch_sizes, iterations=args.iterations,
                            warmup=30, dataset=dataset, modes=("full", "decoder", "encoder"))
     result["checkpoint"], result["dataset"] = str(ckpt), str(dataset) if dataset else None

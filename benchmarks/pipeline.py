@@ -52,7 +52,7 @@ def main() -> int:
     if not has_real_data():
         print(f"real data absent ({real_data_dir()}); nothing to benchmark", file=sys.stderr)
         return 2
-    from gcodefp_core.commands.pipeline import ensure_dagster_home
+    from gcodefp_dagster.cli import ensure_dagster_home
 
     ensure_dagster_home()
     cmd = [sys.executable, "-m", "gcodefp_core.cli", "pipeline", "--config", str(args.config),

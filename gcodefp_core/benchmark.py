@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("pytorch", "onnx_fp32", "onnx_fp16", "int8_dynamic", "int8_static")
-VARIANT_FORMAT = {"fp32": "onnx_fp32", "fp16": "onnx_fp16", "int8_dynamic": "int8_dynamic", "int8_static": "int8_static"}
+from .variants import LABELS
+
+VARIANT_FORMAT = LABELS                                   # variant -> its column
+FORMATS = ("pytorch",) + tuple(VARIANT_FORMAT.values())
 MODES = ("full", "decoder", "encoder", "full_fused")
 STAT_FIELDS = ("mean_ms", "median_ms", "std_ms", "min_ms", "max_ms", "p95_ms", "p99_ms", "throughput_wps")
 # Bars from the issue (median, batch 1, same run).

@@ -1,7 +1,9 @@
 """The `gcodefp` command: one subcommand per pipeline stage (see `gcodefp --help`).
 
-Each module in gcodefp_core.commands has `register(subparsers)`; a subcommand's handler returns an
-exit code. Expected failures (bad config, malformed log, missing file) print one clear line and
+Each layer brings its own subcommands: the core's modules in gcodefp_core.commands, and the
+`gcodefp.commands` entry points of the installed distribution (`pipeline` from gcodefp_dagster,
+`serve` from api). Each is a `register(subparsers)` function, so this module never imports a
+higher layer by name and the arrows between layers point one way. A handler returns an exit code. Expected failures (bad config, malformed log, missing file) print one clear line and
 exit 2 instead of a traceback; `--debug` shows the traceback.
 """
 from __future__ import annotations
@@ -11,8 +13,11 @@ import importlib
 import logging
 import pkgutil
 import sys
+from importlib.metadata import entry_points
 
 from . import commands
+
+COMMAND_GROUP = "gcodefp.commands"   # other layers' `register(subparsers)` functions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"{commands.__name__}.{mod.name}").register(sub)
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 

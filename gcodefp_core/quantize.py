@@ -30,16 +30,13 @@ import numpy as np
 from . import onnx_rewrites
 from .export import graph_signature, sample_windows, sha256_file, stem_paths, write_json
 from .runtime import OnnxPredictor, read_metadata
+from .variants import METHODS, QUANTIZED, REFERENCE, VARIANTS, Variant
 
-METHODS = {"fp16": "fp16", "int8": "int8_dynamic", "int8-static": "int8_static"}
 STATIC_OP_TYPES = ["MatMul", "Gemm", "Conv"]
 # Percentile (99.999%) ranges: one outlier window no longer stretches an activation's whole int8 scale
 # (MinMax lost more operation/greedy agreement on the tiny test model); Entropy crashed on masks.
 STATIC_CALIBRATION = "Percentile"
 MIN_CALIBRATION_WINDOWS = 100
-# Bars from the issue: accuracy points lost against fp32, and int8 size against fp32.
-MAX_DROP_POINTS = {"fp16": 0.1, "int8_dynamic": 0.5, "int8_static": 0.5}
-MAX_INT8_SIZE_RATIO = 0.30
 
 
 class CalibrationReader:
@@ -76,54 +73,78 @@ def calibration_feeds(fp32: OnnxPredictor, cont: np.ndarray, cat: np.ndarray, ba
     return feeds
 
 
-def _quantize_graph(src: Path, dst: Path, variant: str, feeds: list[dict] | None, work: Path) -> None:
+def fp16_graph(src: Path, tmp: Path, feeds: list[dict] | None, work: Path) -> None:
+    import onnx
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():  # "1e-12 will be truncated to 1e-07": F.normalize's eps, harmless
+        warnings.simplefilter("ignore")
+        model = float16.convert_float_to_float16(onnx_rewrites.isolate_outputs(onnx.load(str(src))), keep_io_types=True)
+    onnx.save(model, str(tmp))
+
+
+def _pre_processed(src: Path, work: Path, split_gemm: bool):
+    """The graph after onnxruntime's quant_pre_process (shape inference + fusions; without it some ops stay float)."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    clean, pre = work / f"{src.stem}.clean.onnx", work / f"{src.stem}.pre.onnx"
+    onnx.save(onnx_rewrites.prepare_for_quantization(onnx.load(str(src))), str(clean))
+    try:
+        quant_pre_process(str(clean), str(pre))
+    except Exception:  # symbolic shape inference cannot follow F.normalize's Expand; ONNX's can
+        quant_pre_process(str(clean), str(pre), skip_symbolic_shape=True)
+    model = onnx.load(str(pre))
+    del model.graph.value_info[:]
+    if split_gemm:
+        onnx_rewrites.split_gemm_bias(model)  # after pre-processing: its fusions would make the Gemms again
+    onnx.save(model, str(pre))
+    return model, pre
+
+
+# Shape inference loses some element types inside unrolled loops; all are float.
+def _extra_options() -> dict:
+    import onnx
+
+    return {"DefaultTensorType": onnx.TensorProto.FLOAT}
+
+
+def int8_dynamic_graph(src: Path, tmp: Path, feeds: list[dict] | None, work: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model, pre = _pre_processed(src, work, split_gemm=False)
+    quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=True, extra_options=_extra_options(),
+                     nodes_to_exclude=sorted(onnx_rewrites.periodic_nodes(model)))
+
+
+def int8_static_graph(src: Path, tmp: Path, feeds: list[dict] | None, work: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model, pre = _pre_processed(src, work, split_gemm=True)
+    periodic = onnx_rewrites.periodic_nodes(model)
+    # The input projection's activations stay float: ~170 sensor channels with their own scales do
+    # not share one calibrated uint8 range (4-5 points of operation agreement); its weight is int8.
+    projection = {n.name for n in model.graph.node if "continuous" in n.input}
+    with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator prints its progress
+        quantize_static(str(pre), str(tmp), CalibrationReader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=STATIC_OP_TYPES, per_channel=True,
+                        nodes_to_exclude=sorted(projection | periodic),
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options=_extra_options(),
+                        calibrate_method=getattr(CalibrationMethod, STATIC_CALIBRATION))
+    model = onnx.load(str(tmp))
+    onnx_rewrites.int8_weights_only(model, projection - periodic)
+    onnx_rewrites.dequantize_gathered_rows(model)
+    onnx_rewrites.prune(model)  # the float weights and dequantized tables nobody reads any more
+    onnx.save(model, str(tmp))
+
+
+def _quantize_graph(src: Path, dst: Path, variant: Variant, feeds: list[dict] | None, work: Path) -> None:
+    """Write `variant`'s version of one graph through a temporary file (checked before the rename)."""
     import onnx
 
     tmp = dst.with_name(f".{dst.name}.tmp")
-    if variant == "fp16":
-        from onnxconverter_common import float16
-
-        with warnings.catch_warnings():  # "1e-12 will be truncated to 1e-07": F.normalize's eps, harmless
-            warnings.simplefilter("ignore")
-            model = float16.convert_float_to_float16(onnx_rewrites.isolate_outputs(onnx.load(str(src))), keep_io_types=True)
-        onnx.save(model, str(tmp))
-    else:
-        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                              quantize_static)
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        clean, pre = work / f"{src.stem}.clean.onnx", work / f"{src.stem}.pre.onnx"
-        onnx.save(onnx_rewrites.prepare_for_quantization(onnx.load(str(src))), str(clean))
-        try:
-            quant_pre_process(str(clean), str(pre))
-        except Exception:  # symbolic shape inference cannot follow F.normalize's Expand; ONNX's can
-            quant_pre_process(str(clean), str(pre), skip_symbolic_shape=True)
-        model = onnx.load(str(pre))
-        del model.graph.value_info[:]
-        if variant == "int8_static":
-            onnx_rewrites.split_gemm_bias(model)  # after pre-processing: its fusions would make the Gemms again
-        onnx.save(model, str(pre))
-        # Shape inference loses some element types inside the unrolled greedy loop; all are float.
-        extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-        periodic = onnx_rewrites.periodic_nodes(model)
-        if variant == "int8_dynamic":
-            quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra,
-                             nodes_to_exclude=sorted(periodic))
-        else:
-            # The input projection's activations stay float: ~170 sensor channels with their own scales do
-            # not share one calibrated uint8 range (4-5 points of operation agreement); its weight is int8.
-            projection = {n.name for n in model.graph.node if "continuous" in n.input}
-            with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator prints its progress
-                quantize_static(str(pre), str(tmp), CalibrationReader(feeds), quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=STATIC_OP_TYPES, per_channel=True,
-                                nodes_to_exclude=sorted(projection | periodic),
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options=extra,
-                                calibrate_method=getattr(CalibrationMethod, STATIC_CALIBRATION))
-            model = onnx.load(str(tmp))
-            onnx_rewrites.int8_weights_only(model, projection - periodic)
-            onnx_rewrites.dequantize_gathered_rows(model)
-            onnx_rewrites.prune(model)  # the float weights and dequantized tables nobody reads any more
-            onnx.save(model, str(tmp))
+    globals()[variant.builder](src, tmp, feeds, work)
     onnx.checker.check_model(str(tmp))
     tmp.replace(dst)
 
@@ -131,11 +152,11 @@ def _quantize_graph(src: Path, dst: Path, variant: str, feeds: list[dict] | None
 def quantize_model(model_json_or_onnx: str | Path, output: str | Path, method: str,
                    calibration_dataset: str | Path | None = None, calibration_windows: int = 256) -> dict:
     """Write the `method` variant of an fp32 export next to `output`; returns its model.json dict."""
-    if method not in METHODS and method not in METHODS.values():
+    variant = VARIANTS.get(METHODS.get(method, method))
+    if variant is None or not variant.builder:
         raise ValueError(f"--method: unknown {method!r}; choose one of {', '.join(METHODS)}")
-    variant = METHODS.get(method, method)
     meta, meta_path = read_metadata(model_json_or_onnx)
-    if meta["variant"] != "fp32":
+    if meta["variant"] != REFERENCE:
         raise ValueError(f"{meta_path}: quantize an fp32 export, not a {meta['variant']} variant")
     if meta.get("batch_size"):
         raise ValueError(f"{meta_path}: quantize a dynamic-batch export (this one takes batches of {meta['batch_size']})")
@@ -145,7 +166,7 @@ def quantize_model(model_json_or_onnx: str | Path, output: str | Path, method: s
     t0 = time.perf_counter()
     fp32 = OnnxPredictor(meta, meta_path.parent)
     calib = None
-    if variant == "int8_static":
+    if variant.calibrated:
         if calibration_windows < MIN_CALIBRATION_WINDOWS:
             raise ValueError(f"calibration needs >= {MIN_CALIBRATION_WINDOWS} windows, got {calibration_windows}")
         cont, cat, source = sample_windows(meta, calibration_dataset, calibration_windows, split="train", seed=1)
@@ -159,13 +180,13 @@ def quantize_model(model_json_or_onnx: str | Path, output: str | Path, method: s
             dst = folder / f"{stem}.{name}.onnx"
             _quantize_graph(meta_path.parent / file, dst, variant, feeds[name] if calib else None, Path(work))
             files[name] = dst.name
-    out = dict(meta, variant=variant, files=files,
+    out = dict(meta, variant=variant.name, files=files,
                graphs={n: graph_signature(folder / f) for n, f in files.items()},
                file_sizes={n: (folder / f).stat().st_size for n, f in files.items()})
     out["total_size_bytes"] = sum(out["file_sizes"].values())
-    out["quantization"] = {"method": method, "variant": variant, "source": str(meta_path.resolve()),
+    out["quantization"] = {"method": variant.method, "variant": variant.name, "source": str(meta_path.resolve()),
                            "source_sha256": {n: sha256_file(meta_path.parent / f) for n, f in meta["files"].items()},
-                           "pre_processed": variant != "fp16", "calibration": calib,
+                           "calibration": calib,
                            "size_ratio_vs_fp32": out["total_size_bytes"] / meta["total_size_bytes"],
                            "seconds": round(time.perf_counter() - t0, 2)}
     cont, cat, source = sample_windows(meta, calibration_dataset, 512, split="test")
@@ -248,10 +269,10 @@ def compare_variants(model_json: str | Path, output_dir: str | Path, dataset: st
     for file in meta["files"].values():
         shutil.copy2(meta_path.parent / file, fp32_dir / file)
     write_json(fp32_dir / "model.json", meta)
-    metas = {"fp32": meta}
-    for method, variant in METHODS.items():
-        metas[variant] = quantize_model(fp32_dir / "model.json", output_dir / variant / "model.onnx", method,
-                                        calibration_dataset or dataset)
+    metas = {REFERENCE: meta}
+    for name in QUANTIZED:
+        metas[name] = quantize_model(fp32_dir / "model.json", output_dir / name / "model.onnx", name,
+                                     calibration_dataset or dataset)
     cont, cat, _ = sample_windows(meta, dataset, 64)
     results: dict = {"dataset": str(ds.path), "split": split, "variants": {}}
     for variant, m in metas.items():
@@ -261,16 +282,17 @@ def compare_variants(model_json: str | Path, output_dir: str | Path, dataset: st
             "size_ratio_vs_fp32": m["total_size_bytes"] / meta["total_size_bytes"],
             "latency_batch1_ms": batch1_latency_ms(pred, cont, cat, latency_iterations),
             "accuracy": accuracy(pred, ds, split, max_windows)}
-    base = results["variants"]["fp32"]["accuracy"]
-    for variant, r in results["variants"].items():
+    base = results["variants"][REFERENCE]["accuracy"]
+    for name, r in results["variants"].items():
         drops = {k: 100 * (base[k] - r["accuracy"][k]) for k in ("op_acc", "token_acc_greedy", "token_acc_tf", "exact_match")}
         r["drop_points_vs_fp32"] = drops
-        if variant == "fp32":
+        variant = VARIANTS[name]
+        if variant.max_drop_points is None:
             continue
-        bar = MAX_DROP_POINTS[variant]
+        bar = variant.max_drop_points
         checks = {"op_acc": drops["op_acc"] <= bar, "token_acc": max(drops["token_acc_greedy"], drops["token_acc_tf"]) <= bar}
-        if variant.startswith("int8"):
-            checks["size"] = r["size_ratio_vs_fp32"] <= MAX_INT8_SIZE_RATIO
+        if variant.max_size_ratio is not None:
+            checks["size"] = r["size_ratio_vs_fp32"] <= variant.max_size_ratio
         r["bars"] = {"max_drop_points": bar, "checks": checks, "passed": all(checks.values())}
     write_json(output_dir / "quantization_results.json", results)
     return results

@@ -5,19 +5,19 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from gcodefp_core.variants import METHODS
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX and verify it against PyTorch",
-                       description="Export encoder, decoder step, fused greedy and encoder-only graphs plus "
+                       description="Export the predict (line head), encoder, decoder step and encoder-only graphs plus "
                                    "model.json; verification (onnx.checker + PyTorch vs onnxruntime) runs "
                                    "automatically and a failure exits non-zero.")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint_best.pt from gcodefp train")
     p.add_argument("--output", "-o", type=Path, required=True,
                    help="DIR/model.onnx: writes DIR/model.<graph>.onnx and DIR/model.json")
     p.add_argument("--encoder-only", action="store_true", help="only operation logits + fingerprint")
-    batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--dynamic-batch", action="store_true", default=True, help="dynamic batch axis (default)")
-    batch.add_argument("--batch-size", type=int, help="fixed batch size instead of a dynamic axis")
+    p.add_argument("--batch-size", type=int, help="fixed batch size instead of the default dynamic batch axis")
     p.add_argument("--seq-len", type=int, help="rows per window (must equal the trained window)")
     p.add_argument("--opset", type=int, help="ONNX opset (default 20)")
     p.add_argument("--dataset", type=Path, help="verify on this dataset's test windows (default: synthetic logs)")
@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--model", type=Path, required=True, help="the fp32 model.json (or its folder)")
     p.add_argument("--output", "-o", type=Path, required=True,
                    help="DIR/model.onnx for one variant; a folder with --compare")
-    p.add_argument("--method", choices=["fp16", "int8", "int8-static"], help="required unless --compare")
+    p.add_argument("--method", choices=list(METHODS), help="required unless --compare")
     p.add_argument("--calibration-data", type=Path,
                    help="dataset folder: train windows calibrate int8-static, test windows score --compare")
     p.add_argument("--compare", action="store_true", help="all variants + accuracy/size/latency vs fp32")
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", type=Path, help="PyTorch checkpoint (the eager baseline)")
     p.add_argument("--onnx", type=Path, help="a model.json (any variant)")
     p.add_argument("--compare-all", action="store_true",
-                   help="pytorch + fp32/fp16/int8_dynamic/int8_static (from --variants-dir, or built now)")
+                   help="pytorch + every variant (from --variants-dir, or built now)")
     p.add_argument("--variants-dir", type=Path, help="folder of <variant>/model.json (quantize --compare output)")
     p.add_argument("--dataset", type=Path, help="windows from this dataset (default: synthetic logs)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -89,7 +89,7 @@ def _quantize(args) -> int:
         print(f"wrote {Path(args.output) / 'quantization_results.json'}")
         return 0
     if args.method is None:
-        raise ValueError("--method is required (fp16, int8 or int8-static) unless --compare is given")
+        raise ValueError(f"--method is required ({', '.join(METHODS)}) unless --compare is given")
     meta = quantize_model(args.model, args.output, args.method, args.calibration_data)
     q, par = meta["quantization"], meta["parity"]
     print(f"{meta['variant']}: {', '.join(meta['files'].values())} ({meta['total_size_bytes'] / 1e6:.2f} MB, "
@@ -121,7 +121,8 @@ def _benchmark(args) -> int:
 
 def _all_variants(args, work: Path) -> dict:
     """{variant: model.json}: from --variants-dir, else exported/quantized into `work` now."""
-    from gcodefp_core.quantize import METHODS, quantize_model
+    from gcodefp_core.quantize import quantize_model
+    from gcodefp_core.variants import QUANTIZED, REFERENCE
 
     if args.variants_dir:
         found = {d.name: d / "model.json" for d in sorted(args.variants_dir.iterdir()) if (d / "model.json").is_file()}
@@ -136,9 +137,9 @@ def _all_variants(args, work: Path) -> dict:
 
         export_checkpoint(args.checkpoint, work / "fp32" / "model.onnx", dataset=args.dataset)
         fp32 = work / "fp32" / "model.json"
-    out = {"fp32": Path(fp32)}
-    for method, variant in METHODS.items():
-        quantize_model(fp32, work / variant / "model.onnx", method, args.dataset)
+    out = {REFERENCE: Path(fp32)}
+    for variant in QUANTIZED:
+        quantize_model(fp32, work / variant / "model.onnx", variant, args.dataset)
         out[variant] = work / variant / "model.json"
     return out
 

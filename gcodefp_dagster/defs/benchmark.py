@@ -8,11 +8,13 @@ import dagster as dg
 from .data import dataset_folder
 from gcodefp_core.fileio import write_json
 
-from .export import VARIANT_METHODS, model_dir, read_accuracy
+from gcodefp_core.variants import VARIANTS as ALL_VARIANTS
+
+from .export import model_dir, read_accuracy
 from .resources import ArtifactStore, QualityGates
 
 GROUP = "evaluation"
-VARIANTS = ("fp32",) + tuple(VARIANT_METHODS)
+VARIANTS = tuple(ALL_VARIANTS)
 
 
 class BenchmarkConfig(dg.Config):

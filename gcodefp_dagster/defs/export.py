@@ -12,11 +12,13 @@ import dagster as dg
 from gcodefp_core.fileio import write_json
 
 from .data import dataset_folder
+from gcodefp_core.variants import QUANTIZED, VARIANTS
+
 from .resources import ArtifactStore
 from .training import selected_checkpoint
 
 GROUP = "onnx"
-VARIANT_METHODS = {"fp16": "fp16", "int8_dynamic": "int8", "int8_static": "int8-static"}
+VARIANT_METHODS = {name: VARIANTS[name].method for name in QUANTIZED}
 ACCURACY_KEYS = ("op_acc", "token_acc_greedy", "token_acc_tf", "exact_match")
 
 

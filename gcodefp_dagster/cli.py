@@ -2,8 +2,8 @@
 
 The same job the UI runs (gcodefp_dagster full_pipeline, one run over every seed partition),
 recorded in the same Dagster instance ($DAGSTER_HOME, default .dagster_home/ in the repository), so
-the UI shows the run, its materializations and its checks. Dagster is imported only here: the
-other commands do not need it.
+the UI shows the run, its materializations and its checks. Registered into `gcodefp` through the
+`gcodefp.commands` entry point; Dagster is imported when the command runs, not when `gcodefp` starts.
 """
 from __future__ import annotations
 

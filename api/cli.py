@@ -1,0 +1,57 @@
+"""`gcodefp serve`: the FastAPI server (api.app:app) under uvicorn.
+
+Registered into the `gcodefp` command through the `gcodefp.commands` entry point, so the core's
+CLI never imports the service layer.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the current package of a registry (or one package) over HTTP",
+                       description="Run api.app:app under uvicorn. The admin token for POST /admin/reload is "
+                                   "read from $GCODEFP_ADMIN_TOKEN (the endpoint is off without it).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--registry", type=Path, help="registry folder: serve its CURRENT package, follow promotions")
+    src.add_argument("--package", type=Path, help="serve one package folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    p.add_argument("--poll-seconds", type=float, help="how often workers check for a new package (default 1)")
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .logging_setup import uvicorn_log_config
+
+    if args.registry is None and args.package is None and not (
+            os.environ.get("GCODEFP_REGISTRY") or os.environ.get("GCODEFP_PACKAGE")):
+        raise ValueError("serve: give --registry or --package (or set GCODEFP_REGISTRY / GCODEFP_PACKAGE)")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    for flag, value in (("--registry", args.registry), ("--package", args.package)):
+        if value is not None and not value.is_dir():
+            raise FileNotFoundError(f"{flag}: no such folder: {value}")
+    if args.registry is not None:
+        os.environ["GCODEFP_REGISTRY"] = str(args.registry.resolve())
+        os.environ.pop("GCODEFP_PACKAGE", None)
+    if args.package is not None:
+        os.environ["GCODEFP_PACKAGE"] = str(args.package.resolve())
+        os.environ.pop("GCODEFP_REGISTRY", None)
+    if args.poll_seconds is not None:
+        os.environ["GCODEFP_POLL_SECONDS"] = str(args.poll_seconds)
+    # Metrics of several workers are summed from files in one folder; it must start empty.
+    metrics_dir = tempfile.mkdtemp(prefix="gcodefp-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("api.app:app", host=args.host, port=args.port, workers=args.workers,
+                    log_config=uvicorn_log_config(), access_log=False)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
