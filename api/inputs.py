@@ -20,7 +20,6 @@ Body formats
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +27,11 @@ import orjson
 
 from gcodefp_core import schema
 
-MAX_BODY_BYTES = int(os.environ.get("GCODEFP_MAX_BODY_BYTES", 8 * 1024 * 1024))
-MAX_BATCH = int(os.environ.get("GCODEFP_MAX_BATCH", 64))
-MAX_STREAM_ROWS = int(os.environ.get("GCODEFP_MAX_STREAM_ROWS", 4096))  # rows per POST /stream/{machine_id}
+from .settings import SETTINGS
+
+MAX_BODY_BYTES = SETTINGS.max_body_bytes
+MAX_BATCH = SETTINGS.max_batch
+MAX_STREAM_ROWS = SETTINGS.max_stream_rows  # rows per POST /stream/{machine_id}
 MAX_BEAM = 16
 METHODS = ("line", "greedy", "beam", "sample")  # which a model offers: GET /info
 BINARY_TYPES = ("application/octet-stream",)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import sys
 import time
 
 import orjson
+
+from .settings import SETTINGS
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
@@ -36,7 +37,7 @@ class JsonFormatter(logging.Formatter):
 
 def uvicorn_log_config(level: str | None = None) -> dict:
     """A logging dictConfig for uvicorn.run(log_config=...): everything as JSON lines on stderr."""
-    level = (level or os.environ.get("GCODEFP_LOG_LEVEL", "INFO")).upper()
+    level = (level or SETTINGS.log_level).upper()
     return {
         "version": 1, "disable_existing_loggers": False,
         "formatters": {"json": {"()": "api.logging_setup.JsonFormatter"}},
@@ -53,7 +54,7 @@ def uvicorn_log_config(level: str | None = None) -> dict:
 def setup_logging(level: str | None = None) -> None:
     """Make the root logger and uvicorn's loggers write JSON lines (idempotent). Called at app import,
     so `uvicorn api.app:app` gets JSON logs too, not only `gcodefp serve`."""
-    level = (level or os.environ.get("GCODEFP_LOG_LEVEL", "INFO")).upper()
+    level = (level or SETTINGS.log_level).upper()
     root = logging.getLogger()
     if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)

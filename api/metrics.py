@@ -13,9 +13,11 @@ import os
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 
+from .settings import SETTINGS
+
 disable_created_metrics()  # the *_created series double the scrape size and nobody graphs them
 
-MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+MULTIPROCESS = bool(SETTINGS.metrics_dir)
 LATENCY_BUCKETS = (.0005, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .1, .25, .5, 1.0, 2.5)
 
 REQUESTS = Counter("gcodefp_http_requests_total", "HTTP requests by endpoint, method and status",

@@ -26,6 +26,7 @@ import numpy as np
 from gcodefp_core import package as pkg
 
 from . import inputs, metrics
+from .settings import SETTINGS
 
 log = logging.getLogger("api.model_store")
 
@@ -80,9 +81,8 @@ class ModelStore:
 
     @classmethod
     def from_env(cls) -> "ModelStore":
-        return cls(os.environ.get("GCODEFP_REGISTRY") or None, os.environ.get("GCODEFP_PACKAGE") or None,
-                   float(os.environ.get("GCODEFP_POLL_SECONDS", "1.0")),
-                   int(os.environ.get("GCODEFP_INTRA_OP_THREADS", "1")))
+        s = SETTINGS
+        return cls(s.registry, s.package, s.poll_seconds, s.intra_op_threads)
 
     @property
     def ready(self) -> bool:

@@ -1,11 +1,11 @@
 """Streaming mode over HTTP (POST/GET/DELETE /stream/{machine_id}): one session per machine.
 
-A window model judges 64 rows alone; gcodefp_core.stream follows a machine from the start of its
+A window model judges 64 rows alone; gcodefp_core.runtime.clock follows a machine from the start of its
 program (row offset -> the program clock; operation evidence adds up over windows). That needs
 state between requests, so a session lives in this worker's memory: with several workers, a
 machine must always reach the same worker (or run one worker). The client posts the rows in
 order from the program's start, in chunks of any size; windows may span chunks, so a session
-keeps the last W-1 rows, already normalised (rows are independent, so a chunk is normalised alone).
+keeps the last W-1 rows, already normalised (gcodefp_core.runtime.windows cuts and batches them).
 
 Bounded: at most GCODEFP_MAX_STREAMS sessions; a new machine evicts the least recently used one.
 A hot swap (the session's model version is not the served one) keeps rows_since_start (a property
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections import OrderedDict
@@ -24,13 +23,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gcodefp_core.runtime import windows
+
 from . import inputs, metrics
+from .settings import SETTINGS
 
 log = logging.getLogger("api.streams")
-MAX_STREAMS = int(os.environ.get("GCODEFP_MAX_STREAMS", 1000))
+MAX_STREAMS = SETTINGS.max_streams
 MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 INLINE_ROWS = 8        # a chunk this small runs on the event loop: a thread hop costs as much as the work
-BATCH_WINDOWS = 256    # windows per model call: bounds one call's memory (a 4096-row chunk has ~4000 windows)
 
 
 def check_machine_id(machine_id: str) -> str:
@@ -51,7 +52,7 @@ class Session:
     machine_id: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request of this machine at a time, FIFO
     version: str | None = None    # the model version it follows; None: not started yet (first request running)
-    tracker: object = None        # gcodefp_core.stream.StreamTracker
+    tracker: object = None        # gcodefp_core.runtime.clock.StreamTracker
     clock: bool = False           # whether that model has a program clock
     rows_since_start: int = 0
     cont: np.ndarray | None = None  # the last <= W-1 rows, normalised: float32 [n, F]
@@ -120,35 +121,13 @@ class StreamRegistry:
 
 
 # ---- one chunk --------------------------------------------------------------------------------------
-def _predict_windows(predictor, cont: np.ndarray, cat: np.ndarray) -> dict[str, np.ndarray]:
-    """predict_lines over [m, W, .] windows in calls of BATCH_WINDOWS (or the graph's fixed batch, padded)."""
-    fixed = predictor.metadata.get("batch_size")
-    step = int(fixed) if fixed else BATCH_WINDOWS
-    keys, parts = ("op_logits", "line", "line_confidence"), []
-    for i in range(0, len(cont), step):
-        c, k = cont[i:i + step], cat[i:i + step]
-        n = len(c)
-        if fixed and n < step:  # pad by repeating the last window; the padding's answers are dropped
-            c, k = (np.concatenate([a, np.repeat(a[-1:], step - n, axis=0)]) for a in (c, k))
-        out = predictor.predict_lines(c, k)
-        parts.append({key: out[key][:n] for key in keys})
-    return {key: np.concatenate([p[key] for p in parts]) for key in keys}
-
-
 def compute(model, buf_cont, buf_cat, raw_cont: np.ndarray, raw_cat: np.ndarray):
     """Pure (runs in a thread for large chunks): normalise the chunk, cut every window that ends in
     it, run the model on them. -> (model outputs or None, new buffer cont, new buffer cat)."""
     c, k = inputs.model_inputs(model.spec, raw_cont[None], raw_cat[None])
-    all_c = np.concatenate([buf_cont, c[0]]) if buf_cont is not None else c[0]
-    all_k = np.concatenate([buf_cat, k[0]]) if buf_cat is not None else k[0]
-    w = model.window
-    out = None
-    if len(all_c) >= w:  # window j = rows j .. j+W-1 of buffer + chunk
-        wc = np.lib.stride_tricks.sliding_window_view(all_c, w, axis=0).transpose(0, 2, 1)
-        wk = np.lib.stride_tricks.sliding_window_view(all_k, w, axis=0).transpose(0, 2, 1)
-        out = _predict_windows(model.predictor, wc, wk)
-    keep = max(len(all_c) - (w - 1), 0)
-    return out, all_c[keep:].copy(), all_k[keep:].copy()
+    wc, wk, keep_c, keep_k = windows.slide(buf_cont, buf_cat, c[0], k[0], model.window)
+    out = windows.predict_windows(model.predictor, wc, wk) if wc is not None else None
+    return out, keep_c, keep_k
 
 
 def _op(operations: list[str], logits: np.ndarray) -> dict:

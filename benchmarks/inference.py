@@ -34,8 +34,9 @@ def find_real_checkpoint() -> Path | None:
 
 def synthetic_demo(work: Path) -> tuple[Path, Path]:
     """Production-size model trained briefly on synthetic logs (timings are about size, not accuracy)."""
+    from gcodefp_core.config import load_config
     from gcodefp_core.dataset import build_synthetic_dataset, load_dataset
-    from gcodefp_core.train import load_config, train_model
+    from gcodefp_core.train import train_model
 
     ds_dir = build_synthetic_dataset(work / "dataset", runs_per_operation=2, window=64)
     cfg = load_config(REPO / "configs" / "production.json")

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
 import time
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,15 +77,15 @@ def train_job(config: Path, dataset: Path, out: Path, seed: int, device: str, th
 def evaluate(checkpoints: list[Path], dataset: Path) -> dict:
     import torch
 
+    from gcodefp_core.checkpoints import load_checkpoint
     from gcodefp_core.dataset import load_dataset
     from gcodefp_core.evaluate import evaluate_models
-    from gcodefp_core.model import load_checkpoint
 
     torch.set_num_threads(1)
-    models = [load_checkpoint(c)[0] for c in checkpoints]
-    report = evaluate_models(models, load_dataset(dataset), "test")
+    loaded = [load_checkpoint(c) for c in checkpoints]
+    report = evaluate_models([c.model for c in loaded], loaded[0].bundle, load_dataset(dataset), "test")
     out = {"overall": report["overall"], "per_operation": report["per_operation"]}
-    if "stream" in report:  # streaming mode (gcodefp_core.stream; see benchmarks/streaming.py)
+    if "stream" in report:  # streaming mode (gcodefp_core.runtime.clock; see benchmarks/streaming.py)
         out["stream"] = report["stream"]
     return out
 
@@ -149,8 +149,9 @@ def main() -> None:
     prebuilt = dict(d.split("=", 1) for d in args.dataset)
     t_start = time.perf_counter()
 
+    from gcodefp_core.config import load_config
     from gcodefp_core.evaluate import seed_spread
-    from gcodefp_core.train import load_config, prepare_dataset
+    from gcodefp_core.train import prepare_dataset
 
     datasets = {}
     for config in args.configs:

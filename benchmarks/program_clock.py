@@ -6,7 +6,7 @@ Each operation runs one fixed program, and runs of one program take almost the s
 in the training runs of the same program (the most common line at that offset), predicts the line.
 This is not something a window model can use: a 64-row window does not say where the program
 started. It measures what a streaming monitor would gain by keeping that one number per machine,
-and it is the reference for the side-channel exact-line bar. Streaming mode (gcodefp_core.stream)
+and it is the reference for the side-channel exact-line bar. Streaming mode (gcodefp_core.runtime.clock)
 uses the same clock with the operation inferred from the sensors.
 
     .venv/bin/python benchmarks/program_clock.py --dataset DIR [--output results/program_clock.json]
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gcodefp_core.clock_fitting import build_program_clock
 from gcodefp_core.dataset import load_dataset
 from gcodefp_core.fileio import write_json
 from gcodefp_core.programs import build_line_table
-from gcodefp_core.stream import build_program_clock
 
 
 def evaluate(ds, split: str = "test") -> dict:
-    """The clock alone (gcodefp_core.stream.ProgramClock, the operation known): per window, is the
+    """The clock alone (gcodefp_core.runtime.clock.ProgramClock, the operation known): per window, is the
     most common training line at its row offset the target line?"""
     table = build_line_table(ds)
     clock = build_program_clock(ds, table)

@@ -1,4 +1,4 @@
-"""The program path (gcodefp_core.program_path) on the test runs: exact-line match and G-code word
+"""The program path (gcodefp_core.runtime.program_path) on the test runs: exact-line match and G-code word
 accuracy of the line head alone against the line head snapped onto the program's tool path, per
 operation, mean [min-max] over seeds, plus the ensemble; and what snapping costs per window.
 
@@ -27,47 +27,47 @@ MODES = ("line_head", "snapped")
 METRICS = ("exact_match", "word_acc")
 
 
-def ensure_path(model, ds) -> bool:
-    """Give `model` a fitted program path when its checkpoint has none -> whether it was fitted here."""
-    from gcodefp_core import program_path
+def ensure_path(loaded, ds):
+    """-> (the bundle with a fitted program path, whether it was fitted here: its checkpoint had none)."""
+    from gcodefp_core.path_fitting import path_for_model
 
-    if getattr(model, "program_path", None) is not None:
-        return False
-    model.program_path, _ = program_path.path_for_model(model, ds, ds.split_windows("val"))
-    if model.program_path is None:
+    if loaded.bundle.program_path is not None:
+        return loaded.bundle, False
+    path, _ = path_for_model(loaded.model, loaded.bundle, ds, ds.split_windows("val"))
+    if path is None:
         raise SystemExit(f"{ds.path}: no program path (a side_channel dataset, or built before line numbers were kept)")
-    return True
+    return loaded.bundle.replace(program_path=path), True
 
 
-def score(models: list, ds) -> dict:
+def score(models: list, bundle, ds) -> dict:
     """Line head alone vs snapped, overall and per operation, on the test split."""
     from gcodefp_core import evaluate
 
     ids = ds.split_windows("test")
-    pred = evaluate.predict(models, ds, ids, greedy=False)
+    pred = evaluate.predict(models, bundle, ds, ids, greedy=False)
     out = {}
     for mode, key in (("line_head", "line_model"), ("snapped", "line_pred")):
-        scores = evaluate.line_scores(dict(pred, line_pred=pred[key]), ds, ids, models[0].line_table.lines)
+        scores = evaluate.line_scores(dict(pred, line_pred=pred[key]), ds, ids, bundle.line_table.lines)
         out[mode] = {"overall": evaluate.summarise(scores), "per_operation": {}}
         for i, op in enumerate(ds.operations):
             idx = np.flatnonzero(pred["operation"] == i)
             if len(idx):
                 out[mode]["per_operation"][op] = evaluate.summarise(scores, idx)
     out["changed_share"] = float((pred["line_pred"] != pred["line_model"]).mean())
-    out["tolerance_mm"] = models[0].program_path.tolerance_mm
+    out["tolerance_mm"] = bundle.program_path.tolerance_mm
     return out
 
 
-def snap_cost_us(model, ds, n: int = 2000) -> float:
+def snap_cost_us(bundle, ds, n: int = 2000) -> float:
     """Median microseconds to snap one window (batch 1), as the server does after the predict graph."""
     ids = ds.split_windows("test")[:n]
     rows = ds.arrays["rows_continuous"][ids]
     program = np.zeros(1, np.int64)
     times = []
     for i in range(len(ids)):
-        program[0] = model.line_table.operation_program[ds.operation_labels(ids[i:i + 1])[0]]
+        program[0] = bundle.line_table.operation_program[ds.operation_labels(ids[i:i + 1])[0]]
         t = time.perf_counter()
-        model.program_path.snap(program, rows[i:i + 1], np.zeros(1, np.int64), np.zeros(1))
+        bundle.program_path.snap(program, rows[i:i + 1], np.zeros(1, np.int64), np.zeros(1))
         times.append(time.perf_counter() - t)
     return 1e6 * statistics.median(times)
 
@@ -95,22 +95,23 @@ def main() -> None:
 
     import torch
 
+    from gcodefp_core.checkpoints import load_checkpoint
     from gcodefp_core.dataset import load_dataset
     from gcodefp_core.evaluate import seed_spread
-    from gcodefp_core.model import load_checkpoint
 
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset)
-    models = [load_checkpoint(c)[0] for c in args.checkpoints]
-    fitted = [ensure_path(m, ds) for m in models]
-    reports = [score([m], ds) for m in models]
-    ensemble = score(models, ds)
+    loaded = [load_checkpoint(c) for c in args.checkpoints]
+    models = [c.model for c in loaded]
+    bundles, fitted = zip(*(ensure_path(c, ds) for c in loaded))
+    reports = [score([c.model], b, ds) for c, b in zip(loaded, bundles)]
+    ensemble = score(models, bundles[0], ds)
     singles = {mode: seed_spread([r[mode] for r in reports], METRICS) for mode in MODES}
     result = {
         "dataset": str(args.dataset), "checkpoints": [str(c) for c in args.checkpoints],
         "windows": int(len(ds.split_windows("test"))), "singles": reports, "fitted_here": fitted,
         "mean_min_max": singles, "ensemble": ensemble,
-        "segments": models[0].program_path.n_segments, "snap_us_per_window": snap_cost_us(models[0], ds),
+        "segments": bundles[0].program_path.n_segments, "snap_us_per_window": snap_cost_us(bundles[0], ds),
     }
     write_json(args.output, result)
     print(f"test split, {result['windows']} windows, mean [min-max] over {len(models)} seeds, %")

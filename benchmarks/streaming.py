@@ -2,7 +2,7 @@
 operation, mean [min-max] over seeds, plus the ensemble of them.
 
 Window mode judges each 64-row window alone (what /predict answers). Streaming mode
-(gcodefp_core.stream, POST /stream/{machine}) follows each test run from its first row: the
+(gcodefp_core.runtime.clock, POST /stream/{machine}) follows each test run from its first row: the
 operation evidence of all windows so far adds up, and the row offset since the program started is
 looked up in the training runs (the program clock). The clock's weight is chosen on the validation
 split; a checkpoint trained before streaming mode existed gets its clock fitted here the same way
@@ -28,21 +28,22 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("op_acc", "exact_match", "word_acc")
 
 
-def score(models: list, ds) -> dict:
+def score(models: list, bundle, ds) -> dict:
     """Window and streaming reports for one model (or an ensemble) on the test split."""
-    from gcodefp_core import evaluate, program_path, stream
+    from gcodefp_core import evaluate
+    from gcodefp_core.clock_fitting import fit_program_clock
+    from gcodefp_core.path_fitting import path_for_model
 
-    table = models[0].line_table
-    path_fitted = getattr(models[0], "program_path", None) is None
-    if path_fitted:  # as `gcodefp train` does: the path first, so the clock is fitted on snapped lines
-        models[0].program_path, _ = program_path.path_for_model(models[0], ds, ds.split_windows("val"))
-    clock = getattr(models[0], "program_clock", None) if len(models) == 1 else None
+    table = bundle.line_table
+    if bundle.program_path is None:  # as `gcodefp train` does: the path first, so the clock is fitted on snapped lines
+        bundle = bundle.replace(program_path=path_for_model(models[0], bundle, ds, ds.split_windows("val"))[0])
+    clock = bundle.program_clock if len(models) == 1 else None
     val_ids, test_ids = ds.split_windows("val"), ds.split_windows("test")
     fitted = clock is None
     if fitted:
-        val = evaluate.predict(models, ds, val_ids, greedy=False)
-        clock, _ = stream.fit_program_clock(ds, table, val, val_ids)
-    pred = evaluate.predict(models, ds, test_ids, greedy=False)
+        val = evaluate.predict(models, bundle, ds, val_ids, greedy=False)
+        clock, _ = fit_program_clock(ds, table, val, val_ids)
+    pred = evaluate.predict(models, bundle, ds, test_ids, greedy=False)
     scores = evaluate.line_scores(pred, ds, test_ids, table.lines)
     window = {"overall": evaluate.summarise(scores), "per_operation": {}}
     for i, op in enumerate(ds.operations):
@@ -51,7 +52,7 @@ def score(models: list, ds) -> dict:
             window["per_operation"][op] = evaluate.summarise(scores, idx)
     streamed = evaluate.stream_report(clock, table, ds, test_ids, pred)
     return {"window": window, "stream": streamed, "clock_weight": clock.weight, "clock_fitted_here": fitted,
-            "program_path_tolerance_mm": getattr(models[0].program_path, "tolerance_mm", None) if models[0].program_path else None}
+            "program_path_tolerance_mm": bundle.program_path.tolerance_mm if bundle.program_path else None}
 
 
 def table(title: str, window: dict, stream_: dict) -> str:
@@ -78,24 +79,25 @@ def main() -> None:
 
     import torch
 
+    from gcodefp_core.checkpoints import load_checkpoint
     from gcodefp_core.dataset import load_dataset
     from gcodefp_core.evaluate import seed_spread
-    from gcodefp_core.model import load_checkpoint
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results = {}
     for name, dataset, ckpts in zip(names, args.dataset, args.checkpoints):
         ds = load_dataset(dataset)
-        models = [load_checkpoint(c)[0] for c in ckpts]
-        singles = [score([m], ds) for m in models]
+        loaded = [load_checkpoint(c) for c in ckpts]
+        models = [c.model for c in loaded]
+        singles = [score([c.model], c.bundle, ds) for c in loaded]
         entry = {"dataset": str(dataset), "checkpoints": [str(c) for c in ckpts], "singles": singles,
                  "window": seed_spread([r["window"] for r in singles], METRICS),
                  "stream": seed_spread([r["stream"] for r in singles], METRICS)}
         print(table(f"\n== {name}: test split, mean [min-max] over {len(models)} checkpoints (%)",
                     entry["window"], entry["stream"]))
         if len(models) > 1:
-            entry["ensemble"] = score(models, ds)
+            entry["ensemble"] = score(models, loaded[0].bundle, ds)
             ens = entry["ensemble"]
             print(f"ensemble of {len(models)}: " + "  ".join(
                 f"{mode} {m} {100 * ens[mode]['overall'][m]:.1f}" for mode in ("window", "stream") for m in METRICS))

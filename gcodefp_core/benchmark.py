@@ -7,10 +7,8 @@ Per format and batch size, timings after warm-up:
              the program path when the model has one (the same numpy on both sides); otherwise as
              "decoder";
 - "decoder": encode + decode a whole G-code line greedily, stopping at EOS: the same loop
-             (gcodefp_core.decoding.greedy) over PyTorch eager steps or over the ONNX decoder graph;
-- "encoder": the encoder alone (operation logits, fingerprint, decoder memory);
-optionally "full_fused": the whole greedy line as one call (PyTorch: model.greedy_decode; ONNX:
-the fused greedy graph), which always runs max_tokens steps.
+             (gcodefp_core.runtime.decoding.greedy) over PyTorch eager steps or over the ONNX decoder graph;
+- "encoder": the encoder alone (operation logits, fingerprint, decoder memory).
 Latency statistics are per call (ms); throughput = windows / total timed seconds; speedup is against
 PyTorch eager at the same batch size and mode, measured in the same run. Memory: the process peak
 RSS while a format loads and runs (Linux VmHWM, reset per format through /proc/self/clear_refs) and
@@ -33,7 +31,7 @@ from .variants import LABELS
 
 VARIANT_FORMAT = LABELS                                   # variant -> its column
 FORMATS = ("pytorch",) + tuple(VARIANT_FORMAT.values())
-MODES = ("full", "decoder", "encoder", "full_fused")
+MODES = ("full", "decoder", "encoder")
 STAT_FIELDS = ("mean_ms", "median_ms", "std_ms", "min_ms", "max_ms", "p95_ms", "p99_ms", "throughput_wps")
 # Bars from the issue (median, batch 1, same run).
 BAR_FULL_MS, BAR_SPEEDUP, BAR_THROUGHPUT = 2.0, 4.0, 2000.0
@@ -79,13 +77,14 @@ def _reset_peak_rss() -> bool:
 def _torch_runner(checkpoint: str | Path, device: str, threads: int):
     import torch
 
-    from . import decoding
-    from .model import TorchStep, load_checkpoint
+    from .checkpoints import load_checkpoint
+    from .model import TorchStep
+    from .runtime import decoding
 
     torch.set_num_threads(threads)
-    model, ckpt = load_checkpoint(checkpoint, map_location=device)
+    model, bundle, ckpt = load_checkpoint(checkpoint, map_location=device)
     step, max_len = TorchStep(model), model.cfg.max_decode_len
-    path, op_program = getattr(model, "program_path", None), model.op_program.cpu().numpy()
+    path, op_program = bundle.program_path, model.op_program.cpu().numpy()
 
     def run(mode: str, cont: np.ndarray, cat: np.ndarray):
         c, k = torch.as_tensor(cont, device=device), torch.as_tensor(cat, device=device)
@@ -101,7 +100,7 @@ def _torch_runner(checkpoint: str | Path, device: str, threads: int):
                     state = step.initial_state(cont, cat)[0]
                     out = decoding.greedy(step, state, len(cont), max_len)
                 else:
-                    out = model.greedy_decode(c, k) if mode == "full_fused" else model.encode(c, k)
+                    out = model.encode(c, k)
             if device != "cpu":
                 torch.cuda.synchronize()
             return out
@@ -120,7 +119,7 @@ def _onnx_runner(model_json: str | Path, device: str, threads: int):
             return lambda: pred.encode(cont, cat)
         if mode == "full":
             return lambda: pred.predict_arrays(cont, cat)
-        return lambda: pred.predict_arrays(cont, cat, method="greedy", fused=mode == "full_fused")
+        return lambda: pred.predict_arrays(cont, cat, method="greedy")
     return run, pred.metadata
 
 
@@ -131,7 +130,7 @@ def run_benchmark(checkpoint: str | Path | None = None, onnx: str | Path | None 
     """Benchmark the PyTorch checkpoint and/or ONNX variants ({variant: model.json}; `onnx` adds one).
     Without a checkpoint, the one recorded in the ONNX model.json is used as baseline if it exists."""
     from .export import sample_windows
-    from .runtime import read_metadata
+    from .runtime import read_model_json
 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device: unknown {device!r}; choose cpu or cuda")
@@ -149,11 +148,11 @@ def run_benchmark(checkpoint: str | Path | None = None, onnx: str | Path | None 
     for variant, path in (variants or {}).items():
         models[VARIANT_FORMAT.get(variant, variant)] = Path(path)
     if onnx is not None:
-        models[VARIANT_FORMAT[read_metadata(onnx)[0]["variant"]]] = Path(onnx)
+        models[VARIANT_FORMAT[read_model_json(onnx)[0]["variant"]]] = Path(onnx)
     unknown = [f for f in models if f not in FORMATS]
     if unknown:
         raise ValueError(f"variants: unknown {unknown}; known: {list(VARIANT_FORMAT)}")
-    meta = read_metadata(next(iter(models.values())))[0] if models else None
+    meta = read_model_json(next(iter(models.values())))[0] if models else None
     if checkpoint is None and meta and Path(meta["source_checkpoint"]["path"]).is_file():
         checkpoint = meta["source_checkpoint"]["path"]
     if checkpoint is None and not models:
@@ -244,7 +243,7 @@ def _environment() -> dict:
 
 def format_table(result: dict) -> str:
     """The comparison table: one row per format and batch size."""
-    extra = [m for m in ("decoder", "full_fused") if m in result["modes"]]  # a column pair each
+    extra = [m for m in ("decoder",) if m in result["modes"]]  # a column pair each
     head = (f"{'format':<14}{'batch':>6}{'full med ms':>13}{'p99 ms':>9}{'windows/s':>11}{'speedup':>9}"
             f"{'enc med ms':>12}{'enc speedup':>13}{'+peak MB':>9}"
             + "".join(f"{m.split('_')[-1][:5] + ' ms':>10}{m.split('_')[-1][:5] + ' spd':>11}" for m in extra))

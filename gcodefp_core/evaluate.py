@@ -16,16 +16,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import decoding
+from .config import VALIDATION_METRICS as OVERALL_METRICS
 from .model import GCodeFingerprintModel, TorchStep
+from .runtime import decoding
+from .runtime.bundle import ModelBundle
 
-OVERALL_METRICS = ("op_acc", "token_acc_tf", "token_acc_greedy", "exact_match", "word_acc", "decoder_exact_match",
-                   "fingerprint_nn_acc")
 
-
-def table_lines(models: list[GCodeFingerprintModel]) -> list[str] | None:
-    """The line head's classes (load_checkpoint / training attach the LineTable as `line_table`)."""
-    table = getattr(models[0], "line_table", None)
+def table_lines(models: list[GCodeFingerprintModel], bundle: ModelBundle | None) -> list[str] | None:
+    """The line head's classes, for models that have one."""
+    table = bundle.line_table if bundle is not None else None
     return table.lines if table is not None and models[0].cfg.n_lines else None
 
 
@@ -34,9 +33,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(models: list[GCodeFingerprintModel], ds, window_ids: np.ndarray, batch_size: int = 1024,
-            beam_width: int = 1, greedy: bool = True) -> dict[str, np.ndarray]:
-    """Run models (one = single model, several = ensemble) over windows -> numpy predictions."""
+def predict(models: list[GCodeFingerprintModel], bundle: ModelBundle | None, ds, window_ids: np.ndarray,
+            batch_size: int = 1024, beam_width: int = 1, greedy: bool = True) -> dict[str, np.ndarray]:
+    """Run models (one = single model, several = ensemble) over windows -> numpy predictions. The
+    bundle's program path (if any) snaps the line, as the runtime does; None: the line head alone."""
     for m in models:
         m.eval()
     out: dict[str, list] = {k: [] for k in ("op_prob", "fingerprint", "tf_pred", "tf_loss", "decoded", "targets",
@@ -62,7 +62,7 @@ def predict(models: list[GCodeFingerprintModel], ds, window_ids: np.ndarray, bat
             confidence, line = (line_p / line_p.sum(-1, keepdim=True).clamp_min(1e-12)).max(-1)
             line, confidence = line.numpy(), confidence.numpy()
             out["line_model"].append(line)
-            path = getattr(models[0], "program_path", None)
+            path = bundle.program_path if bundle is not None else None
             if path is not None:  # snap onto the program's tool path where the position lies on it
                 program = models[0].op_program[op_p.argmax(-1)].numpy()
                 line, confidence, _ = path.snap(program, b["continuous"][:, -1], line, confidence)
@@ -139,9 +139,9 @@ def text_scores(texts: list[str], targets: list[str], prefix: str) -> dict[str, 
 
 
 def stream_report(clock, table, ds, window_ids: np.ndarray, pred: dict) -> dict:
-    """Streaming mode (gcodefp_core.stream): every run followed from its start, the clock and the
-    accumulated operation evidence on top of the window predictions."""
-    from .stream import replay
+    """Streaming mode (gcodefp_core.runtime.clock): every run followed from its start, the clock and
+    the accumulated operation evidence on top of the window predictions."""
+    from .clock_fitting import replay
 
     streamed = replay(clock, table.operation_program, ds, window_ids, np.log(np.clip(pred["op_prob"], 1e-12, None)),
                       pred["line_pred"], pred["line_confidence"])
@@ -194,20 +194,21 @@ def seed_spread(reports: list[dict], metrics) -> dict:
     return out
 
 
-def evaluate_models(models: list[GCodeFingerprintModel], ds, split: str = "test", batch_size: int = 1024,
-                    beam_width: int = 1, max_reference: int = 20000, max_windows: int | None = None) -> dict:
+def evaluate_models(models: list[GCodeFingerprintModel], bundle: ModelBundle, ds, split: str = "test",
+                    batch_size: int = 1024, beam_width: int = 1, max_reference: int = 20000,
+                    max_windows: int | None = None) -> dict:
     """Full report for a split: {"overall": {...}, "per_operation": {op: {...}}}."""
     window_ids = ds.split_windows(split)
     if max_windows and len(window_ids) > max_windows:
         window_ids = window_ids[np.linspace(0, len(window_ids) - 1, max_windows).astype(np.int64)]
     if len(window_ids) == 0:
         raise ValueError(f"split {split!r} has no windows in {ds.path}")
-    pred = predict(models, ds, window_ids, batch_size, beam_width)
-    scores = line_scores(pred, ds, window_ids, table_lines(models))
+    pred = predict(models, bundle, ds, window_ids, batch_size, beam_width)
+    scores = line_scores(pred, ds, window_ids, table_lines(models, bundle))
     ref_ids = ds.split_windows("train")
     if len(ref_ids) > max_reference:
         ref_ids = ref_ids[np.linspace(0, len(ref_ids) - 1, max_reference).astype(np.int64)]
-    ref = predict(models, ds, ref_ids, batch_size, greedy=False)
+    ref = predict(models, bundle, ds, ref_ids, batch_size, greedy=False)
     scores["fp_hit"] = fingerprint_nn_accuracy(pred["fingerprint"], pred["operation"], pred["run"],
                                                ref["fingerprint"], ref["operation"], ref["run"])
     report = {"split": split, "overall": summarise(scores), "per_operation": {}}
@@ -215,15 +216,14 @@ def evaluate_models(models: list[GCodeFingerprintModel], ds, split: str = "test"
         idx = np.flatnonzero(pred["operation"] == i)
         if len(idx):
             report["per_operation"][op] = summarise(scores, idx)
-    path = getattr(models[0], "program_path", None)
+    path = bundle.program_path
     if path is not None and "line_pred" in pred:
-        lines, targets = np.asarray(table_lines(models), dtype=object), np.asarray(ds.target_lines(window_ids), dtype=object)
+        lines, targets = np.asarray(table_lines(models, bundle), dtype=object), np.asarray(ds.target_lines(window_ids), dtype=object)
         report["program_path"] = {"tolerance_mm": path.tolerance_mm,   # "changed": the share of lines snapping changed
                                   "changed": float((pred["line_pred"] != pred["line_model"]).mean()),
                                   "exact_match_line_head_only": float((lines[pred["line_model"]] == targets).mean())}
-    clock = getattr(models[0], "program_clock", None)
-    if clock is not None and "line_pred" in pred:
-        report["stream"] = stream_report(clock, models[0].line_table, ds, window_ids, pred)
+    if bundle.program_clock is not None and "line_pred" in pred:
+        report["stream"] = stream_report(bundle.program_clock, bundle.line_table, ds, window_ids, pred)
     return report
 
 

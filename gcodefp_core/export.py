@@ -3,10 +3,9 @@
 Files: `--output DIR/model.onnx` names the *stem* "model"; the export writes, side by side,
     DIR/model.encoder.onnx       encoder      (continuous, categorical -> memory, op_logits, fingerprint, h0)
     DIR/model.decoder.onnx       decoder step (tokens, h, memory -> logits, h_next)
-    DIR/model.greedy.onnx        encoder + the whole greedy line in one graph (runtime: fused=True)
     DIR/model.encoder_only.onnx  op_logits + fingerprint only (what --encoder-only writes alone)
     DIR/model.predict.onnx       line head: the whole answer in one call (models with a line head)
-    DIR/model.json               description of all of it (gcodefp_core.runtime reads it)
+    DIR/model.json               the ModelBundle + this export's description (gcodefp_core.runtime.bundle)
 Quantized variants use their own stem (model_int8_dynamic.*), so variants can share a folder.
 
 The graphs come from torch.onnx's default (dynamo) exporter as single files (external_data=False).
@@ -24,18 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import decoding
 from .fileio import sha256_file, write_json  # noqa: F401  (re-exported for quantize)
-from .runtime import FORMAT, OnnxPredictor, read_metadata
+from .runtime import OnnxPredictor, decoding, read_model_json, write_model_json
+from .variants import REFERENCE
 
-FORMAT_VERSION = 1
 # 20: GELU exports as one Gelu op (opset 18 spells it as five Erf-based nodes: 12% of the int8
 # model's batch-1 latency on the real-data model).
 DEFAULT_OPSET = 20
 GRAPH_IO = {
     "encoder": (["continuous", "categorical"], ["memory", "op_logits", "fingerprint", "h0"]),
     "decoder": (["tokens", "h", "memory"], ["logits", "h_next"]),
-    "greedy": (["continuous", "categorical"], ["tokens", "op_logits", "fingerprint"]),
     "encoder_only": (["continuous", "categorical"], ["op_logits", "fingerprint"]),
     "predict": (["continuous", "categorical"], ["line", "line_confidence", "op_logits", "fingerprint"]),
 }
@@ -94,17 +91,13 @@ def _wrappers(model):
         def forward(self, tokens, h, memory):
             return self.m.decode_step(tokens, h, memory)
 
-    class Greedy(Encoder):
-        def forward(self, continuous, categorical):
-            return self.m.greedy_decode(continuous, categorical, decoding.BOS, decoding.EOS, decoding.PAD)
-
     class Predict(Encoder):
         def forward(self, continuous, categorical):
             return self.m.predict_line(continuous, categorical)
 
     # eval() on the wrapper too: the exporter restores the wrapper's mode recursively afterwards.
-    return {"encoder": Encoder().eval(), "decoder": Decoder().eval(), "greedy": Greedy().eval(),
-            "encoder_only": EncoderOnly().eval(), "predict": Predict().eval()}
+    return {"encoder": Encoder().eval(), "decoder": Decoder().eval(), "encoder_only": EncoderOnly().eval(),
+            "predict": Predict().eval()}
 
 
 def export_graph(module, name: str, example: tuple, path: Path, dynamic_batch: bool, opset: int) -> None:
@@ -132,31 +125,27 @@ def export_graph(module, name: str, example: tuple, path: Path, dynamic_batch: b
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: bool = False,
-                      dynamic_batch: bool = True, batch_size: int | None = None, seq_len: int | None = None,
+                      batch_size: int | None = None, seq_len: int | None = None,
                       opset: int | None = None, verify_windows: int | None = None,
                       dataset: str | Path | None = None) -> dict:
-    """Export a checkpoint; verify; write model.json. Returns the model.json dict."""
+    """Export a checkpoint (a dynamic batch axis unless batch_size fixes one); verify; write
+    model.json. Returns the model.json dict."""
     import onnx
     import torch
 
-    from .model import count_parameters, load_checkpoint
+    from .checkpoints import load_checkpoint
+    from .model import count_parameters
 
     checkpoint = Path(checkpoint)
-    model, ckpt = load_checkpoint(checkpoint)
+    model, bundle, ckpt = load_checkpoint(checkpoint)
     cfg, ref = model.cfg, ckpt.get("dataset", {})
     seq_len = seq_len or cfg.window
     if seq_len != cfg.window:
         raise ValueError(f"--seq-len {seq_len}: the model was trained on windows of {cfg.window} rows; "
                          "the encoder's last-rows path and the training targets assume that length")
-    missing = [k for k in ("features", "tokenizer", "operations") if k not in ref]
-    if missing:
-        raise ValueError(f"{checkpoint}: the checkpoint's dataset reference lacks {missing}; it cannot be served")
-    if not dynamic_batch and batch_size is None:
-        batch_size = 1
-    if batch_size is not None:
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-        dynamic_batch = False
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    dynamic_batch = batch_size is None
     opset = opset or DEFAULT_OPSET
     folder, stem = stem_paths(output)
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,13 +158,15 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: 
     cat = torch.zeros(b, seq_len, len(cfg.cardinalities), dtype=torch.long)
     with torch.no_grad():
         memory, _, _, h0 = model.encode(cont, cat)
-    examples = {"encoder": (cont, cat), "encoder_only": (cont, cat), "greedy": (cont, cat), "predict": (cont, cat),
+    examples = {"encoder": (cont, cat), "encoder_only": (cont, cat), "predict": (cont, cat),
                 "decoder": (torch.full((b,), decoding.BOS, dtype=torch.long), h0, memory)}
-    graphs = ["encoder_only"] if encoder_only else ["encoder", "decoder", "greedy", "encoder_only"]
+    graphs = ["encoder_only"] if encoder_only else ["encoder", "decoder", "encoder_only"]
     if cfg.n_lines and not encoder_only:
-        if "line_table" not in ckpt:
+        if bundle.line_table is None:
             raise ValueError(f"{checkpoint}: the model has a line head but the checkpoint has no line_table")
         graphs.append("predict")
+    else:  # the line table, path and clock serve the predict graph only
+        bundle = bundle.replace(line_table=None, program_path=None, program_clock=None)
     modules = _wrappers(model)
     files, signatures = {}, {}
     t0 = time.perf_counter()
@@ -184,15 +175,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: 
         export_graph(modules[name], name, examples[name], path, dynamic_batch, opset)
         onnx.checker.check_model(str(path), full_check=True)
         files[name], signatures[name] = path.name, graph_signature(path)
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "variant": "fp32",
-        "kind": "encoder_only" if encoder_only else "full", "files": files, "graphs": signatures, "opset": opset,
-        "dynamic_batch": dynamic_batch, "batch_size": batch_size, "window": cfg.window,
-        "max_tokens": cfg.max_decode_len, "features": ref["features"], "tokenizer": ref["tokenizer"],
-        "operations": ref["operations"], "model_config": cfg.to_dict(), "parameter_count": count_parameters(model),
-        "line_table": ckpt.get("line_table") if "predict" in graphs else None,
-        "program_clock": ckpt.get("program_clock") if "predict" in graphs else None,  # streaming mode
-        "program_path": ckpt.get("program_path") if "predict" in graphs else None,    # snapping onto the tool path
+    description = {
+        "variant": REFERENCE, "kind": "encoder_only" if encoder_only else "full", "files": files,
+        "graphs": signatures, "opset": opset, "dynamic_batch": dynamic_batch, "batch_size": batch_size,
+        "model_config": cfg.to_dict(), "parameter_count": count_parameters(model),
         "train_config": (ckpt.get("config") or {}).get("train", {}),
         "file_sizes": {n: (folder / f).stat().st_size for n, f in files.items()},
         "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
@@ -200,16 +186,17 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: 
         "export_seconds": round(time.perf_counter() - t0, 2), "torch_version": torch.__version__,
         "onnx_version": onnx.__version__, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    meta["total_size_bytes"] = sum(meta["file_sizes"].values())
+    description["total_size_bytes"] = sum(description["file_sizes"].values())
     failed = folder / f"{stem}.failed.json"
-    write_json(failed, meta)  # verify() reads the description; renamed to <stem>.json once it passes
+    # verify() reads the description; renamed to <stem>.json once it passes, so no server loads a failed export.
+    meta = write_model_json(failed, description, bundle)
     try:
         meta["parity"] = verify(failed, model=model, dataset=dataset, windows=verify_windows, _meta=meta)
     except Exception as exc:
         meta["parity"] = {"passed": False, "error": f"{type(exc).__name__}: {exc}"}
-        write_json(failed, meta)
+        write_model_json(failed, meta)
         raise
-    write_json(failed, meta)
+    write_model_json(failed, meta)
     if not meta["parity"]["passed"]:
         raise VerificationError(f"ONNX verification failed ({'; '.join(meta['parity']['failures'])}); "
                                 f"figures in {failed}")
@@ -227,13 +214,14 @@ def verify(model_json: str | Path, model=None, checkpoint: str | Path | None = N
     import onnx
     import torch
 
-    from .model import TorchStep, load_checkpoint
+    from .checkpoints import load_checkpoint
+    from .model import TorchStep
 
-    meta, meta_path = read_metadata(model_json) if _meta is None else (_meta, Path(model_json))
+    meta, meta_path = read_model_json(model_json)[::2] if _meta is None else (_meta, Path(model_json))
     for name, file in meta["files"].items():
         onnx.checker.check_model(str(meta_path.parent / file), full_check=True)
     if model is None:
-        model, _ = load_checkpoint(checkpoint or meta["source_checkpoint"]["path"])
+        model = load_checkpoint(checkpoint or meta["source_checkpoint"]["path"]).model
     if model.cfg.to_dict() != meta["model_config"]:
         raise VerificationError(f"{meta_path}: the reference model's config differs from the exported one")
     model.eval()
@@ -243,7 +231,7 @@ def verify(model_json: str | Path, model=None, checkpoint: str | Path | None = N
         batch_size = meta["batch_size"]
         cont, cat = cont[:len(cont) // batch_size * batch_size], cat[:len(cat) // batch_size * batch_size]
     diffs: dict[str, float] = {}
-    same = {"greedy_fused": 0, "greedy_stepwise": 0}
+    same = {"greedy_stepwise": 0}
     has_lines = "predict" in pred.sessions
     torch_step = TorchStep(model)
 
@@ -273,9 +261,7 @@ def verify(model_json: str | Path, model=None, checkpoint: str | Path | None = N
             bos = np.full(len(c), decoding.BOS, np.int64)
             diff("decoder_logits", pred.step(bos, state)[0], torch_step(bos, state)[0])
             ref = decoding.greedy(torch_step, state, len(c), meta["max_tokens"])
-            fused = pred.predict_arrays(c, k, method="greedy", fused=True)[0]
             stepwise = pred.predict_arrays(c, k, method="greedy")[0]
-            same["greedy_fused"] += int((fused == ref).all(axis=1).sum())
             same["greedy_stepwise"] += int((stepwise == ref).all(axis=1).sum())
     report = {"windows": int(len(cont)), "data": source, "max_abs_diff": diffs, "failures": []}
     if pred.can_decode:  # the share of windows whose G-code answer is identical to PyTorch's, per path

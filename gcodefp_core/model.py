@@ -7,13 +7,11 @@ Built for fast batch-1 CPU inference after ONNX export (budget: encode + decode 
 - The encoder is a short strided Conv1d stack (64 -> 16 steps), cheap and export-friendly; a direct
   path reads the window's last rows (plus learned Fourier features of their positions, when the
   feature set has them), because the target is the line active at the last row.
-- `greedy_decode` is encode + the unrolled greedy loop in one graph: one runtime call per prediction.
 - The decoder is one GRU cell with dot-product attention over 17 memory slots: a step is a handful
   of small matmuls, and the tokenizer is word-level, so a line takes at most 6 steps.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -21,72 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fileio import check_known_fields
+from .config import ModelConfig
 
-
-@dataclass
-class ModelConfig:
-    n_continuous: int
-    cardinalities: list[int]           # one per categorical feature ([] for side_channel)
-    n_operations: int
-    vocab_size: int
-    window: int
-    max_decode_len: int                # tokens after BOS, EOS included
-    d_model: int = 128
-    conv_blocks: int = 2               # each halves the time axis
-    kernel_size: int = 3
-    last_rows: int = 8                 # rows read by the direct last-rows path
-    fourier_inputs: list[int] = field(default_factory=list)  # continuous columns (positions) to expand
-    fourier_features: int = 128        # sin/cos pairs over fourier_inputs of the last rows (0 = off)
-    fourier_scale: float = 10.0        # init std of their frequencies (radians per standard deviation)
-    delta_scale: float = 0.0           # > 0: also feed the last rows' steps (row - previous row) of the
-                                       # fourier_inputs, times this (the direction of motion; 0 = off)
-    line_hidden: int = 0               # width of the line head's hidden layer (0 = d_model)
-    # What the line head reads: "summary" (everything) or "controller" (only the last rows' controller
-    # state: fourier_inputs, their Fourier features and steps, categorical state). With controller
-    # state the line is a lookup of the position in the program; sensor cues that identify the
-    # recording day only add ways to be wrong on an unseen run.
-    line_source: str = "summary"
-    line_rows: int = 0                 # rows the controller line head reads, the newest (0 = last_rows)
-    variant_stats: bool = False        # the damaged-or-not head also reads per-channel window mean/std
-    token_dim: int = 64
-    fingerprint_dim: int = 128
-    dropout: float = 0.1
-    # Set from the dataset's LineTable (gcodefp_core.programs), not by hand:
-    n_lines: int = 0                   # classes of the line head (0 = no line head)
-    operation_program: list[int] = field(default_factory=list)  # program index per operation
-    operation_variant: list[int] = field(default_factory=list)  # 1 = damaged variant of its program
-    factorise_operations: bool = False  # op = program x variant (needs operation_program)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        check_known_fields(d, cls, "model")
-        cfg = cls(**d)
-        if cfg.window <= cfg.last_rows or cfg.window % (2 ** cfg.conv_blocks):
-            raise ValueError(f"model config: window {cfg.window} must be > last_rows ({cfg.last_rows}) "
-                             f"and divisible by 2**conv_blocks ({2 ** cfg.conv_blocks})")
-        if any(not 0 <= i < cfg.n_continuous for i in cfg.fourier_inputs):
-            raise ValueError(f"model config: fourier_inputs must index the {cfg.n_continuous} continuous features")
-        if (cfg.n_lines or cfg.factorise_operations) and len(cfg.operation_program) != cfg.n_operations:
-            raise ValueError("model config: the line head and factorised operations need operation_program "
-                             f"(one program index per operation, {cfg.n_operations})")
-        if cfg.line_source not in ("summary", "controller") or (cfg.line_source == "controller" and not cfg.fourier_inputs):
-            raise ValueError("model config: line_source must be 'summary' or 'controller' (which needs "
-                             "controller inputs, i.e. the full feature set)")
-        if not 0 <= cfg.line_rows <= cfg.last_rows:
-            raise ValueError(f"model config: line_rows must be in [0, last_rows={cfg.last_rows}] (0 = last_rows)")
-        if cfg.d_model < 8 or cfg.kernel_size % 2 == 0:
-            raise ValueError("model config: d_model must be >= 8 and kernel_size odd")
-        return cfg
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# Hyper-parameters a config's "model" section may set (the rest come from the dataset).
-TUNABLE = ("d_model", "conv_blocks", "kernel_size", "last_rows", "token_dim", "fingerprint_dim", "dropout",
-           "fourier_features", "fourier_scale", "delta_scale", "line_hidden", "line_source", "line_rows", "variant_stats",
-           "line_head", "line_classes", "factorise_operations")
 # Masked-out line logits: a large finite value, not -inf (quantizers and softmax choke on infinities).
 MASKED = -1e4
 
@@ -271,22 +205,6 @@ class GCodeFingerprintModel(nn.Module):
         logits = F.linear(self.out_proj(self.drop(out)), self.token_embed.weight, self.out_bias)
         return logits, h
 
-    def greedy_decode(self, continuous: torch.Tensor, categorical: torch.Tensor, bos: int = 1, eos: int = 2, pad: int = 0):
-        """Whole prediction in one graph: encode + max_decode_len unrolled greedy steps ->
-        tokens [B, max_decode_len] (w1 .. EOS PAD ..), op_logits, fingerprint. Exported as one ONNX
-        graph, a batch-1 prediction is a single runtime call (per-call overhead dominates otherwise)."""
-        memory, op_logits, fingerprint, h = self.encode(continuous, categorical)
-        prev = torch.full_like(op_logits[:, 0], bos, dtype=torch.long)
-        done = torch.zeros_like(prev, dtype=torch.bool)
-        out = []
-        for _ in range(self.cfg.max_decode_len):
-            logits, h = self.decode_step(prev, h, memory)
-            tok = torch.where(done, torch.full_like(prev, pad), logits.argmax(dim=-1))
-            done = done | (tok == eos)
-            out.append(tok)
-            prev = torch.where(done, torch.full_like(prev, eos), tok)
-        return torch.stack(out, dim=1), op_logits, fingerprint
-
     def forward(self, continuous, categorical, tokens):
         """Teacher forcing. tokens [B,L] (BOS .. EOS PAD) -> token logits [B,L-1,V], op logits,
         fingerprint, line logits [B,n_lines] (unmasked; None without a line head)."""
@@ -326,34 +244,3 @@ class TorchStep:
 
 def build_model(cfg: ModelConfig | dict) -> GCodeFingerprintModel:
     return GCodeFingerprintModel(cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg))
-
-
-def load_checkpoint(path, map_location="cpu") -> tuple[GCodeFingerprintModel, dict]:
-    """Load a checkpoint written by gcodefp_core.train (weights_only: no pickled code) -> (model in eval mode, ckpt)."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path}: not a gcodefp checkpoint (missing state_dict/model_config)")
-    model = build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["state_dict"])
-    if "line_table" in ckpt:
-        from .programs import LineTable
-
-        model.line_table = LineTable.from_dict(ckpt["line_table"])
-    if ckpt.get("program_path"):
-        from .program_path import ProgramPath
-
-        model.program_path = ProgramPath.from_dict(ckpt["program_path"])
-    if "program_clock" in ckpt:
-        from .stream import ProgramClock
-
-        model.program_clock = ProgramClock.from_dict(ckpt["program_clock"])
-    model.eval()
-    return model, ckpt

@@ -10,7 +10,7 @@ Layout:
 A package is written to a hidden temp folder and renamed into place, so a server polling the
 registry never sees half a package; a package is never modified after that (a new model is a new
 version). Servers verify the checksums before loading, so a corrupted or hand-edited package is
-refused rather than served. Plain library: numpy only, no torch, no onnxruntime.
+refused rather than served. Plain library: no torch, no onnxruntime.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .fileio import sha256_file, write_atomic, write_json
+from .runtime.bundle import read_model_json, write_model_json
 
 MANIFEST = "manifest.json"
 MODEL_JSON = "model.json"
@@ -42,34 +43,14 @@ def check_version(version: str) -> str:
     return version
 
 
-def resolve_model_json(model: Path) -> Path:
-    """An export folder holding model.json, or the .json description itself (variants that share a
-    folder have their own `<stem>.json`)."""
-    model = Path(model)
-    path = model if model.suffix == ".json" else model / MODEL_JSON
-    if not path.is_file():
-        raise PackageError(f"{path}: not found (is {model} an exported model folder?)")
-    return path
-
-
-def read_model_json(path: Path) -> dict:
+def read_export(model) -> tuple[dict, Path]:
+    """An exported model's model.json (a folder holding it, or a `<stem>.json`) through the one
+    reader (gcodefp_core.runtime.bundle) -> (its contents, its path); PackageError otherwise."""
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PackageError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    for key in ("files", "features", "window"):
-        if key not in meta:
-            raise PackageError(f"{path}: missing key {key!r}")
-    return meta
-
-
-def graph_files(meta: dict, meta_path: Path) -> list[str]:
-    """The graph files a model.json names (`files`: graph name -> file beside it)."""
-    files = list(dict.fromkeys(meta["files"].values()))
-    for name in files:
-        if "/" in name or "\\" in name or not (meta_path.parent / name).is_file():
-            raise PackageError(f"{meta_path}: graph file {name!r} is missing beside it")
-    return files
+        meta, _, path = read_model_json(model)
+    except (ValueError, FileNotFoundError) as exc:
+        raise PackageError(str(exc)) from None
+    return meta, path
 
 
 # ---- package contents ---------------------------------------------------------------------
@@ -139,10 +120,9 @@ def build_package(model_dir, registry, version: str | None = None, benchmark: di
     """Copy an exported model (folder with model.json, or a `<stem>.json`)  into `<registry>/packages/<version>/` with its card, benchmark,
     sample request and checksums. Does not promote it. Returns the package folder."""
     registry = Path(registry)
-    meta_path = resolve_model_json(model_dir)
-    meta = read_model_json(meta_path)
+    meta, meta_path = read_export(model_dir)
     model_dir = meta_path.parent
-    files = graph_files(meta, meta_path)
+    files = list(dict.fromkeys(meta["files"].values()))
     version = check_version(version or _new_version(meta_path.read_bytes()))
     if metrics is None:
         metrics = meta.get("metrics") or meta.get("source_checkpoint", {}).get("metrics", {})
@@ -159,7 +139,7 @@ def build_package(model_dir, registry, version: str | None = None, benchmark: di
         for name in files:
             shutil.copy2(model_dir / name, tmp / name)
         meta_out = dict(meta, metrics=metrics, package_version=version)
-        write_json(tmp / MODEL_JSON, meta_out)
+        write_model_json(tmp / MODEL_JSON, meta_out)
         (tmp / "model_card.md").write_text(model_card(meta_out, version, metrics, benchmark))
         write_json(tmp / "benchmark.json", benchmark)
         window = sample_window or default_sample_window(meta)

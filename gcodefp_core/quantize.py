@@ -29,7 +29,7 @@ import numpy as np
 
 from . import onnx_rewrites
 from .export import graph_signature, sample_windows, sha256_file, stem_paths, write_json
-from .runtime import OnnxPredictor, read_metadata
+from .runtime import OnnxPredictor, read_model_json, write_model_json
 from .variants import METHODS, QUANTIZED, REFERENCE, VARIANTS, Variant
 
 STATIC_OP_TYPES = ["MatMul", "Gemm", "Conv"]
@@ -119,7 +119,12 @@ def int8_dynamic_graph(src: Path, tmp: Path, feeds: list[dict] | None, work: Pat
 
 def int8_static_graph(src: Path, tmp: Path, feeds: list[dict] | None, work: Path) -> None:
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     model, pre = _pre_processed(src, work, split_gemm=True)
     periodic = onnx_rewrites.periodic_nodes(model)
@@ -155,7 +160,7 @@ def quantize_model(model_json_or_onnx: str | Path, output: str | Path, method: s
     variant = VARIANTS.get(METHODS.get(method, method))
     if variant is None or not variant.builder:
         raise ValueError(f"--method: unknown {method!r}; choose one of {', '.join(METHODS)}")
-    meta, meta_path = read_metadata(model_json_or_onnx)
+    meta, bundle, meta_path = read_model_json(model_json_or_onnx)
     if meta["variant"] != REFERENCE:
         raise ValueError(f"{meta_path}: quantize an fp32 export, not a {meta['variant']} variant")
     if meta.get("batch_size"):
@@ -164,7 +169,7 @@ def quantize_model(model_json_or_onnx: str | Path, output: str | Path, method: s
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    fp32 = OnnxPredictor(meta, meta_path.parent)
+    fp32 = OnnxPredictor(meta, meta_path.parent, bundle=bundle)
     calib = None
     if variant.calibrated:
         if calibration_windows < MIN_CALIBRATION_WINDOWS:
@@ -190,9 +195,9 @@ def quantize_model(model_json_or_onnx: str | Path, output: str | Path, method: s
                            "size_ratio_vs_fp32": out["total_size_bytes"] / meta["total_size_bytes"],
                            "seconds": round(time.perf_counter() - t0, 2)}
     cont, cat, source = sample_windows(meta, calibration_dataset, 512, split="test")
-    out["parity"] = agreement(fp32, OnnxPredictor(out, folder), cont, cat) | {"reference": "fp32 ONNX", "data": source}
-    write_json(folder / f"{stem}.json", out)
-    return out
+    out["parity"] = agreement(fp32, OnnxPredictor(out, folder, bundle=bundle), cont, cat) | {
+        "reference": "fp32 ONNX", "data": source}
+    return write_model_json(folder / f"{stem}.json", out)
 
 
 def agreement(ref: OnnxPredictor, other: OnnxPredictor, cont: np.ndarray, cat: np.ndarray) -> dict:
@@ -260,15 +265,15 @@ def compare_variants(model_json: str | Path, output_dir: str | Path, dataset: st
     the dataset's split against fp32. Writes and returns quantization_results.json."""
     from .dataset import load_dataset
 
-    meta, meta_path = read_metadata(model_json)
+    meta, _, meta_path = read_model_json(model_json)
     output_dir = Path(output_dir)
     ds = load_dataset(dataset)
     sample_windows(meta, dataset, 1)  # fails early, naming the dataset, if it does not fit the model
-    fp32_dir = output_dir / "fp32"
+    fp32_dir = output_dir / REFERENCE
     fp32_dir.mkdir(parents=True, exist_ok=True)
     for file in meta["files"].values():
         shutil.copy2(meta_path.parent / file, fp32_dir / file)
-    write_json(fp32_dir / "model.json", meta)
+    write_model_json(fp32_dir / "model.json", meta)
     metas = {REFERENCE: meta}
     for name in QUANTIZED:
         metas[name] = quantize_model(fp32_dir / "model.json", output_dir / name / "model.onnx", name,

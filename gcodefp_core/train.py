@@ -1,8 +1,8 @@
-"""Training: config, loss, the epoch loop (early stopping, clipping, warmup + cosine LR, resume),
-checkpoints and ensembles.
+"""Training: loss, augmentation, the epoch loop (early stopping, clipping, warmup + cosine LR,
+resume) and ensembles. The config sections are gcodefp_core.config's; checkpoints are
+gcodefp_core.checkpoints'.
 
-A config file has sections "data" (DatasetConfig), "model" (ModelConfig hyper-parameters), "train"
-(TrainConfig) and "wandb" (tracking.py). Same seed + same data + same thread count = same weights
+Same seed + same data + same thread count = same weights
 on CPU: every source of randomness is seeded and the data order of epoch e comes from (seed, e),
 which is also why a resumed run continues exactly where the interrupted one stopped.
 """
@@ -14,123 +14,40 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import evaluate, program_path, stream, tracking
-from .decoding import PAD
-from .fileio import check_known_fields, read_json, write_json
-from .model import TUNABLE, GCodeFingerprintModel, ModelConfig, build_model, count_parameters, load_checkpoint
+from . import evaluate, tracking
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    attach_program_clock,
+    attach_program_path,
+    save_checkpoint,
+)
+from .config import ModelConfig, TrainConfig, validate_config
+from .fileio import write_json
+from .model import GCodeFingerprintModel, build_model, count_parameters
 from .programs import LineTable, build_line_table, row_classes
+from .runtime.decoding import PAD
 from .schema import CONTROLLER_NUMERIC
 
 log = logging.getLogger(__name__)
-SECTIONS = ("data", "model", "train", "wandb")
-CHECKPOINT_FORMAT = "gcodefp-checkpoint-v1"
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 200
-    grad_clip: float = 1.0
-    patience: int = 5                    # epochs without improvement of `monitor` before stopping
-    monitor: str = "score"               # a validation metric, higher is better
-    label_smoothing: float = 0.05
-    op_loss_weight: float = 1.0
-    line_loss_weight: float = 1.0        # the line head's cross-entropy (models with a line head)
-    fp_loss_weight: float = 0.5          # cosine-classifier loss on the fingerprint
-    fp_scale: float = 16.0
-    # Weight the operation loss by inverse class frequency of the training windows: the damage*
-    # classes have 4 runs each against 19 for the others, and share their programs with *150025.
-    balance_operations: bool = False
-    # Augmentation against what changes between recording days rather than between operations:
-    # each training window's sensor channels (currents and boards, never controller state) get one
-    # random offset per channel, N(0, sensor_offset_std) in normalised units (board calibration and
-    # mounting drift shift a channel's level for a whole session).
-    sensor_offset_std: float = 0.0
-    # Probability that a training window's categorical column is replaced by "unknown" (index 0), so
-    # that index is trained: a controller state never seen in training (e.g. jogging after M30)
-    # then reads as "state unknown" instead of an untrained random embedding.
-    categorical_dropout: float = 0.0
-    # Probability that a training window loses a whole sensor board (its channels set to the
-    # training mean, exactly how a board a run did not record is filled). Which boards a run has
-    # identifies its recording day (6 to 12 of 16 per run), not the operation; dropping boards at
-    # random keeps the model from reading the presence pattern and teaches it to survive a dead board.
-    board_dropout: float = 0.0
-    samples_per_epoch: int | None = None  # windows per epoch (seeded subsample); None = all
-    val_max_windows: int = 8000          # evenly spaced val windows scored every epoch
-    max_minutes: float | None = None     # stop (keeping the best checkpoint) after this long
-    num_threads: int | None = None       # None = leave torch's setting alone
-    # Where the training steps run ("cpu", "cuda", "cuda:1"). Validation and checkpoints stay on the
-    # CPU, so a checkpoint is the same file wherever it was trained (the numbers differ slightly).
-    device: str = "cpu"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        check_known_fields(d, cls, "train")
-        cfg = cls(**d)
-        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.patience < 1:
-            raise ValueError("train config: epochs, batch_size, patience must be >= 1 and lr > 0")
-        if cfg.sensor_offset_std < 0 or not 0 <= cfg.categorical_dropout < 1 or not 0 <= cfg.board_dropout < 1:
-            raise ValueError("train config: sensor_offset_std must be >= 0, categorical_dropout and board_dropout "
-                             "in [0, 1)")
-        if cfg.monitor not in ("score", "loss") + evaluate.OVERALL_METRICS:
-            raise ValueError(f"train config: monitor {cfg.monitor!r} is not a validation metric")
-        return cfg
-
-
-TUNABLE_FIELDS = {"model": set(TUNABLE), "train": set(TrainConfig.__dataclass_fields__)}
-
-
-def load_config(path: Path | str) -> dict:
-    path = Path(path)
-    cfg = read_json(path, "config")
-    validate_config(cfg, str(path))
-    return cfg
-
-
-def validate_config(cfg: dict, where: str = "config") -> None:
-    from .dataset import DatasetConfig
-
-    unknown = sorted(set(cfg) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
-    DatasetConfig.from_dict(cfg.get("data", {}))
-    bad = sorted(set(cfg.get("model", {})) - set(TUNABLE))
-    if bad:
-        raise ValueError(f"{where}: model: unknown field(s) {bad}; known: {list(TUNABLE)}")
-    TrainConfig.from_dict(cfg.get("train", {}))
-    tracking.validate_config(cfg.get("wandb", {}))
-
-
-def line_table_for(ds, model_section: dict) -> LineTable:
-    """The line head's classes as the config's model.line_classes asks: "line" (one per distinct
-    line, default) or "program_line" (one per program and line)."""
-    kind = model_section.get("line_classes", "line")
-    if kind not in ("line", "program_line"):
-        raise ValueError("model config: line_classes must be 'line' (one class per distinct line) or "
-                         "'program_line' (one per program and line)")
-    return build_line_table(ds, per_program=kind == "program_line")
+FP_LOSS_WEIGHT = 0.5    # the fingerprint's cosine-classifier loss, against 1 for the token/op/line losses
+FP_SCALE = 16.0         # its logit scale (cosine similarities live in [-1, 1])
 
 
 def model_config_for(ds, model_section: dict, table: LineTable | None = None) -> ModelConfig:
     """The model config for a dataset. The line head (model.line_head, default on) and the factorised
-    operation head (model.factorise_operations, default on) take their sizes from `table`."""
+    operation head (program x damaged-or-not) take their sizes from `table` (one class per distinct line)."""
     section = dict(model_section)
     line_head = section.pop("line_head", True)
-    table = table or line_table_for(ds, section)
-    section.pop("line_classes", None)
-    factorise = section.pop("factorise_operations", True)
+    table = table or build_line_table(ds)
     programs = {"operation_program": table.operation_program, "operation_variant": table.operation_variant,
-                "n_lines": table.n_lines if line_head else 0, "factorise_operations": bool(factorise)}
+                "n_lines": table.n_lines if line_head else 0, "factorise_operations": True}
     # Fourier features go to the controller's numeric state (positions, feed) when the feature set has it.
     fourier = [i for i, name in enumerate(ds.continuous_features) if name in CONTROLLER_NUMERIC]
     # Decode as many steps as the longest *training* line needs: lines with unseen words are spelled
@@ -162,15 +79,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def operation_weights(ds, train_ids: np.ndarray) -> torch.Tensor:
-    """Inverse-frequency class weights (mean 1 over the training windows) for the operation loss."""
-    counts = np.bincount(ds.operation_labels(train_ids), minlength=len(ds.operations)).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
-    return torch.as_tensor(weights, dtype=torch.float32)
-
-
-def compute_loss(model: GCodeFingerprintModel, batch: dict, cfg: TrainConfig,
-                 op_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def compute_loss(model: GCodeFingerprintModel, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     """batch: ds.batch(...) plus "line_class" (the target's line-table class, -1 = unknown) when the
     model has a line head."""
     dev = next(model.parameters()).device
@@ -180,16 +89,16 @@ def compute_loss(model: GCodeFingerprintModel, batch: dict, cfg: TrainConfig,
                                                    torch.as_tensor(batch["categorical"], device=dev), tokens)
     tok_loss = F.cross_entropy(tok_logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=PAD,
                                label_smoothing=cfg.label_smoothing)
-    op_loss = F.cross_entropy(op_logits, op, weight=op_weights, label_smoothing=cfg.label_smoothing)
+    op_loss = F.cross_entropy(op_logits, op, label_smoothing=cfg.label_smoothing)
     # Cosine classifier: pulls each fingerprint towards a learned unit "proxy" of its operation.
-    fp_logits = cfg.fp_scale * fp @ F.normalize(model.fp_proxies, dim=-1).T
+    fp_logits = FP_SCALE * fp @ F.normalize(model.fp_proxies, dim=-1).T
     fp_loss = F.cross_entropy(fp_logits, op)
-    loss = tok_loss + cfg.op_loss_weight * op_loss + cfg.fp_loss_weight * fp_loss
+    loss = tok_loss + op_loss + FP_LOSS_WEIGHT * fp_loss
     parts = {"tok_loss": tok_loss.item(), "op_loss": op_loss.item(), "fp_loss": fp_loss.item()}
     if line_logits is not None:
         line_loss = F.cross_entropy(line_logits, torch.as_tensor(batch["line_class"], device=dev), ignore_index=-1,
                                     label_smoothing=cfg.label_smoothing)
-        loss = loss + cfg.line_loss_weight * line_loss
+        loss = loss + line_loss
         parts["line_loss"] = line_loss.item()
     return loss, parts
 
@@ -229,25 +138,19 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def validate(model, ds, val_ids: np.ndarray) -> dict:
+def validate(model, table: LineTable, ds, val_ids: np.ndarray) -> dict:
+    """Validation metrics of the model as it is now (on a CPU copy when it trains elsewhere)."""
     if next(model.parameters()).device.type != "cpu":
-        table = model.line_table
         model = copy.deepcopy(model).cpu()
-        model.line_table = table
-    pred = evaluate.predict([model], ds, val_ids)
-    m = evaluate.summarise(evaluate.line_scores(pred, ds, val_ids, evaluate.table_lines([model])))
+    pred = evaluate.predict([model], None, ds, val_ids)
+    lines = table.lines if model.cfg.n_lines else None
+    m = evaluate.summarise(evaluate.line_scores(pred, ds, val_ids, lines))
     m["score"] = (m["op_acc"] + m["token_acc_tf"] + m["exact_match"]) / 3
     return m
 
 
 def cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
 
 
 def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool = False,
@@ -261,10 +164,9 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     seed_everything(seed)
-    table = line_table_for(ds, config.get("model", {}))
+    table = build_line_table(ds)
     mcfg = model_config_for(ds, config.get("model", {}), table)
     model = build_model(mcfg)
-    model.line_table = table
     if mcfg.n_lines:
         model.set_line_mask(table.mask)
     model.to(tcfg.device)
@@ -274,7 +176,6 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
         raise ValueError(f"dataset {ds.path}: train and val splits need windows (have {len(train_ids)}, {len(val_ids)})")
     if len(val_ids) > tcfg.val_max_windows:
         val_ids = val_ids[np.linspace(0, len(val_ids) - 1, tcfg.val_max_windows).astype(np.int64)]
-    op_weights = operation_weights(ds, train_ids).to(tcfg.device) if tcfg.balance_operations else None
     layout = SensorLayout(ds.continuous_features)
     per_epoch = min(tcfg.samples_per_epoch or len(train_ids), len(train_ids))
     steps_per_epoch = math.ceil(per_epoch / tcfg.batch_size)
@@ -311,7 +212,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
                 batch = ds.batch(ids)
                 batch["line_class"] = line_class[ids]
                 augment(batch, tcfg, layout, aug_rng)
-                loss, parts = compute_loss(model, batch, tcfg, op_weights)
+                loss, parts = compute_loss(model, batch, tcfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -321,7 +222,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
             train_m = {f"train_{k}": v / n for k, v in sums.items()}
-            val_m = validate(model, ds, val_ids)
+            val_m = validate(model, table, ds, val_ids)
             state["elapsed"] += time.perf_counter() - t0
             state["epoch"] = epoch
             improved = val_m[tcfg.monitor] > state["best"] + 1e-6 if tcfg.monitor != "loss" else -val_m["loss"] > state["best"] + 1e-6
@@ -364,41 +265,6 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
         return result
     finally:
         tracker.finish()
-
-
-def attach_program_path(best_path: Path, ds, val_ids: np.ndarray) -> dict:
-    """The program path (gcodefp_core.program_path) of a model with controller positions, its snapping
-    tolerance chosen on the validation windows, saved into the best checkpoint; {} when the feature
-    set has no positions."""
-    model, ckpt = load_checkpoint(best_path)
-    path, scores = program_path.path_for_model(model, ds, val_ids)
-    if path is None:
-        return {}
-    metrics = {"val_path_tolerance_mm": path.tolerance_mm, "val_path_exact_match": scores[path.tolerance_mm]}
-    ckpt["program_path"] = path.to_dict()
-    ckpt["metrics"] = ckpt.get("metrics", {}) | metrics
-    save_checkpoint(best_path, ckpt)
-    log.info("program path: %d segments, tolerance %g mm, validation exact line %.4f (line head alone %.4f)",
-             path.n_segments, path.tolerance_mm, scores[path.tolerance_mm], scores[0.0])
-    return metrics
-
-
-def attach_program_clock(best_path: Path, ds, val_ids: np.ndarray) -> dict:
-    """Streaming mode's program clock (gcodefp_core.stream), its weight chosen on the validation
-    windows, saved into the best checkpoint with the streamed validation metrics."""
-    model, ckpt = load_checkpoint(best_path)
-    pred = evaluate.predict([model], ds, val_ids, greedy=False)
-    clock, _ = stream.fit_program_clock(ds, model.line_table, pred, val_ids)
-    streamed = evaluate.stream_report(clock, model.line_table, ds, val_ids, pred)["overall"]
-    metrics = {f"val_stream_{k}": streamed[k] for k in ("op_acc", "exact_match", "word_acc")}
-    metrics["val_stream_clock_weight"] = clock.weight
-    ckpt["program_clock"] = clock.to_dict()
-    ckpt["metrics"] = ckpt.get("metrics", {}) | metrics
-    save_checkpoint(best_path, ckpt)
-    log.info("program clock: weight %g, streamed validation op %.4f exact %.4f (per window: op %.4f exact %.4f)",
-             clock.weight, metrics["val_stream_op_acc"], metrics["val_stream_exact_match"],
-             ckpt["metrics"].get("val_op_acc", float("nan")), ckpt["metrics"].get("val_exact_match", float("nan")))
-    return metrics
 
 
 def prepare_dataset(config: dict, output: Path, dataset_dir: Path | None = None):

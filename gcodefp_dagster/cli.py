@@ -57,7 +57,7 @@ def _configure_env(args) -> None:
     definitions from them (gcodefp_dagster.definitions.full_pipeline_job)."""
     if not args.config.is_file():
         raise FileNotFoundError(f"--config: not found: {args.config}")
-    from gcodefp_core.train import load_config
+    from gcodefp_core.config import load_config
 
     load_config(args.config)  # fail here, naming the field, rather than inside a run
     os.environ["GCODEFP_CONFIG"] = str(args.config.resolve())
@@ -141,8 +141,8 @@ def _pipeline(args) -> int:
     home = ensure_dagster_home()
     import dagster as dg
 
-    from gcodefp_dagster.defs.jobs import seed_range_tags
     from gcodefp_dagster.definitions import full_pipeline_job, seed_partitions
+    from gcodefp_dagster.defs.jobs import seed_range_tags
 
     instance = dg.DagsterInstance.get()
     token = uuid.uuid4().hex

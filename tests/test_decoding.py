@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gcodefp_core import decoding
+from gcodefp_core.runtime import decoding
 
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 V = 5

@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from gcodefp_core import decoding
-from gcodefp_core.export import VerificationError, export_checkpoint, sample_windows, verify
-from gcodefp_core.model import TorchStep, load_checkpoint
-from gcodefp_core.runtime import OnnxPredictor
+from gcodefp_core.checkpoints import load_checkpoint
+from gcodefp_core.export import (
+    VerificationError,
+    export_checkpoint,
+    sample_windows,
+    verify,
+)
+from gcodefp_core.model import TorchStep
+from gcodefp_core.runtime import OnnxPredictor, decoding
 
 torch.set_num_threads(1)
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
@@ -24,8 +29,9 @@ _CACHE: dict = {}
 def exported_model(dataset_dir: Path, tmp_path_factory) -> dict:
     """{"checkpoint", "model_json", "meta", "dataset"}: a tiny model trained for a few epochs, exported."""
     if "built" not in _CACHE:
+        from gcodefp_core.config import load_config
         from gcodefp_core.dataset import load_dataset
-        from gcodefp_core.train import load_config, train_model
+        from gcodefp_core.train import train_model
 
         cfg = load_config(TINY)
         cfg["train"].update(epochs=4, samples_per_epoch=2048)
@@ -48,7 +54,7 @@ def test_export_writes_every_graph_and_a_complete_model_json(exported):
     meta = json.loads(exported["model_json"].read_text())
     folder = exported["model_json"].parent
     assert meta["format"] == "gcodefp-onnx" and meta["variant"] == "fp32" and meta["kind"] == "full"
-    assert set(meta["files"]) == {"encoder", "decoder", "greedy", "encoder_only", "predict"}
+    assert set(meta["files"]) == {"encoder", "decoder", "encoder_only", "predict"}
     for name, file in meta["files"].items():
         assert (folder / file).stat().st_size == meta["file_sizes"][name]
     enc = meta["graphs"]["encoder"]
@@ -66,7 +72,7 @@ def test_export_writes_every_graph_and_a_complete_model_json(exported):
     par = meta["parity"]
     assert par["passed"] and par["windows"] == 512 and "dataset" in par["data"]
     assert max(par["max_abs_diff"].values()) < 1e-4
-    assert par["greedy_identical"] == {"greedy_fused": 1.0, "greedy_stepwise": 1.0, "line": 1.0}
+    assert par["greedy_identical"] == {"greedy_stepwise": 1.0, "line": 1.0}
     pr = meta["graphs"]["predict"]
     assert [o["name"] for o in pr["outputs"]] == ["line", "line_confidence", "op_logits", "fingerprint"]
     table = meta["line_table"]
@@ -77,7 +83,7 @@ def test_export_writes_every_graph_and_a_complete_model_json(exported):
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_onnx_matches_pytorch_at_dynamic_batch_sizes(exported, batch):
-    model, _ = load_checkpoint(exported["checkpoint"])
+    model, bundle, _ = load_checkpoint(exported["checkpoint"])
     pred = OnnxPredictor.load(exported["model_json"])
     cont, cat, _ = sample_windows(exported["meta"], exported["dataset"], n=batch)
     assert len(cont) == batch
@@ -88,27 +94,26 @@ def test_onnx_matches_pytorch_at_dynamic_batch_sizes(exported, batch):
     np.testing.assert_allclose(got["memory"], state["memory"], atol=1e-4)
     ref = decoding.greedy(TorchStep(model), state, batch, exported["meta"]["max_tokens"])
     np.testing.assert_array_equal(pred.predict_arrays(cont, cat, method="greedy")[0], ref)
-    np.testing.assert_array_equal(pred.predict_arrays(cont, cat, method="greedy", fused=True)[0], ref)
     # The default answer is the line head's: one graph call, the same line as PyTorch's.
     line_ref, conf_ref, op_logits, _ = (t.detach().numpy() for t in model.predict_line(torch.as_tensor(cont), torch.as_tensor(cat)))
     # ... snapped onto the program path where the position lies on it, as evaluate.predict does.
-    assert model.program_path is not None and pred.program_path is not None
+    assert bundle.program_path is not None and pred.program_path is not None
     program = model.op_program.numpy()[op_logits.argmax(1)]
-    line_ref, _, _ = model.program_path.snap(program, cont[:, -1], line_ref, conf_ref)
+    line_ref, _, _ = bundle.program_path.snap(program, cont[:, -1], line_ref, conf_ref)
     rows = pred.predict(cont, cat)
-    assert [r["gcode"] for r in rows] == [model.line_table.lines[i] for i in line_ref]
+    assert [r["gcode"] for r in rows] == [bundle.line_table.lines[i] for i in line_ref]
     assert all(r["method"] == "line" and 0 < r["line_confidence"] <= 1 for r in rows)
 
 
 def test_verification_fails_for_a_different_model(exported):
-    model, _ = load_checkpoint(exported["checkpoint"])
+    model = load_checkpoint(exported["checkpoint"]).model
     with torch.no_grad():
         model.program_head.bias[0] += 0.5  # a mismatched reference: the operation logits move
         model.token_embed.weight.mul_(-1)  # and the decoder changes its mind
     report = verify(exported["model_json"], model=model, dataset=exported["dataset"], windows=64)
     assert not report["passed"]
     assert any(f.startswith("op_logits") for f in report["failures"])
-    assert any("greedy_fused identical" in f for f in report["failures"])
+    assert any("greedy_stepwise identical" in f for f in report["failures"])
     assert verify(exported["model_json"], dataset=exported["dataset"], windows=64)["passed"]  # recorded checkpoint
 
 

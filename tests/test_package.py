@@ -6,6 +6,7 @@ import json
 import pytest
 
 from gcodefp_core import package as pkg
+from gcodefp_core.tokenizer import GCodeTokenizer
 
 
 def fake_export(folder, variant="int8_dynamic"):
@@ -20,7 +21,7 @@ def fake_export(folder, variant="int8_dynamic"):
             "features": {"feature_set": "full", "continuous": ["posx", "spindle"], "categorical": ["stat", "unit"],
                          "mean": [1.5, 2.0], "std": [1.0, 1.0],
                          "categorical_maps": {"stat": {"5": 1, "4": 2}, "unit": {"0": 1, "1": 2}}, "clip": 8.0},
-            "tokenizer": {"vocab_size": 9}, "operations": ["face", "pocket"],
+            "tokenizer": GCodeTokenizer.build(["G1 X1"]).to_dict(), "operations": ["face", "pocket"],
             "metrics": {"test_line_accuracy": 0.5}}
     (folder / "model.json").write_text(json.dumps(meta))
     return folder

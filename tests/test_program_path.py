@@ -1,19 +1,20 @@
-"""gcodefp_core.program_path: the tool path of each program, built from the training runs, and
-snapping a window's last position onto it."""
+"""The program path: the tool path of each program, built from the training runs
+(gcodefp_core.path_fitting), and snapping a window's last position onto it (gcodefp_core.runtime.program_path)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from gcodefp_core.dataset import load_dataset
-from gcodefp_core.program_path import ProgramPath, arc_points, axis_words, build_program_path, fit_program_path
-from gcodefp_core.train import line_table_for
+from gcodefp_core.path_fitting import build_program_path, fit_program_path
+from gcodefp_core.programs import build_line_table
+from gcodefp_core.runtime.program_path import ProgramPath, arc_points, axis_words
 
 
 @pytest.fixture(scope="module")
 def built(synthetic_dataset):
     ds = load_dataset(synthetic_dataset)
-    table = line_table_for(ds, {})
+    table = build_line_table(ds)
     return ds, table, build_program_path(ds, table)
 
 
@@ -99,7 +100,7 @@ def test_no_path_without_positions(synthetic_dataset, tmp_path):
 
     cfg = DatasetConfig(source="synthetic", feature_set="side_channel", window=32, synthetic_runs_per_operation=2)
     ds = load_dataset(build_dataset(cfg, tmp_path / "side"))
-    assert build_program_path(ds, line_table_for(ds, {})) is None
+    assert build_program_path(ds, build_line_table(ds)) is None
 
 
 def test_the_onnx_runtime_snaps_what_it_serves(tiny_export, synthetic_dataset):
@@ -127,7 +128,7 @@ def test_the_onnx_runtime_snaps_what_it_serves(tiny_export, synthetic_dataset):
 
 def brute_force(path, program, positions, prefer):
     """locate() without the grid: every segment of the program, the same tie rule."""
-    from gcodefp_core.program_path import MARGIN_MM, TIE_MM
+    from gcodefp_core.runtime.program_path import MARGIN_MM, TIE_MM
 
     line, dist = np.full(len(program), -1), np.full(len(program), np.inf)
     for i, (p, pos) in enumerate(zip(program, positions)):

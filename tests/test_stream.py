@@ -1,4 +1,4 @@
-"""Streaming mode (gcodefp_core.stream): the program clock, the per-machine tracker, replaying runs,
+"""Streaming mode (gcodefp_core.runtime.clock, fitted by gcodefp_core.clock_fitting): the program clock, the per-machine tracker, replaying runs,
 choosing the clock's weight on validation, and that training, evaluation, export and the runtime
 carry the clock through."""
 from __future__ import annotations
@@ -10,11 +10,12 @@ import pytest
 from test_export import exported_model
 
 from gcodefp_core import evaluate
+from gcodefp_core.checkpoints import load_checkpoint
+from gcodefp_core.clock_fitting import build_program_clock, fit_program_clock, replay
 from gcodefp_core.dataset import load_dataset
-from gcodefp_core.model import load_checkpoint
 from gcodefp_core.programs import build_line_table, row_classes
 from gcodefp_core.runtime import OnnxPredictor
-from gcodefp_core.stream import ProgramClock, StreamTracker, build_program_clock, fit_program_clock, replay
+from gcodefp_core.runtime.clock import ProgramClock, StreamTracker
 
 
 def hand_clock(weight: float = 1.0) -> ProgramClock:
@@ -119,15 +120,15 @@ def exported(synthetic_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_and_pred(exported, ds):
-    model, ckpt = load_checkpoint(exported["checkpoint"])
+    model, bundle, ckpt = load_checkpoint(exported["checkpoint"])
     ids = ds.split_windows("test")
-    return model, ckpt, ids, evaluate.predict([model], ds, ids, greedy=False)
+    return model, bundle, ckpt, ids, evaluate.predict([model], bundle, ds, ids, greedy=False)
 
 
 def test_replay_follows_each_run_in_row_order_whatever_the_window_order(model_and_pred, ds):
-    model, _, ids, pred = model_and_pred
+    model, bundle, _, ids, pred = model_and_pred
     op = np.log(pred["op_prob"])
-    clock, table = model.program_clock, model.line_table
+    clock, table = bundle.program_clock, bundle.line_table
     out = replay(clock, table.operation_program, ds, ids, op, pred["line_pred"], pred["line_confidence"])
     order = np.random.default_rng(0).permutation(len(ids))
     shuffled = replay(clock, table.operation_program, ds, ids[order], op[order], pred["line_pred"][order],
@@ -144,37 +145,37 @@ def test_replay_follows_each_run_in_row_order_whatever_the_window_order(model_an
 
 
 def test_the_weight_is_the_best_on_validation(model_and_pred, ds):
-    model, ckpt = model_and_pred[:2]
+    model, bundle, ckpt = model_and_pred[:3]
     val_ids = ds.split_windows("val")
     limit = ckpt["config"]["train"]["val_max_windows"]  # training validates on an even subsample
     if len(val_ids) > limit:
         val_ids = val_ids[np.linspace(0, len(val_ids) - 1, limit).astype(np.int64)]
-    pred = evaluate.predict([model], ds, val_ids, greedy=False)
-    clock, scores = fit_program_clock(ds, model.line_table, pred, val_ids)
+    pred = evaluate.predict([model], bundle, ds, val_ids, greedy=False)
+    clock, scores = fit_program_clock(ds, bundle.line_table, pred, val_ids)
     assert scores[clock.weight] == max(scores.values()) and len(scores) > 3
     # what training stored is what this choice gives
-    assert model.program_clock.weight == clock.weight
+    assert bundle.program_clock.weight == clock.weight
 
 
 def test_training_evaluation_export_and_runtime_carry_the_clock(model_and_pred, exported, ds):
-    model, ckpt, ids, _ = model_and_pred
+    model, bundle, ckpt, ids, _ = model_and_pred
     assert {"val_stream_op_acc", "val_stream_exact_match", "val_stream_clock_weight"} <= set(ckpt["metrics"])
-    report = evaluate.evaluate_models([model], ds, "test", max_reference=500)
+    report = evaluate.evaluate_models([model], bundle, ds, "test", max_reference=500)
     stream = report["stream"]
-    assert stream["clock_weight"] == model.program_clock.weight
+    assert stream["clock_weight"] == bundle.program_clock.weight
     assert stream["overall"]["windows"] == len(ids) == sum(m["windows"] for m in stream["per_operation"].values())
     assert 0 <= stream["overall"]["exact_match"] <= 1 and 0 <= stream["overall"]["clock_answers"] <= 1
     assert "streaming mode" in evaluate.format_table(report)
     # The same report says what the program path did (this model reads positions: it has one).
     path = report["program_path"]
-    assert path["tolerance_mm"] == model.program_path.tolerance_mm and 0 <= path["changed"] <= 1
+    assert path["tolerance_mm"] == bundle.program_path.tolerance_mm and 0 <= path["changed"] <= 1
     assert report["overall"]["exact_match"] >= path["exact_match_line_head_only"] - 0.05
     assert "program path: tolerance" in evaluate.format_table(report)
     meta = exported["meta"]
     assert meta["program_path"] == ckpt["program_path"]
     assert meta["program_clock"] == ckpt["program_clock"]
     predictor = OnnxPredictor.load(exported["model_json"])
-    assert predictor.program_clock.weight == model.program_clock.weight
+    assert predictor.program_clock.weight == bundle.program_clock.weight
     assert isinstance(predictor.stream_tracker(), StreamTracker)
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from gcodefp_core import evaluate, tracking
+from gcodefp_core.checkpoints import load_checkpoint
 from gcodefp_core.cli import main
+from gcodefp_core.config import TUNABLE_FIELDS, load_config
 from gcodefp_core.dataset import load_dataset
-from gcodefp_core.model import load_checkpoint
-from gcodefp_core.train import TUNABLE_FIELDS, load_config, train_model, validate
+from gcodefp_core.train import train_model, validate
 
 torch.set_num_threads(1)
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
@@ -58,16 +59,17 @@ def test_checkpoint_round_trips_without_pickled_code(trained, ds):
     assert raw["dataset"]["tokenizer"] == ds.manifest["tokenizer"]
     assert raw["dataset"]["content_hash"] == ds.manifest["content_hash"]
     assert raw["metrics"]["val_op_acc"] == result["val_op_acc"]
-    model, ckpt = load_checkpoint(run / "checkpoint_best.pt")
+    model, bundle, ckpt = load_checkpoint(run / "checkpoint_best.pt")
     val_ids = ds.split_windows("val")
     val_ids = val_ids[np.linspace(0, len(val_ids) - 1, 512).astype(np.int64)]
-    again = validate(model, ds, val_ids)
+    again = validate(model, bundle.line_table, ds, val_ids)   # the line head alone, as during training
     assert again["op_acc"] == pytest.approx(ckpt["metrics"]["val_op_acc"])
-    # The loaded model snaps onto the program path fitted after training; without it, the line head's own.
-    assert model.program_path is not None and model.program_path.tolerance_mm == ckpt["metrics"]["val_path_tolerance_mm"]
-    assert again["exact_match"] == pytest.approx(ckpt["metrics"]["val_path_exact_match"])
-    model.program_path = None
-    assert validate(model, ds, val_ids)["exact_match"] == pytest.approx(ckpt["metrics"]["val_exact_match"])
+    assert again["exact_match"] == pytest.approx(ckpt["metrics"]["val_exact_match"])
+    # The bundle carries the program path fitted after training; predictions with it snap onto it.
+    assert bundle.program_path is not None and bundle.program_path.tolerance_mm == ckpt["metrics"]["val_path_tolerance_mm"]
+    pred = evaluate.predict([model], bundle, ds, val_ids, greedy=False)
+    snapped = evaluate.summarise(evaluate.line_scores(pred, ds, val_ids, bundle.line_table.lines))
+    assert snapped["exact_match"] == pytest.approx(ckpt["metrics"]["val_path_exact_match"])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(run / "missing.pt")
     (run / "junk.pt").write_text("not a checkpoint")
@@ -157,17 +159,6 @@ def test_sweep_config_merges_nested_dotted_and_bare_keys():
     assert merged["train"]["lr"] == 0.01 and merged["train"]["patience"] == 9
     assert merged["model"]["d_model"] == 48
     assert "seed" not in merged["train"] and cfg == before
-
-
-def test_balanced_operation_weights_are_inverse_frequency(ds):
-    from gcodefp_core.train import operation_weights
-
-    ids = ds.split_windows("train")
-    counts = np.bincount(ds.operation_labels(ids), minlength=len(ds.operations))
-    w = operation_weights(ds, ids).numpy()
-    present = counts > 0
-    assert np.allclose(w[present] * counts[present], counts.sum() / len(counts))  # each class weighs the same
-    assert abs(float((w * counts).sum() / counts.sum()) - 1.0) < 1e-6 or not present.all()
 
 
 @pytest.mark.parametrize("per_program", [False, True])

@@ -51,7 +51,6 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for both runtimes (default 1)")
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--fused", action="store_true", help="also time greedy decoding as one fused call")
     p.add_argument("--output", "-o", type=Path, default=Path("results/benchmark.json"))
     p.set_defaults(handler=_benchmark)
 
@@ -111,7 +110,7 @@ def _benchmark(args) -> int:
             variants = _all_variants(args, Path(work))
         res = run_benchmark(args.checkpoint, None if args.compare_all else args.onnx, variants, args.batch_sizes,
                             args.device, args.warmup, args.iterations, args.threads, args.dataset,
-                            ("full", "encoder", "full_fused") if args.fused else ("full", "encoder"))
+                            ("full", "encoder"))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, res)
     print(format_table(res))
@@ -135,8 +134,8 @@ def _all_variants(args, work: Path) -> dict:
             raise ValueError("--compare-all needs --variants-dir, --onnx (fp32) or --checkpoint")
         from gcodefp_core.export import export_checkpoint
 
-        export_checkpoint(args.checkpoint, work / "fp32" / "model.onnx", dataset=args.dataset)
-        fp32 = work / "fp32" / "model.json"
+        export_checkpoint(args.checkpoint, work / REFERENCE / "model.onnx", dataset=args.dataset)
+        fp32 = work / REFERENCE / "model.json"
     out = {REFERENCE: Path(fp32)}
     for variant in QUANTIZED:
         quantize_model(fp32, work / variant / "model.onnx", variant, args.dataset)

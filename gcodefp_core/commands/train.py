@@ -47,7 +47,8 @@ def _train(args) -> int:
     import torch
 
     from gcodefp_core import tracking
-    from gcodefp_core.train import TUNABLE_FIELDS, load_config, train, validate_config
+    from gcodefp_core.config import TUNABLE_FIELDS, load_config, validate_config
+    from gcodefp_core.train import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,8 +120,8 @@ def _load_dataset_for(ckpt: dict, override: Path | None):
 def _evaluate(args) -> int:
     import torch
 
+    from gcodefp_core.checkpoints import load_checkpoint
     from gcodefp_core.evaluate import evaluate_models, format_table
-    from gcodefp_core.model import load_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,17 +131,17 @@ def _evaluate(args) -> int:
     if args.ensemble and ensemble_cfg is None:
         raise ValueError("--ensemble needs --checkpoint to name an ensemble_config.json (or its folder)")
     loaded = [load_checkpoint(p) for p in (paths if args.ensemble else paths[:1])]
-    ds = _load_dataset_for(loaded[0][1], args.dataset)
-    for p, (_, ck) in zip(paths, loaded):
-        if ck["dataset"]["tokenizer"] != loaded[0][1]["dataset"]["tokenizer"]:
+    ds = _load_dataset_for(loaded[0].payload, args.dataset)
+    for p, member in zip(paths, loaded):
+        if member.bundle.tokenizer != loaded[0].bundle.tokenizer:
             raise ValueError(f"{p}: ensemble members were trained on different vocabularies")
     kw = dict(split=args.split, batch_size=args.batch_size, beam_width=args.beam_width, max_windows=args.max_windows)
     report = {"checkpoint": str(paths[0]), "dataset": str(ds.path), "beam_width": args.beam_width,
-              "single": evaluate_models([loaded[0][0]], ds, **kw)}
+              "single": evaluate_models([loaded[0].model], loaded[0].bundle, ds, **kw)}
     print(f"{paths[0]} on {args.split} ({report['single']['overall']['windows']} windows)")
     print(format_table(report["single"]))
     if args.ensemble:
-        report["ensemble"] = evaluate_models([m for m, _ in loaded], ds, **kw)
+        report["ensemble"] = evaluate_models([m.model for m in loaded], loaded[0].bundle, ds, **kw)
         report["members"] = [str(p) for p in paths]
         print(f"\nensemble of {len(loaded)} (averaged probabilities) on {args.split}")
         print(format_table(report["ensemble"]))

@@ -5,11 +5,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from .data import dataset_folder
 from gcodefp_core.fileio import write_json
-
 from gcodefp_core.variants import VARIANTS as ALL_VARIANTS
 
+from .data import dataset_folder
 from .export import model_dir, read_accuracy
 from .resources import ArtifactStore, QualityGates
 

@@ -10,10 +10,9 @@ from typing import Optional
 import dagster as dg
 
 from gcodefp_core.fileio import write_json
-
-from .data import dataset_folder
 from gcodefp_core.variants import QUANTIZED, VARIANTS
 
+from .data import dataset_folder
 from .resources import ArtifactStore
 from .training import selected_checkpoint
 

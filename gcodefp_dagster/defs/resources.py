@@ -59,7 +59,7 @@ class PipelineConfig(dg.ConfigurableResource):
     data_dir: str = ""
 
     def load(self) -> dict:
-        from gcodefp_core.train import load_config
+        from gcodefp_core.config import load_config
 
         return load_config(resolve(self.config_path))
 

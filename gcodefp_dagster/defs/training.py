@@ -89,8 +89,8 @@ def build_training_assets(seeds: dg.StaticPartitionsDefinition) -> list:
                         artifacts: ArtifactStore) -> dg.MaterializeResult:
         import torch
 
+        from gcodefp_core.config import TrainConfig
         from gcodefp_core.dataset import load_dataset
-        from gcodefp_core.train import TrainConfig
 
         ds_hash = load_dataset(dataset_folder(artifacts)).manifest["content_hash"]
         members = []

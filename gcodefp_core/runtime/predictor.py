@@ -1,73 +1,35 @@
 """Serving-time inference over an exported model: onnxruntime + numpy only (never torch).
 
-An export is a `model.json` (see gcodefp_core.export) beside its graph files:
+An export is a `model.json` (gcodefp_core.runtime.bundle) beside its graph files:
+    predict       continuous, categorical -> line [B] i64, line_confidence [B], op_logits, fingerprint
     encoder       continuous [B,W,F] f32, categorical [B,W,C] i64 -> memory, op_logits, fingerprint, h0
     decoder       tokens [B] i64, h [B,H] f32, memory [B,T,D] f32  -> logits [B,V], h_next [B,H]
-    greedy        continuous, categorical -> tokens [B,L] (w1 .. EOS PAD ..), op_logits, fingerprint
     encoder_only  continuous, categorical -> op_logits, fingerprint
-    predict       continuous, categorical -> line [B] i64, line_confidence [B], op_logits, fingerprint
 The `predict` graph (models with a line head) is the default answer: one call, no decoding loop;
-`line` indexes model.json's line_table (the training runs' lines), restricted in-graph to the
-predicted operation's program. The decoder graphs serve method="greedy" | "beam" | "sample".
-Greedy prediction drives the `decoder` graph step by step (gcodefp_core.decoding) and stops when
-every line has emitted EOS; the fused `greedy` graph (one call, fused=True) always runs all
-max_tokens steps. Measured on the real-data model (2 cores, under load): one decoder step 32 us,
-lines ~3 tokens + EOS, so step-wise 0.22-0.24 ms vs fused 0.33 ms at batch 1, and still faster at
-batch 16. Beam search and sampling use the decoder graph too.
+`line` indexes the bundle's line table (the training runs' lines), restricted in-graph to the
+predicted operation's program, then snapped onto the program's tool path where the model has one.
+The encoder and decoder graphs serve method="greedy" | "beam" | "sample": decoding.py drives the
+decoder step by step and stops when every line has emitted EOS.
 
-Hot path: sessions, their input names and the session options are resolved once at load time; a
-greedy request is one session.run plus a few numpy ops. The feed dict is built per call on purpose: the FastAPI server calls one predictor
-from several threads, and onnxruntime sessions are thread-safe while a shared feed dict is not.
+Hot path: sessions, their input names and the session options are resolved once at load time. The
+feed dict is built per call on purpose: the FastAPI server calls one predictor from several
+threads, and onnxruntime sessions are thread-safe while a shared feed dict is not.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from ..variants import REFERENCE, VARIANTS
 from . import decoding
-from .features import FeatureSpec
-from .program_path import ProgramPath
-from .stream import ProgramClock, StreamTracker
+from .bundle import ModelBundle, read_model_json
+from .clock import ProgramClock, StreamTracker
 
-FORMAT = "gcodefp-onnx"
-VARIANTS = ("fp32", "fp16", "int8_dynamic", "int8_static")
 METHODS = ("line", "greedy", "beam", "sample")
 
 
-def resolve_model_json(path: str | Path) -> Path:
-    """A model.json, a graph file (`<stem>.<graph>.onnx` -> `<stem>.json`) or a folder holding model.json."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.json"
-    elif path.suffix == ".onnx":
-        path = path.with_name(path.name.split(".")[0] + ".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"model metadata not found: {path}")
-    return path
-
-
-def read_metadata(path: str | Path) -> tuple[dict, Path]:
-    path = resolve_model_json(path)
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} model description (field 'format')")
-    for key in ("variant", "files", "features", "tokenizer", "operations", "window", "max_tokens"):
-        if key not in meta:
-            raise ValueError(f"{path}: missing field {key!r}")
-    if meta["variant"] not in VARIANTS:
-        raise ValueError(f"{path}: field 'variant' is {meta['variant']!r}; expected one of {VARIANTS}")
-    for name, file in meta["files"].items():
-        if not (path.parent / file).is_file():
-            raise FileNotFoundError(f"{path}: graph {name!r} file {file} is missing")
-    return meta, path
-
-
-def session_options(intra_op_threads: int = 1, variant: str = "fp32"):
+def session_options(intra_op_threads: int = 1, variant: str = REFERENCE):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -76,9 +38,9 @@ def session_options(intra_op_threads: int = 1, variant: str = "fp32"):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Spinning threads steal the second core from concurrent requests (measured: worse p99).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # fp16 graphs: the layout (NCHWc) transformer of ORT_ENABLE_ALL has crashed on them at session creation.
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if variant == "fp16"
-                                   else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                                   if VARIANTS[variant].full_graph_optimization
+                                   else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     so.log_severity_level = 3
     return so
 
@@ -86,19 +48,16 @@ def session_options(intra_op_threads: int = 1, variant: str = "fp32"):
 class OnnxPredictor:
     """Predictions from an exported model; one instance serves concurrent callers."""
 
-    def __init__(self, metadata: dict, folder: Path, intra_op_threads: int = 1, providers: list[str] | None = None):
+    def __init__(self, metadata: dict, folder: Path, intra_op_threads: int = 1, providers: list[str] | None = None,
+                 bundle: ModelBundle | None = None):
         import onnxruntime as ort
 
-        from .tokenizer import GCodeTokenizer
-
         self.metadata, self.folder = metadata, Path(folder)
+        self.bundle = bundle or ModelBundle.from_dict(metadata, str(self.folder / "model.json"))
         self.variant: str = metadata["variant"]
-        self.features = FeatureSpec.from_dict(metadata["features"])
-        tok = {k: v for k, v in metadata["tokenizer"].items() if k != "vocab_size"}
-        self.tokenizer = GCodeTokenizer.from_dict(tok)
-        self.operations: list[str] = list(metadata["operations"])
-        self.window: int = int(metadata["window"])
-        self.max_tokens: int = int(metadata["max_tokens"])           # decode limit (tokens after BOS)
+        self.features, self.tokenizer = self.bundle.features, self.bundle.tokenizer
+        self.operations: list[str] = self.bundle.operations
+        self.window, self.max_tokens = self.bundle.window, self.bundle.max_tokens
         so = session_options(intra_op_threads, self.variant)
         providers = providers or ["CPUExecutionProvider"]
         self.sessions = {name: ort.InferenceSession(str(self.folder / file), so, providers=providers)
@@ -106,8 +65,8 @@ class OnnxPredictor:
         self._inputs = {name: {i.name for i in s.get_inputs()} for name, s in self.sessions.items()}
         self._skip = {decoding.PAD, decoding.BOS}
         self._fixed_batch = metadata.get("batch_size")  # None: dynamic batch axis
-        table = metadata.get("line_table") or {}
-        self.lines: list[str] = list(table.get("lines", []))
+        table = self.bundle.line_table
+        self.lines: list[str] = list(table.lines) if table else []
         if "predict" in self.sessions and not self.lines:
             raise ValueError(f"{self.folder}: model.json has a predict graph but no line_table")
         # Each line's token ids (w1 .. EOS PAD ..), so a line-head answer looks like a decoded one.
@@ -116,19 +75,19 @@ class OnnxPredictor:
             ids = self.tokenizer.encode(line)[1:self.max_tokens + 1]  # drop BOS
             self._line_tokens[i, :len(ids)] = ids
         self.default_method = "line" if "predict" in self.sessions else "greedy"
-        # Streaming mode (gcodefp_core.stream): None for exports made before it existed.
-        self.program_clock = ProgramClock.from_dict(metadata["program_clock"]) if metadata.get("program_clock") else None
-        # Snapping onto the program's tool path (gcodefp_core.program_path): models with positions only.
-        self.program_path = ProgramPath.from_dict(metadata["program_path"]).prepare() if metadata.get("program_path") else None
-        self._operation_program = np.asarray(table.get("operation_program", []), np.int64)
+        self.program_clock = self.bundle.program_clock        # streaming mode; None for older exports
+        # Snapping onto the program's tool path: models with positions only. The lookup grid is built now,
+        # at load, not on the first request.
+        self.program_path = self.bundle.program_path.prepare() if self.bundle.program_path else None
+        self._operation_program = np.asarray(self.bundle.operation_program, np.int64)
         if "predict" in self.sessions and len(self._operation_program) != len(self.operations):
             raise ValueError(f"{self.folder}: model.json line_table.operation_program must give a program for each "
                              f"of the {len(self.operations)} operations, has {len(self._operation_program)}")
 
     @classmethod
     def load(cls, path: str | Path, intra_op_threads: int = 1, providers: list[str] | None = None) -> "OnnxPredictor":
-        meta, meta_path = read_metadata(path)
-        return cls(meta, meta_path.parent, intra_op_threads, providers)
+        meta, bundle, meta_path = read_model_json(path)
+        return cls(meta, meta_path.parent, intra_op_threads, providers, bundle)
 
     @property
     def can_decode(self) -> bool:
@@ -204,15 +163,14 @@ class OnnxPredictor:
 
     def predict_arrays(self, continuous: np.ndarray, categorical: np.ndarray | None = None, method: str | None = None,
                        beam_width: int = 4, temperature: float = 1.0, max_length: int | None = None,
-                       seed: int | None = None, fused: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (tokens [B, L] int64 after BOS: w1 .. EOS PAD .., op_logits [B, ops], fingerprint [B, E]).
-        method None = the model's default ("line" when it has a line head, else "greedy").
-        fused=True runs greedy decoding as the single fused graph (all max_tokens steps, no early exit)."""
+        method None = the model's default ("line" when it has a line head, else "greedy")."""
         tokens, op_logits, fp, _ = self._predict(continuous, categorical, method, beam_width, temperature,
-                                                 max_length, seed, fused)
+                                                 max_length, seed)
         return tokens, op_logits, fp
 
-    def _predict(self, continuous, categorical, method, beam_width, temperature, max_length, seed, fused):
+    def _predict(self, continuous, categorical, method, beam_width, temperature, max_length, seed):
         """predict_arrays plus the line head's answer (line index, confidence) or None."""
         method = method or self.default_method
         if not self.can_decode:
@@ -228,11 +186,6 @@ class OnnxPredictor:
             line = out["line"]
             return (self._line_tokens[line, :limit], out["op_logits"], out["fingerprint"],
                     (line, out["line_confidence"], out["on_path"]))
-        if method == "greedy" and fused:
-            tokens, op_logits, fp = self.sessions["greedy"].run(
-                ["tokens", "op_logits", "fingerprint"], self._window_feeds("greedy", continuous, categorical))
-            # Greedy decoding is prefix-consistent: truncating equals stopping early (EOS beyond is dropped).
-            return tokens[:, :limit], op_logits, fp, None
         enc = self.encode(continuous, categorical)
         state, n = {"h": enc["h0"], "memory": enc["memory"]}, len(enc["h0"])
         if method == "beam":
@@ -251,7 +204,7 @@ class OnnxPredictor:
         operation_confidence, fingerprint, method (+ line_confidence and line_source, "path" or "model", for the line head)."""
         method = method or self.default_method
         tokens, op_logits, fp, line = self._predict(continuous, categorical, method, beam_width, temperature,
-                                                    max_length, seed, False)
+                                                    max_length, seed)
         z = op_logits - op_logits.max(axis=1, keepdims=True)
         probs = np.exp(z)
         probs /= probs.sum(axis=1, keepdims=True)

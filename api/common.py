@@ -1,0 +1,41 @@
+"""What every route shares: JSON responses, input errors, the served model, timed model calls."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from . import inputs, metrics
+from .model_store import LoadedModel
+
+
+def respond(doc: dict, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json")
+
+
+def input_error(exc: inputs.InputError) -> Response:
+    where = exc.location or ("query" if exc.field.startswith("query.") else "body")
+    loc = [where, *exc.field.removeprefix("query.").split(".")]
+    return respond({"error": str(exc), "detail": [{"loc": loc, "msg": exc.message, "type": "value_error"}]},
+                   exc.status)
+
+
+def current(request: Request) -> LoadedModel:
+    model = request.app.state.store.model
+    if model is None:
+        raise inputs.InputError("model", "no model loaded yet (see GET /ready)", 503)
+    return model
+
+
+async def run_model(model: LoadedModel, endpoint: str, fn, n: int, inline: bool):
+    t0 = time.perf_counter()
+    out = fn() if inline else await asyncio.to_thread(fn)
+    dt = time.perf_counter() - t0
+    metrics.INFERENCE_LATENCY.labels(endpoint, model.variant).observe(dt)
+    if n:  # a stream chunk that completes no window runs no model
+        metrics.BATCH_SIZE.labels(endpoint).observe(n)
+    return out, round(dt * 1000, 3)

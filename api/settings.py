@@ -1,0 +1,65 @@
+"""The server's settings: every environment variable it reads, in one place, read once per process.
+
+| variable                  | default   | meaning                                                          |
+|---------------------------|-----------|------------------------------------------------------------------|
+| GCODEFP_REGISTRY          | -         | registry folder: serve its CURRENT package, follow promotions    |
+| GCODEFP_PACKAGE           | -         | serve this one package folder (instead of a registry)            |
+| GCODEFP_POLL_SECONDS      | 1.0       | how often a worker looks for a new CURRENT                        |
+| GCODEFP_INTRA_OP_THREADS  | 1         | onnxruntime threads per graph call                                |
+| GCODEFP_MAX_BODY_BYTES    | 8388608   | larger request bodies are refused with 413                        |
+| GCODEFP_MAX_BATCH         | 64        | windows per /batch_predict                                        |
+| GCODEFP_MAX_STREAM_ROWS   | 4096      | rows per POST /stream/{machine_id}                                |
+| GCODEFP_MAX_STREAMS       | 1000      | stream sessions a worker keeps (least recently used evicted)      |
+| GCODEFP_ADMIN_TOKEN       | -         | bearer token of POST /admin/reload (the endpoint is off without)  |
+| GCODEFP_LOG_LEVEL         | INFO      | log level of the JSON logs                                        |
+| PROMETHEUS_MULTIPROC_DIR  | -         | set by `gcodefp serve`: several workers' metrics summed from files |
+A value that does not parse is refused at start-up, naming the variable.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _get(name: str, default, kind=str, minimum=None):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected {kind.__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={raw!r}: must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    registry: str | None
+    package: str | None
+    poll_seconds: float
+    intra_op_threads: int
+    max_body_bytes: int
+    max_batch: int
+    max_stream_rows: int
+    max_streams: int
+    admin_token: str | None
+    log_level: str
+    metrics_dir: str | None
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(registry=_get("GCODEFP_REGISTRY", None), package=_get("GCODEFP_PACKAGE", None),
+                   poll_seconds=_get("GCODEFP_POLL_SECONDS", 1.0, float, 0.01),
+                   intra_op_threads=_get("GCODEFP_INTRA_OP_THREADS", 1, int, 1),
+                   max_body_bytes=_get("GCODEFP_MAX_BODY_BYTES", 8 * 1024 * 1024, int, 1024),
+                   max_batch=_get("GCODEFP_MAX_BATCH", 64, int, 1),
+                   max_stream_rows=_get("GCODEFP_MAX_STREAM_ROWS", 4096, int, 1),
+                   max_streams=_get("GCODEFP_MAX_STREAMS", 1000, int, 1),
+                   admin_token=_get("GCODEFP_ADMIN_TOKEN", None),
+                   log_level=_get("GCODEFP_LOG_LEVEL", "INFO").upper(),
+                   metrics_dir=_get("PROMETHEUS_MULTIPROC_DIR", None))
+
+
+SETTINGS = Settings.from_env()

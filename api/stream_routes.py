@@ -1,0 +1,63 @@
+"""Streaming endpoints: POST/GET/DELETE /stream/{machine_id} (sessions live in api/streams.py)."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from . import inputs, metrics, streams
+from .common import current, respond, run_model
+from .schemas import OPENAPI_STREAM
+
+router = APIRouter()
+STREAM_KEYS = {"sensor_data", "start"}
+
+
+@router.post("/stream/{machine_id:path}", openapi_extra=OPENAPI_STREAM)
+async def stream_post(request: Request, machine_id: str):
+    streams.check_machine_id(machine_id)
+    streams.require_line_head(current(request))  # before anything else, so that a 409 holds no session
+    doc = inputs.parse_json_object(await inputs.read_body(request), STREAM_KEYS)
+    start = doc.get("start", False)
+    if not isinstance(start, bool):
+        raise inputs.InputError("start", "must be true or false")
+    if "sensor_data" not in doc:
+        raise inputs.InputError("sensor_data", "required")
+    registry: streams.StreamRegistry = request.app.state.streams
+    session = registry.acquire(machine_id)
+    try:
+        async with session.lock:  # this machine's requests apply one at a time, in arrival order
+            model = current(request)  # taken under the lock: a request queued across a swap uses the new model
+            streams.require_line_head(model)
+            t0 = time.perf_counter()
+            cont, cat = inputs.parse_rows(doc["sensor_data"], model.spec, inputs.MAX_STREAM_ROWS)
+            metrics.PARSE_LATENCY.labels("json").observe(time.perf_counter() - t0)
+
+            async def run(fn, n, inline):
+                return await run_model(model, "/stream", fn, n, inline)
+
+            return respond(await streams.post_rows(session, model, cont, cat, start, run))
+    finally:
+        registry.release(session)
+
+
+def stream_session(request: Request, machine_id: str) -> streams.Session:
+    session = request.app.state.streams.get(streams.check_machine_id(machine_id))
+    if session is None:
+        raise inputs.InputError("machine_id", f"no stream session for {machine_id!r} in this worker (never started, "
+                                              "ended, or evicted)", 404, location="path")
+    return session
+
+
+@router.get("/stream/{machine_id:path}")
+async def stream_get(request: Request, machine_id: str):
+    return respond(streams.state(stream_session(request, machine_id)))
+
+
+@router.delete("/stream/{machine_id:path}")
+async def stream_delete(request: Request, machine_id: str):
+    session = stream_session(request, machine_id)
+    async with session.lock:  # after the machine's requests already queued, not in the middle of one
+        request.app.state.streams.end(session)
+    return respond({"machine_id": machine_id, "ended": True, "rows_since_start": session.rows_since_start,
+                    "windows": session.tracker.windows})

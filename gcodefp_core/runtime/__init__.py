@@ -1,0 +1,21 @@
+"""The serving runtime: numpy + onnxruntime only, never torch or training code.
+
+- bundle.py        ModelBundle (what a model carries besides weights) and the model.json reader/writer
+- predictor.py     OnnxPredictor: window arrays -> line, operation, confidences, fingerprint
+- decoding.py      greedy / beam / sampling over a decoder step (also used by the PyTorch side)
+- program_path.py  snapping a window's last position onto its program's tool path
+- clock.py         streaming mode: the program clock and the per-machine tracker
+
+import-linter holds this by contract (pyproject.toml, [tool.importlinter]).
+"""
+from .bundle import (
+           FORMAT,
+           ModelBundle,
+           read_model_json,
+           resolve_model_json,
+           write_model_json,
+)
+from .predictor import METHODS, OnnxPredictor, session_options
+
+__all__ = ["FORMAT", "METHODS", "ModelBundle", "OnnxPredictor", "read_model_json", "resolve_model_json",
+           "session_options", "write_model_json"]

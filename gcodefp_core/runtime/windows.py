@@ -1,0 +1,41 @@
+"""Windows over a stream of rows: cut every window that ends in a new chunk, run them in batches.
+
+A machine's rows arrive in chunks of any size; a window (W rows) may span chunks, so the caller
+keeps the last W-1 rows (already normalised: rows are normalised one by one, so a chunk can be
+normalised alone) and hands them back with the next chunk.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BATCH_WINDOWS = 256    # windows per model call: bounds one call's memory (a 4096-row chunk has ~4000 windows)
+
+
+def slide(buf_cont: np.ndarray | None, buf_cat: np.ndarray | None, cont: np.ndarray, cat: np.ndarray, window: int):
+    """Buffer + chunk -> (windows cont [m, W, F] or None, windows cat, new buffer cont, new buffer cat):
+    window j is rows j .. j+W-1 of buffer + chunk; the new buffer is the last <= W-1 rows."""
+    all_c = np.concatenate([buf_cont, cont]) if buf_cont is not None else cont
+    all_k = np.concatenate([buf_cat, cat]) if buf_cat is not None else cat
+    wc = wk = None
+    if len(all_c) >= window:
+        wc = np.lib.stride_tricks.sliding_window_view(all_c, window, axis=0).transpose(0, 2, 1)
+        wk = np.lib.stride_tricks.sliding_window_view(all_k, window, axis=0).transpose(0, 2, 1)
+    keep = max(len(all_c) - (window - 1), 0)
+    return wc, wk, all_c[keep:].copy(), all_k[keep:].copy()
+
+
+def predict_windows(predictor, cont: np.ndarray, cat: np.ndarray,
+                    keys=("op_logits", "line", "line_confidence")) -> dict[str, np.ndarray]:
+    """predictor.predict_lines over [m, W, .] windows in calls of BATCH_WINDOWS (or the graph's fixed
+    batch, padded by repeating the last window; the padding's answers are dropped)."""
+    fixed = predictor.metadata.get("batch_size")
+    step = int(fixed) if fixed else BATCH_WINDOWS
+    parts = []
+    for i in range(0, len(cont), step):
+        c, k = cont[i:i + step], cat[i:i + step]
+        n = len(c)
+        if fixed and n < step:
+            c, k = (np.concatenate([a, np.repeat(a[-1:], step - n, axis=0)]) for a in (c, k))
+        out = predictor.predict_lines(c, k)
+        parts.append({key: out[key][:n] for key in keys})
+    return {key: np.concatenate([p[key] for p in parts]) for key in keys}
