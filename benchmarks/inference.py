@@ -1,4 +1,4 @@
-"""Reproduce the inference comparison table (issue 4) on a trained model.
+"""Reproduce the inference comparison table (formats x batch sizes) on a trained model.
 
     python benchmarks/inference.py --checkpoint runs/model_seed42/checkpoint_best.pt [--dataset DIR]
     python benchmarks/inference.py --synthetic-demo      # no trained model: a short synthetic training first

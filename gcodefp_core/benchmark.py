@@ -33,7 +33,8 @@ VARIANT_FORMAT = LABELS                                   # variant -> its colum
 FORMATS = ("pytorch",) + tuple(VARIANT_FORMAT.values())
 MODES = ("full", "decoder", "encoder")
 STAT_FIELDS = ("mean_ms", "median_ms", "std_ms", "min_ms", "max_ms", "p95_ms", "p99_ms", "throughput_wps")
-# Bars from the issue (median, batch 1, same run).
+# The component bars this benchmark reports against (median, batch 1, same run): the model must
+# stay a small part of a served request.
 BAR_FULL_MS, BAR_SPEEDUP, BAR_THROUGHPUT = 2.0, 4.0, 2000.0
 
 
@@ -204,7 +205,7 @@ def _add_speedups(result: dict) -> None:
 
 
 def summarise(result: dict) -> dict:
-    """Best format at batch 1 (full prediction median) and the issue's bars."""
+    """Best format at batch 1 (full prediction median) and the component bars."""
     rows = {f: e["full"]["1"] for f, e in result["formats"].items() if "full" in e and "1" in e["full"]}
     onnx_rows = {f: r for f, r in rows.items() if f != "pytorch"}
     if not onnx_rows:

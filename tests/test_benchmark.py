@@ -5,15 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_export import exported_model
 
 from gcodefp_core.benchmark import FORMATS, STAT_FIELDS, format_table, run_benchmark
 from gcodefp_core.cli import main
-
-
-@pytest.fixture(scope="module")
-def exported(synthetic_dataset, tmp_path_factory):
-    return exported_model(synthetic_dataset, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,4 @@
-"""ONNX export and its verification, on a tiny model trained briefly on the session's synthetic dataset.
-
-`exported_model()` builds (once per session) the checkpoint and its fp32 export that the runtime,
-quantization and benchmark tests share; the other test modules import it from here."""
+"""ONNX export and its verification, on the session's tiny exported model (conftest `exported`)."""
 from __future__ import annotations
 
 import json
@@ -23,33 +20,6 @@ from gcodefp_core.runtime import OnnxPredictor, decoding
 
 torch.set_num_threads(1)
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
-_CACHE: dict = {}
-
-
-def exported_model(dataset_dir: Path, tmp_path_factory) -> dict:
-    """{"checkpoint", "model_json", "meta", "dataset"}: a tiny model trained for a few epochs, exported."""
-    if "built" not in _CACHE:
-        from gcodefp_core.config import load_config
-        from gcodefp_core.dataset import load_dataset
-        from gcodefp_core.train import train_model
-
-        cfg = load_config(TINY)
-        cfg["train"].update(epochs=4, samples_per_epoch=2048)
-        cfg["wandb"] = {"mode": "disabled"}
-        root = tmp_path_factory.mktemp("exported")
-        train_model(cfg, load_dataset(dataset_dir), root / "run", seed=0)
-        ckpt = root / "run" / "checkpoint_best.pt"
-        meta = export_checkpoint(ckpt, root / "fp32" / "model.onnx", dataset=dataset_dir, verify_windows=512)
-        _CACHE["built"] = {"checkpoint": ckpt, "model_json": root / "fp32" / "model.json", "meta": meta,
-                           "dataset": dataset_dir}
-    return _CACHE["built"]
-
-
-@pytest.fixture(scope="module")
-def exported(synthetic_dataset, tmp_path_factory):
-    return exported_model(synthetic_dataset, tmp_path_factory)
-
-
 def test_export_writes_every_graph_and_a_complete_model_json(exported):
     meta = json.loads(exported["model_json"].read_text())
     folder = exported["model_json"].parent

@@ -113,7 +113,7 @@ def test_prometheus_scrapes_the_api_and_has_latency_histograms(stack, sample_req
 
 def test_every_dashboard_query_evaluates(stack, sample_request):
     """After the previous test's predictions: all Grafana expressions are valid PromQL against the real
-    scrape, and the issue's panels (rate, p50/p95/p99, errors, version, reloads) have data."""
+    scrape, and the dashboard's panels (rate, p50/p95/p99, errors, version, reloads) have data."""
     dashboard = json.loads((REPO / "deploy/grafana/dashboards/gcodefp.json").read_text())
     results = {}
     for panel in dashboard["panels"]:

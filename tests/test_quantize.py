@@ -6,18 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from test_export import exported_model
 
 from gcodefp_core.benchmark import FORMATS
 from gcodefp_core.cli import main
 from gcodefp_core.export import sample_windows
 from gcodefp_core.quantize import compare_variants, quantize_model
 from gcodefp_core.runtime import OnnxPredictor
-
-
-@pytest.fixture(scope="module")
-def exported(synthetic_dataset, tmp_path_factory):
-    return exported_model(synthetic_dataset, tmp_path_factory)
 
 
 @pytest.mark.parametrize("method,variant", [("fp16", "fp16"), ("int8", "int8_dynamic"), ("int8-static", "int8_static")])

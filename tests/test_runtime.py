@@ -9,15 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from test_export import exported_model
 
 from gcodefp_core.export import sample_windows
 from gcodefp_core.runtime import OnnxPredictor
-
-
-@pytest.fixture(scope="module")
-def exported(synthetic_dataset, tmp_path_factory):
-    return exported_model(synthetic_dataset, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +109,9 @@ def test_runtime_never_imports_torch(exported):
 
 def test_a_model_without_categorical_columns(tmp_path):
     """side_channel has C == 0: the graphs keep a [B, W, 0] `categorical` input; callers may pass None."""
-    from test_export import TINY
+    from pathlib import Path
+
+    TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 
     from gcodefp_core.config import load_config
     from gcodefp_core.dataset import build_synthetic_dataset, load_dataset

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from test_export import exported_model
 
 from gcodefp_core import evaluate
 from gcodefp_core.checkpoints import load_checkpoint
@@ -113,11 +112,6 @@ def test_a_window_line_from_another_program_never_beats_the_clock():
 
 
 # ---- replay, weight choice and the pipeline ----------------------------------------------------------
-@pytest.fixture(scope="module")
-def exported(synthetic_dataset, tmp_path_factory):
-    return exported_model(synthetic_dataset, tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
 def model_and_pred(exported, ds):
     model, bundle, ckpt = load_checkpoint(exported["checkpoint"])
