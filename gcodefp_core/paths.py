@@ -1,4 +1,13 @@
-"""Where things live: the repository root, the real data beside it, default artifact folders."""
+"""Where things live: the repository root, the real data beside it, default artifact folders.
+
+The library's environment settings, all read here (the server's are in api/settings.py, the
+orchestrator's in gcodefp_dagster's resources):
+| variable            | default                                   | meaning                          |
+|---------------------|-------------------------------------------|----------------------------------|
+| GCODEFP_REAL_DATA   | ../shared/data/cnc-sensor-logs beside the repository | the real CNC logs, read in place |
+| GCODEFP_ARTIFACTS   | artifacts/ in the repository              | default artifact store           |
+(W&B's own WANDB_MODE is honoured by gcodefp_core.tracking: offline unless configured.)
+"""
 from __future__ import annotations
 
 import os
