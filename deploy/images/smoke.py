@@ -1,0 +1,292 @@
+"""Smoke-test a built image where no container can be started: mount its filesystem (buildah), run
+its CMD under chroot as the image's user with the image's environment, on loopback, and check it.
+
+  python3 deploy/images/smoke.py inference --registry DIR [--image gcodefp-api:latest]
+  python3 deploy/images/smoke.py dagster [--image gcodefp-dagster:latest]
+
+Runs as root (mount, chroot) with the host's python3 and the standard library only. The command is
+the image's CMD unchanged, except that it binds 127.0.0.1 and a free port: the inference image via
+uvicorn's UVICORN_HOST/UVICORN_PORT, the Dagster code server by replacing its -h/-p values.
+Exits non-zero, with the reason and the server's log, on the first failed check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class SmokeFailure(Exception):
+    pass
+
+
+def check(ok, message: str) -> None:
+    if not ok:
+        raise SmokeFailure(message)
+    print(f"smoke: ok: {message}")
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MountedImage:
+    """A working container of the image, mounted, with /proc and /dev inside; removed on exit."""
+
+    def __init__(self, image: str):
+        self.image, self.mounts = image, []
+
+    def __enter__(self) -> "MountedImage":
+        self.ctr = sh("buildah", "from", "--pull=false", "--quiet", self.image)
+        self.root = Path(sh("buildah", "mount", self.ctr))
+        self.config = json.loads(sh("buildah", "inspect", "--type", "container", self.ctr))["Docker"]["config"]
+        for target, argv in (("proc", ["-t", "proc", "proc"]), ("dev", ["--rbind", "/dev"])):
+            sh("mount", *argv, str(self.root / target))
+            self.mounts.append(self.root / target)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for path in reversed(self.mounts):
+            subprocess.run(["umount", "-R", "-l", str(path)], check=False)
+        subprocess.run(["buildah", "umount", self.ctr], check=False, capture_output=True)
+        subprocess.run(["buildah", "rm", self.ctr], check=False, capture_output=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(e.split("=", 1) for e in self.config.get("Env") or [])
+
+    def user(self) -> tuple[int, int]:
+        """The image's USER as numbers (a name is looked up in the image's /etc/passwd)."""
+        user, _, group = (self.config.get("User") or "0").partition(":")
+        passwd = {l.split(":")[0]: l.split(":") for l in (self.root / "etc/passwd").read_text().splitlines()}
+        uid = int(user) if user.isdigit() else int(passwd[user][2])
+        gid = int(group) if group.isdigit() else int(next((p[3] for p in passwd.values() if int(p[2]) == uid), uid))
+        return uid, gid
+
+    def popen(self, argv: list[str], env: dict[str, str], log) -> subprocess.Popen:
+        """Start argv inside the image as its user, in its WORKDIR, with exactly `env`."""
+        root, workdir, (uid, gid) = str(self.root), self.config.get("WorkingDir") or "/", self.user()
+
+        def enter():  # runs in the child before exec: chroot first, then drop root
+            os.chroot(root)
+            os.chdir(workdir)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=enter, start_new_session=True)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryFile() as log:
+            proc = self.popen(argv, env, log)
+            try:
+                proc.wait(timeout)
+            finally:
+                stop(proc)
+            log.seek(0)
+            return subprocess.CompletedProcess(argv, proc.returncode, log.read().decode(errors="replace"))
+
+
+def stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def http(url: str, body: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_for(what: str, probe, proc: subprocess.Popen, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SmokeFailure(f"{what}: the server exited with {proc.returncode}")
+        try:
+            result = probe()
+            if result:
+                return result
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SmokeFailure(f"{what}: not within {timeout:.0f}s")
+
+
+def site_packages(root: Path) -> Path:
+    found = sorted(root.glob("opt/venv/lib/python3*/site-packages"))
+    if not found:
+        raise SmokeFailure("no /opt/venv/lib/python3*/site-packages in the image")
+    return found[0]
+
+
+def space_report(root: Path, top: int = 12) -> None:
+    """Where the image's bytes are: the largest site-packages entries, the venv and the base's python."""
+    sp = site_packages(root)
+    out = sh("du", "-s", "-B1", *map(str, sorted(sp.iterdir())))
+    sizes = sorted(((int(n), Path(p).name) for n, p in (l.split("\t") for l in out.splitlines())), reverse=True)
+    for label, path in (("whole filesystem", root), ("/opt/venv", root / "opt/venv"), ("/usr/lib/python3.11", root / "usr/lib/python3.11")):
+        print(f"smoke: space: {int(sh('du', '-s', '-B1', '-x', str(path)).split()[0]) / 1e6:8.1f} MB  {label}")
+    for n, name in sizes[:top]:
+        print(f"smoke: space: {n / 1e6:8.1f} MB  site-packages/{name}")
+
+
+def smoke_inference(image: MountedImage, registry: Path) -> None:
+    root, env = image.root, image.env
+    sp = site_packages(root)
+    check(not list(sp.glob("torch*")) and not list(sp.glob("nvidia*")), "no torch in the image's site-packages")
+    check(not any((root / "usr/bin" / c).exists() for c in ("gcc", "cc", "g++", "c++", "make")), "no compilers")
+    caches = [p for p in ("root/.cache", "home/gcodefp/.cache", "tmp/requirements-inference.txt", "src", "etc/pip.conf")
+              if (root / p).exists()]
+    check(not caches, f"no pip caches or build leftovers ({caches or 'none'})")
+    space_report(root)
+
+    target = root / env["GCODEFP_REGISTRY"].lstrip("/")
+    shutil.copytree(registry, target, dirs_exist_ok=True)
+    uid, gid = image.user()
+    for p in [target, *target.rglob("*")]:
+        os.chown(p, uid, gid)
+    version = (registry / "CURRENT").read_text().strip()
+    sample = (registry / "packages" / version / "sample_request.json").read_bytes()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    run_env = env | {"UVICORN_HOST": "127.0.0.1", "UVICORN_PORT": str(port)}
+    with tempfile.NamedTemporaryFile(prefix="smoke-inference-", suffix=".log") as log:
+        proc = image.popen(image.config["Cmd"], run_env, log)
+        try:
+            print(f"smoke: CMD {image.config['Cmd']} as {image.config.get('User')} on {url}")
+            ready = wait_for("/ready answers 200", lambda: (lambda s, b: s == 200 and json.loads(b))(*http(url + "/ready")),
+                             proc, 120)
+            check(ready.get("version") == version, f"/ready: version {ready.get('version')} == CURRENT {version}")
+            status, body = http(url + "/predict", sample)
+            doc = json.loads(body)
+            check(status == 200 and isinstance(doc.get("gcode_sequence"), str) and doc.get("model_version") == version,
+                  f"/predict answers the package's sample request (200, gcode_sequence, model_version {version})")
+            status, body = http(url + "/metrics")
+            text = body.decode()
+            check(status == 200 and re.search(r'gcodefp_http_requests_total\{[^}]*endpoint="/predict"[^}]*\} 1(\.0)?$',
+                                              text, re.M), "/metrics counts the /predict request")
+            check(f'version="{version}"' in text, "/metrics reports the served version")
+
+            workers = int(env.get("WEB_CONCURRENCY", "1"))
+            pids = process_tree(proc.pid)
+            maps = {p: Path(f"/proc/{p}/maps").read_text() for p in pids}
+            uids = {p: Path(f"/proc/{p}/status").read_text().split("Uid:")[1].split()[0] for p in pids}
+            serving = [p for p, m in maps.items() if "onnxruntime" in m]
+            check(len(serving) >= workers, f"{len(serving)} worker processes have onnxruntime mapped (WEB_CONCURRENCY={workers})")
+            check(not any("torch" in m for m in maps.values()), f"no torch library mapped in any of {len(pids)} processes")
+            check(set(uids.values()) == {str(uid)}, f"every process runs as uid {uid}")
+        except SmokeFailure:
+            stop(proc)
+            print(Path(log.name).read_text()[-4000:], file=sys.stderr)
+            raise
+        stop(proc)
+        check(proc.returncode == 0, f"the server stopped cleanly on SIGTERM (exit {proc.returncode})")
+        text = Path(log.name).read_text()
+        check("Traceback" not in text, "no traceback in the server's log")
+
+
+def smoke_dagster(image: MountedImage) -> None:
+    root, env = image.root, image.env
+    sp = site_packages(root)
+    check((sp / "torch").is_dir() and not list(sp.glob("nvidia*")), "torch is installed, without CUDA libraries")
+    space_report(root, top=8)
+    cmd = list(image.config["Cmd"])
+    module = cmd[cmd.index("-m") + 1]
+    attr = cmd[cmd.index("-a") + 1]
+    validate = image.run(["dagster", "definitions", "validate", "-m", module, "-a", attr], env, timeout=300)
+    if validate.returncode != 0:
+        print(validate.stdout[-4000:], file=sys.stderr)
+    check(validate.returncode == 0, f"dagster definitions validate -m {module} -a {attr}")
+
+    port = free_port()
+    run_cmd = [("127.0.0.1" if w == "0.0.0.0" else w) for w in cmd]
+    run_cmd[run_cmd.index("-p") + 1] = str(port)
+    health = ["dagster", "api", "grpc-health-check", "--host", "127.0.0.1", "--port", str(port)]
+    lister = ["python", "-c", "import sys; from dagster._grpc.client import DagsterGrpcClient as C; "
+              f"r = C(host='127.0.0.1', port={port}).list_repositories(); "
+              "print(sorted(s.repository_name for s in r.repository_symbols))"]
+    with tempfile.NamedTemporaryFile(prefix="smoke-dagster-", suffix=".log") as log:
+        proc = image.popen(run_cmd, env, log)
+        try:
+            print(f"smoke: CMD {run_cmd} as {image.config.get('User')}")
+            wait_for("the code server answers grpc-health-check", lambda: image.run(health, env, 60).returncode == 0,
+                     proc, 240)
+            check(True, f"the code server answers on 127.0.0.1:{port} (dagster api grpc-health-check)")
+            listed = image.run(lister, env, 60)
+            check(listed.returncode == 0 and "__repository__" in listed.stdout,
+                  f"the code server serves the code location's repository: {listed.stdout.strip()[-200:]}")
+        except SmokeFailure:
+            stop(proc)
+            print(Path(log.name).read_text()[-4000:], file=sys.stderr)
+            raise
+        stop(proc)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("which", choices=["inference", "dagster"])
+    p.add_argument("--image", help="default: gcodefp-api:latest / gcodefp-dagster:latest")
+    p.add_argument("--registry", type=Path, help="inference: a registry with a CURRENT package")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        p.error("run as root (mount, chroot)")
+    if args.which == "inference" and not (args.registry and (args.registry / "CURRENT").is_file()):
+        p.error("inference needs --registry DIR holding a CURRENT package")
+    image_name = args.image or {"inference": "gcodefp-api:latest", "dagster": "gcodefp-dagster:latest"}[args.which]
+    t0 = time.monotonic()
+    try:
+        with MountedImage(image_name) as image:
+            smoke_inference(image, args.registry) if args.which == "inference" else smoke_dagster(image)
+    except SmokeFailure as exc:
+        print(f"smoke: FAILED ({image_name}): {exc}", file=sys.stderr)
+        return 1
+    print(f"smoke: {image_name} passed in {time.monotonic() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
