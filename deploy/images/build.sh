@@ -44,7 +44,6 @@ declare -A dockerfile=([inference]=Dockerfile.inference [dagster]=Dockerfile.dag
 declare -A tag=([inference]=gcodefp-api:latest [dagster]=gcodefp-dagster:latest)
 results=${GCODEFP_IMAGE_RESULTS:-results/images-build.json}
 mkdir -p "$(dirname "$results")"
-json="{"
 for target in "${targets[@]}"; do
   df=${dockerfile[$target]}
   args=()
@@ -64,7 +63,18 @@ for target in "${targets[@]}"; do
   seconds=$(( $(date +%s) - t0 ))
   size=$(buildah images --format '{{.Size}}' "${tag[$target]}" | head -1)  # uncompressed, as buildah counts it
   echo "build: ${tag[$target]} built in ${seconds}s, $size"
-  json+="\"$target\": {\"image\": \"${tag[$target]}\", \"build_seconds\": $seconds, \"size\": \"$size\"},"
+  # One entry per image, kept across runs that build only one of them.
+  python3 - "$results" "$target" "${tag[$target]}" "$seconds" "$size" <<'EOF'
+import json, sys, time
+path, target, image, seconds, size = sys.argv[1:]
+try:
+    doc = json.load(open(path))
+except (OSError, ValueError):
+    doc = {}
+doc[target] = {"image": image, "build_seconds": int(seconds), "size": size,
+               "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+open(path + ".tmp", "w").write(json.dumps(doc, indent=1) + "\n")
+EOF
+  mv "$results.tmp" "$results"
 done
-echo "${json%,}}" >"$results.tmp" && mv "$results.tmp" "$results"
 echo "build: wrote $results"

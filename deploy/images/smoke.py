@@ -229,11 +229,57 @@ def smoke_inference(image: MountedImage, registry: Path) -> None:
         check("Traceback" not in text, "no traceback in the server's log")
 
 
+class LoopbackPostgres:
+    """A throwaway PostgreSQL server on 127.0.0.1 (the host's binaries, run as `nobody`), for the
+    image's Postgres-backed Dagster instance; None where the host has no PostgreSQL."""
+
+    @staticmethod
+    def bindir() -> Path | None:
+        found = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+        return Path(found).resolve().parent if found else None
+
+    def __enter__(self) -> dict[str, str]:
+        self.dir = Path(tempfile.mkdtemp(prefix="smoke-postgres-"))
+        shutil.chown(self.dir, "nobody")
+        self.port, self.ctl = free_port(), str(self.bindir() / "pg_ctl")
+        as_nobody = ["runuser", "-u", "nobody", "--"]
+        sh(*as_nobody, str(self.bindir() / "initdb"), "-D", f"{self.dir}/data", "-U", "dagster", "--auth=trust")
+        sh(*as_nobody, self.ctl, "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-w", "start",
+           "-o", f"-h 127.0.0.1 -p {self.port} -k {self.dir}")
+        return {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_DB": "postgres",
+                "DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "unused-with-trust-auth"}
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["runuser", "-u", "nobody", "--", self.ctl, "-D", f"{self.dir}/data", "stop", "-m", "immediate"],
+                       check=False, capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def smoke_dagster(image: MountedImage) -> None:
-    root, env = image.root, image.env
+    root = image.root
     sp = site_packages(root)
     check((sp / "torch").is_dir() and not list(sp.glob("nvidia*")), "torch is installed, without CUDA libraries")
     space_report(root, top=8)
+    if LoopbackPostgres.bindir() is None:
+        # Without PostgreSQL the image's instance (dagster.postgres.yaml) cannot load: a temporary
+        # sqlite instance in the image's /tmp instead. Loading the code needs no instance storage.
+        home = root / "tmp/smoke-dagster-home"
+        home.mkdir()
+        shutil.chown(home, *image.user())
+        print("smoke: no PostgreSQL on this machine: the Dagster instance is a temporary sqlite one")
+        code_server_checks(image, image.env | {"DAGSTER_HOME": "/tmp/smoke-dagster-home"})
+        return
+    with LoopbackPostgres() as pg_env:
+        env = image.env | pg_env
+        migrate = image.run(["dagster", "instance", "migrate"], env, timeout=180)
+        if migrate.returncode != 0:
+            print(migrate.stdout[-4000:], file=sys.stderr)
+        check(migrate.returncode == 0, "the image's Postgres instance (dagster.postgres.yaml) creates its schema "
+                                       f"on a loopback PostgreSQL (dagster instance migrate)")
+        code_server_checks(image, env)
+
+
+def code_server_checks(image: MountedImage, env: dict[str, str]) -> None:
     cmd = list(image.config["Cmd"])
     module = cmd[cmd.index("-m") + 1]
     attr = cmd[cmd.index("-a") + 1]
@@ -246,9 +292,10 @@ def smoke_dagster(image: MountedImage) -> None:
     run_cmd = [("127.0.0.1" if w == "0.0.0.0" else w) for w in cmd]
     run_cmd[run_cmd.index("-p") + 1] = str(port)
     health = ["dagster", "api", "grpc-health-check", "--host", "127.0.0.1", "--port", str(port)]
-    lister = ["python", "-c", "import sys; from dagster._grpc.client import DagsterGrpcClient as C; "
-              f"r = C(host='127.0.0.1', port={port}).list_repositories(); "
-              "print(sorted(s.repository_name for s in r.repository_symbols))"]
+    # The location's repositories, asked of the running server (dagster's own gRPC client).
+    lister = ["python", "-c", "from dagster._grpc.client import DagsterGrpcClient; from dagster._serdes import "
+              f"deserialize_value; r = deserialize_value(DagsterGrpcClient(host='127.0.0.1', port={port})"
+              ".list_repositories()); print(sorted(s.repository_name for s in r.repository_symbols))"]
     with tempfile.NamedTemporaryFile(prefix="smoke-dagster-", suffix=".log") as log:
         proc = image.popen(run_cmd, env, log)
         try:
