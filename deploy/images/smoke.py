@@ -16,8 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from chroot_run import LoopbackPostgres, MountedImage, free_port, process_tree, sh, stop
 
 
 class SmokeFailure(Exception):
@@ -35,100 +35,6 @@ def check(ok, message: str) -> None:
     if not ok:
         raise SmokeFailure(message)
     print(f"smoke: ok: {message}")
-
-
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MountedImage:
-    """A working container of the image, mounted, with /proc and /dev inside; removed on exit."""
-
-    def __init__(self, image: str):
-        self.image, self.mounts = image, []
-
-    def __enter__(self) -> "MountedImage":
-        self.ctr = sh("buildah", "from", "--pull=false", "--quiet", self.image)
-        self.root = Path(sh("buildah", "mount", self.ctr))
-        self.config = json.loads(sh("buildah", "inspect", "--type", "container", self.ctr))["Docker"]["config"]
-        for target, argv in (("proc", ["-t", "proc", "proc"]), ("dev", ["--rbind", "/dev"])):
-            sh("mount", *argv, str(self.root / target))
-            self.mounts.append(self.root / target)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for path in reversed(self.mounts):
-            subprocess.run(["umount", "-R", "-l", str(path)], check=False)
-        subprocess.run(["buildah", "umount", self.ctr], check=False, capture_output=True)
-        subprocess.run(["buildah", "rm", self.ctr], check=False, capture_output=True)
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(e.split("=", 1) for e in self.config.get("Env") or [])
-
-    def user(self) -> tuple[int, int]:
-        """The image's USER as numbers (a name is looked up in the image's /etc/passwd)."""
-        user, _, group = (self.config.get("User") or "0").partition(":")
-        passwd = {l.split(":")[0]: l.split(":") for l in (self.root / "etc/passwd").read_text().splitlines()}
-        uid = int(user) if user.isdigit() else int(passwd[user][2])
-        gid = int(group) if group.isdigit() else int(next((p[3] for p in passwd.values() if int(p[2]) == uid), uid))
-        return uid, gid
-
-    def popen(self, argv: list[str], env: dict[str, str], log) -> subprocess.Popen:
-        """Start argv inside the image as its user, in its WORKDIR, with exactly `env`."""
-        root, workdir, (uid, gid) = str(self.root), self.config.get("WorkingDir") or "/", self.user()
-
-        def enter():  # runs in the child before exec: chroot first, then drop root
-            os.chroot(root)
-            os.chdir(workdir)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-
-        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=enter, start_new_session=True)
-
-    def run(self, argv: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-        with tempfile.TemporaryFile() as log:
-            proc = self.popen(argv, env, log)
-            try:
-                proc.wait(timeout)
-            finally:
-                stop(proc)
-            log.seek(0)
-            return subprocess.CompletedProcess(argv, proc.returncode, log.read().decode(errors="replace"))
-
-
-def stop(proc: subprocess.Popen, grace: float = 20) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def process_tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
 
 
 def http(url: str, body: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
@@ -155,6 +61,15 @@ def wait_for(what: str, probe, proc: subprocess.Popen, timeout: float):
     raise SmokeFailure(f"{what}: not within {timeout:.0f}s")
 
 
+def ready_doc(url: str) -> dict | None:
+    """/ready's answer once ready; None while starting; a failure once the package was refused."""
+    status, body = http(url + "/ready")
+    doc = json.loads(body)
+    if status == 503 and doc.get("error"):
+        raise SmokeFailure(f"/ready: the package was refused: {doc['error']}")
+    return doc if status == 200 else None
+
+
 def site_packages(root: Path) -> Path:
     found = sorted(root.glob("opt/venv/lib/python3*/site-packages"))
     if not found:
@@ -162,18 +77,22 @@ def site_packages(root: Path) -> Path:
     return found[0]
 
 
-def space_report(root: Path, top: int = 12) -> None:
-    """Where the image's bytes are: the largest site-packages entries, the venv and the base's python."""
+def space_report(root: Path, top: int = 12) -> int:
+    """Where the image's bytes are: the largest site-packages entries, the venv and the base's python.
+    Returns the whole filesystem's size (bytes allocated on disk, a little above buildah's figure)."""
     sp = site_packages(root)
     out = sh("du", "-s", "-B1", *map(str, sorted(sp.iterdir())))
     sizes = sorted(((int(n), Path(p).name) for n, p in (l.split("\t") for l in out.splitlines())), reverse=True)
+    totals = {}
     for label, path in (("whole filesystem", root), ("/opt/venv", root / "opt/venv"), ("/usr/lib/python3.11", root / "usr/lib/python3.11")):
-        print(f"smoke: space: {int(sh('du', '-s', '-B1', '-x', str(path)).split()[0]) / 1e6:8.1f} MB  {label}")
+        totals[label] = int(sh("du", "-s", "-B1", "-x", str(path)).split()[0])
+        print(f"smoke: space: {totals[label] / 1e6:8.1f} MB  {label}")
     for n, name in sizes[:top]:
         print(f"smoke: space: {n / 1e6:8.1f} MB  site-packages/{name}")
+    return totals["whole filesystem"]
 
 
-def smoke_inference(image: MountedImage, registry: Path) -> None:
+def smoke_inference(image: MountedImage, registry: Path, max_mb: float | None) -> None:
     root, env = image.root, image.env
     sp = site_packages(root)
     check(not list(sp.glob("torch*")) and not list(sp.glob("nvidia*")), "no torch in the image's site-packages")
@@ -181,7 +100,9 @@ def smoke_inference(image: MountedImage, registry: Path) -> None:
     caches = [p for p in ("root/.cache", "home/gcodefp/.cache", "tmp/requirements-inference.txt", "src", "etc/pip.conf")
               if (root / p).exists()]
     check(not caches, f"no pip caches or build leftovers ({caches or 'none'})")
-    space_report(root)
+    total = space_report(root)
+    if max_mb is not None:
+        check(total <= max_mb * 1e6, f"the image's filesystem is {total / 1e6:.0f} MB <= {max_mb:.0f} MB")
 
     target = root / env["GCODEFP_REGISTRY"].lstrip("/")
     shutil.copytree(registry, target, dirs_exist_ok=True)
@@ -198,8 +119,7 @@ def smoke_inference(image: MountedImage, registry: Path) -> None:
         proc = image.popen(image.config["Cmd"], run_env, log)
         try:
             print(f"smoke: CMD {image.config['Cmd']} as {image.config.get('User')} on {url}")
-            ready = wait_for("/ready answers 200", lambda: (lambda s, b: s == 200 and json.loads(b))(*http(url + "/ready")),
-                             proc, 120)
+            ready = wait_for("/ready answers 200", lambda: ready_doc(url), proc, 120)
             check(ready.get("version") == version, f"/ready: version {ready.get('version')} == CURRENT {version}")
             status, body = http(url + "/predict", sample)
             doc = json.loads(body)
@@ -227,32 +147,6 @@ def smoke_inference(image: MountedImage, registry: Path) -> None:
         check(proc.returncode == 0, f"the server stopped cleanly on SIGTERM (exit {proc.returncode})")
         text = Path(log.name).read_text()
         check("Traceback" not in text, "no traceback in the server's log")
-
-
-class LoopbackPostgres:
-    """A throwaway PostgreSQL server on 127.0.0.1 (the host's binaries, run as `nobody`), for the
-    image's Postgres-backed Dagster instance; None where the host has no PostgreSQL."""
-
-    @staticmethod
-    def bindir() -> Path | None:
-        found = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
-        return Path(found).resolve().parent if found else None
-
-    def __enter__(self) -> dict[str, str]:
-        self.dir = Path(tempfile.mkdtemp(prefix="smoke-postgres-"))
-        shutil.chown(self.dir, "nobody")
-        self.port, self.ctl = free_port(), str(self.bindir() / "pg_ctl")
-        as_nobody = ["runuser", "-u", "nobody", "--"]
-        sh(*as_nobody, str(self.bindir() / "initdb"), "-D", f"{self.dir}/data", "-U", "dagster", "--auth=trust")
-        sh(*as_nobody, self.ctl, "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-w", "start",
-           "-o", f"-h 127.0.0.1 -p {self.port} -k {self.dir}")
-        return {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_DB": "postgres",
-                "DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "unused-with-trust-auth"}
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["runuser", "-u", "nobody", "--", self.ctl, "-D", f"{self.dir}/data", "stop", "-m", "immediate"],
-                       check=False, capture_output=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def smoke_dagster(image: MountedImage) -> None:
@@ -318,6 +212,7 @@ def main() -> int:
     p.add_argument("which", choices=["inference", "dagster"])
     p.add_argument("--image", help="default: gcodefp-api:latest / gcodefp-dagster:latest")
     p.add_argument("--registry", type=Path, help="inference: a registry with a CURRENT package")
+    p.add_argument("--max-mb", type=float, help="inference: fail if the image's filesystem is larger (MB)")
     args = p.parse_args()
     if os.geteuid() != 0:
         p.error("run as root (mount, chroot)")
@@ -327,7 +222,7 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         with MountedImage(image_name) as image:
-            smoke_inference(image, args.registry) if args.which == "inference" else smoke_dagster(image)
+            smoke_inference(image, args.registry, args.max_mb) if args.which == "inference" else smoke_dagster(image)
     except SmokeFailure as exc:
         print(f"smoke: FAILED ({image_name}): {exc}", file=sys.stderr)
         return 1
