@@ -5,8 +5,8 @@ its CMD under chroot as the image's user with the image's environment, on loopba
   python3 deploy/images/smoke.py dagster [--image gcodefp-dagster:latest]
 
 Runs as root (mount, chroot) with the host's python3 and the standard library only. The command is
-the image's CMD unchanged, except that it binds 127.0.0.1 and a free port: the inference image via
-uvicorn's UVICORN_HOST/UVICORN_PORT, the Dagster code server by replacing its -h/-p values.
+the image's CMD (inference: or --command, e.g. compose's) unchanged, except that it binds 127.0.0.1
+and a free port: UVICORN_HOST/UVICORN_PORT in its environment, 0.0.0.0 and -p/--port in its argv.
 Exits non-zero, with the reason and the server's log, on the first failed check.
 """
 from __future__ import annotations
@@ -70,6 +70,15 @@ def ready_doc(url: str) -> dict | None:
     return doc if status == 200 else None
 
 
+def metrics_counting(url: str, predicts: int) -> str | None:
+    """/metrics once it counts `predicts` /predict requests. A worker counts a request after sending
+    the response, so a scrape (maybe answered by another worker) can land a moment before that."""
+    status, body = http(url + "/metrics")
+    text = body.decode()
+    counted = re.search(r'^gcodefp_http_requests_total\{[^}]*endpoint="/predict"[^}]*\} (\d+)(\.0)?$', text, re.M)
+    return text if status == 200 and counted and int(counted.group(1)) == predicts else None
+
+
 def site_packages(root: Path) -> Path:
     found = sorted(root.glob("opt/venv/lib/python3*/site-packages"))
     if not found:
@@ -92,7 +101,16 @@ def space_report(root: Path, top: int = 12) -> int:
     return totals["whole filesystem"]
 
 
-def smoke_inference(image: MountedImage, registry: Path, max_mb: float | None) -> None:
+def on_loopback(cmd: list[str], port: int) -> list[str]:
+    """cmd binding 127.0.0.1:port instead of 0.0.0.0 and its own port (-p/--port VALUE)."""
+    out = [("127.0.0.1" if w == "0.0.0.0" else w) for w in cmd]
+    for flag in ("-p", "--port"):
+        if flag in out:
+            out[out.index(flag) + 1] = str(port)
+    return out
+
+
+def smoke_inference(image: MountedImage, registry: Path, max_mb: float | None, command: list[str] | None) -> None:
     root, env = image.root, image.env
     sp = site_packages(root)
     check(not list(sp.glob("torch*")) and not list(sp.glob("nvidia*")), "no torch in the image's site-packages")
@@ -116,27 +134,28 @@ def smoke_inference(image: MountedImage, registry: Path, max_mb: float | None) -
     url = f"http://127.0.0.1:{port}"
     run_env = env | {"UVICORN_HOST": "127.0.0.1", "UVICORN_PORT": str(port)}
     with tempfile.NamedTemporaryFile(prefix="smoke-inference-", suffix=".log") as log:
-        proc = image.popen(image.config["Cmd"], run_env, log)
+        cmd = on_loopback(command or image.config["Cmd"], port)
+        proc = image.popen(cmd, run_env, log)
         try:
-            print(f"smoke: CMD {image.config['Cmd']} as {image.config.get('User')} on {url}")
+            print(f"smoke: {'command' if command else 'CMD'} {cmd} as {image.config.get('User')} on {url}")
             ready = wait_for("/ready answers 200", lambda: ready_doc(url), proc, 120)
             check(ready.get("version") == version, f"/ready: version {ready.get('version')} == CURRENT {version}")
-            status, body = http(url + "/predict", sample)
-            doc = json.loads(body)
-            check(status == 200 and isinstance(doc.get("gcode_sequence"), str) and doc.get("model_version") == version,
-                  f"/predict answers the package's sample request (200, gcode_sequence, model_version {version})")
-            status, body = http(url + "/metrics")
-            text = body.decode()
-            check(status == 200 and re.search(r'gcodefp_http_requests_total\{[^}]*endpoint="/predict"[^}]*\} 1(\.0)?$',
-                                              text, re.M), "/metrics counts the /predict request")
+            predicts = 6  # one connection each: the kernel hands them to whichever worker accepts
+            answers = [(lambda s, b: (s, json.loads(b)))(*http(url + "/predict", sample)) for _ in range(predicts)]
+            check(all(s == 200 and isinstance(d.get("gcode_sequence"), str) and d.get("model_version") == version
+                      for s, d in answers),
+                  f"/predict answers the package's sample request {predicts}x (200, gcode_sequence, model_version {version})")
+            text = wait_for("/metrics counts the /predict requests", lambda: metrics_counting(url, predicts), proc, 10)
+            served_by = set(re.findall(r'"msg":"POST /predict 200","pid":(\d+)', Path(log.name).read_text()))
+            check(True, f"/metrics counts all {predicts} /predict requests, served by {len(served_by)} worker(s)")
             check(f'version="{version}"' in text, "/metrics reports the served version")
 
-            workers = int(env.get("WEB_CONCURRENCY", "1"))
+            workers = int(cmd[cmd.index("--workers") + 1] if "--workers" in cmd else env.get("WEB_CONCURRENCY", "1"))
             pids = process_tree(proc.pid)
             maps = {p: Path(f"/proc/{p}/maps").read_text() for p in pids}
             uids = {p: Path(f"/proc/{p}/status").read_text().split("Uid:")[1].split()[0] for p in pids}
             serving = [p for p, m in maps.items() if "onnxruntime" in m]
-            check(len(serving) >= workers, f"{len(serving)} worker processes have onnxruntime mapped (WEB_CONCURRENCY={workers})")
+            check(len(serving) >= workers, f"{len(serving)} worker processes have onnxruntime mapped ({workers} workers)")
             check(not any("torch" in m for m in maps.values()), f"no torch library mapped in any of {len(pids)} processes")
             check(set(uids.values()) == {str(uid)}, f"every process runs as uid {uid}")
         except SmokeFailure:
@@ -183,8 +202,7 @@ def code_server_checks(image: MountedImage, env: dict[str, str]) -> None:
     check(validate.returncode == 0, f"dagster definitions validate -m {module} -a {attr}")
 
     port = free_port()
-    run_cmd = [("127.0.0.1" if w == "0.0.0.0" else w) for w in cmd]
-    run_cmd[run_cmd.index("-p") + 1] = str(port)
+    run_cmd = on_loopback(cmd, port)
     health = ["dagster", "api", "grpc-health-check", "--host", "127.0.0.1", "--port", str(port)]
     # The location's repositories, asked of the running server (dagster's own gRPC client).
     lister = ["python", "-c", "from dagster._grpc.client import DagsterGrpcClient; from dagster._serdes import "
@@ -213,6 +231,8 @@ def main() -> int:
     p.add_argument("--image", help="default: gcodefp-api:latest / gcodefp-dagster:latest")
     p.add_argument("--registry", type=Path, help="inference: a registry with a CURRENT package")
     p.add_argument("--max-mb", type=float, help="inference: fail if the image's filesystem is larger (MB)")
+    p.add_argument("--command", type=json.loads, help="inference: run this JSON argv instead of the image's CMD "
+                                                      "(e.g. docker-compose.yml's command for the api service)")
     args = p.parse_args()
     if os.geteuid() != 0:
         p.error("run as root (mount, chroot)")
@@ -222,7 +242,7 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         with MountedImage(image_name) as image:
-            smoke_inference(image, args.registry, args.max_mb) if args.which == "inference" else smoke_dagster(image)
+            smoke_inference(image, args.registry, args.max_mb, args.command) if args.which == "inference" else smoke_dagster(image)
     except SmokeFailure as exc:
         print(f"smoke: FAILED ({image_name}): {exc}", file=sys.stderr)
         return 1
