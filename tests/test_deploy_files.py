@@ -311,3 +311,21 @@ def test_stack_script_is_valid_bash_and_rejects_unknown_services(tmp_path):
     out = subprocess.run(["bash", str(REPO / "deploy/stack.sh"), "status", "nginx"], capture_output=True, text=True,
                          timeout=30, env=os.environ | {"GCODEFP_STACK_DIR": str(tmp_path)})
     assert out.returncode != 0 and "unknown service 'nginx'" in out.stderr
+
+
+def test_image_scripts_parse_and_the_smoke_test_rebinds_commands_to_loopback(monkeypatch):
+    """.ci/images and deploy/images/ build and smoke-test the images for real (root, buildah); here:
+    they parse, and the smoke test's rewrite of a command to 127.0.0.1 changes nothing else."""
+    scripts = [REPO / ".ci/images", *sorted((REPO / "deploy/images").glob("*.sh"))]
+    for script in scripts:
+        assert os.access(script, os.X_OK), script
+        subprocess.run(["bash", "-n", str(script)], check=True, timeout=10)
+    monkeypatch.syspath_prepend(str(REPO / "deploy/images"))
+    smoke = importlib.import_module("smoke")
+    for cmd in (json.loads(dockerfile("Dockerfile.dagster")["CMD"][-1]), SERVICES["api"].get("command")):
+        if cmd is None:
+            continue
+        bound = smoke.on_loopback(cmd, 5555)
+        changed = {i for i, (a, b) in enumerate(zip(cmd, bound)) if a != b}
+        assert len(bound) == len(cmd) and "0.0.0.0" not in bound and "5555" in bound, bound
+        assert {cmd[i] for i in changed} == {"0.0.0.0", str(cmd[bound.index("5555")])}, (cmd, bound)
