@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -111,18 +112,49 @@ def test_inference_image_is_slim_non_root_and_has_no_torch():
     assert set(reqs) <= set(deps), set(reqs) - set(deps)
 
 
-def test_dockerfile_commands_are_the_compose_commands_and_parse():
-    from gcodefp_core.cli import build_parser
+def image_env(name: str) -> dict[str, str]:
+    """The ENV of a Dockerfile's last stage (KEY=VALUE words, as Docker reads them)."""
+    text = re.sub(r"\\\n", " ", (REPO / name).read_text()).split("\nFROM ")[-1]
+    words = [w for line in text.splitlines() if line.startswith("ENV ") for w in shlex.split(line[4:])]
+    return dict(w.split("=", 1) for w in words)
 
-    inference_cmd = json.loads(dockerfile("Dockerfile.inference")["CMD"][-1])
-    assert SERVICES["api"]["command"] == inference_cmd
-    args = build_parser().parse_args(inference_cmd[1:])
-    assert (args.command, args.host, args.port) == ("serve", "0.0.0.0", 8000)
-    assert SERVICES["api"]["ports"] == [f"{args.port}:{args.port}"]
-    assert dockerfile("Dockerfile.inference")["EXPOSE"] == [str(args.port)]
+
+def test_inference_image_runs_the_app_under_uvicorn(monkeypatch):
+    """The image's CMD is `python -m uvicorn api.app:app` (not a CLI wrapper) with host, port and workers from
+    the image's environment, a fresh metrics folder for its workers, and the port that EXPOSE,
+    HEALTHCHECK and compose use. deploy/images/smoke.py runs this CMD for real inside the built image."""
+    from uvicorn.main import main as uvicorn_cli
+
+    cmd = json.loads(dockerfile("Dockerfile.inference")["CMD"][-1])
+    assert cmd[:2] == ["sh", "-c"], cmd
+    script = cmd[2]
+    assert 'export PROMETHEUS_MULTIPROC_DIR="$(mktemp -d' in script  # empty at every start (api/metrics.py)
+    uvicorn_argv = shlex.split(script.split("exec ", 1)[1])
+    assert uvicorn_argv[:3] == ["python", "-m", "uvicorn"], uvicorn_argv
+    env = image_env("Dockerfile.inference")
+    for key, value in env.items():
+        if key.startswith("UVICORN_"):
+            monkeypatch.setenv(key, value)
+    ctx = uvicorn_cli.make_context("uvicorn", uvicorn_argv[3:])
+    module, _, attr = ctx.params["app"].partition(":")
+    assert (module, attr) == ("api.app", "app") and re.search(r"^app = FastAPI\(", (REPO / "api/app.py").read_text(), re.M)
+    host, port = ctx.params["host"], ctx.params["port"]
+    assert host == "0.0.0.0" and int(env["WEB_CONCURRENCY"]) >= 1
+    assert env["GCODEFP_REGISTRY"] == "/srv/gcodefp/registry"
+    assert dockerfile("Dockerfile.inference")["EXPOSE"] == [str(port)]
+    assert SERVICES["api"]["ports"] == [f"{port}:{port}"]
     healthcheck = json.loads(dockerfile("Dockerfile.inference")["HEALTHCHECK"][0].split("CMD", 1)[1])
     assert SERVICES["api"]["healthcheck"]["test"] == ["CMD", *healthcheck]
-    assert f"127.0.0.1:{args.port}/health" in healthcheck[-1]
+    assert f"127.0.0.1:{port}/health" in healthcheck[-1]
+    # compose may override the command (`gcodefp serve`, what deploy/stack.sh runs natively): same port
+    if "command" in SERVICES["api"]:
+        from gcodefp_core.cli import build_parser
+
+        args = build_parser().parse_args(SERVICES["api"]["command"][1:])
+        assert (args.command, args.host, args.port) == ("serve", host, port)
+
+
+def test_dagster_image_command_is_the_compose_code_server_command():
     assert json.loads(dockerfile("Dockerfile.dagster")["CMD"][-1]) == SERVICES["code-server"]["command"]
 
 
@@ -279,3 +311,21 @@ def test_stack_script_is_valid_bash_and_rejects_unknown_services(tmp_path):
     out = subprocess.run(["bash", str(REPO / "deploy/stack.sh"), "status", "nginx"], capture_output=True, text=True,
                          timeout=30, env=os.environ | {"GCODEFP_STACK_DIR": str(tmp_path)})
     assert out.returncode != 0 and "unknown service 'nginx'" in out.stderr
+
+
+def test_image_scripts_parse_and_the_smoke_test_rebinds_commands_to_loopback(monkeypatch):
+    """.ci/images and deploy/images/ build and smoke-test the images for real (root, buildah); here:
+    they parse, and the smoke test's rewrite of a command to 127.0.0.1 changes nothing else."""
+    scripts = [REPO / ".ci/images", *sorted((REPO / "deploy/images").glob("*.sh"))]
+    for script in scripts:
+        assert os.access(script, os.X_OK), script
+        subprocess.run(["bash", "-n", str(script)], check=True, timeout=10)
+    monkeypatch.syspath_prepend(str(REPO / "deploy/images"))
+    smoke = importlib.import_module("smoke")
+    for cmd in (json.loads(dockerfile("Dockerfile.dagster")["CMD"][-1]), SERVICES["api"].get("command")):
+        if cmd is None:
+            continue
+        bound = smoke.on_loopback(cmd, 5555)
+        changed = {i for i, (a, b) in enumerate(zip(cmd, bound)) if a != b}
+        assert len(bound) == len(cmd) and "0.0.0.0" not in bound and "5555" in bound, bound
+        assert {cmd[i] for i in changed} == {"0.0.0.0", str(cmd[bound.index("5555")])}, (cmd, bound)
