@@ -7,6 +7,7 @@ from typing import Optional
 
 import dagster as dg
 
+from gcodefp_core.fileio import write_atomic
 from gcodefp_core.paths import resolve
 
 from ...automation import DOWNSTREAM, RETRAIN
@@ -79,7 +80,8 @@ def sensor_logs(context: dg.AssetExecutionContext, config: SensorLogsConfig, pip
         folder = resolve(source)
     files = list_log_files(folder)
     version = logs_fingerprint(files)
-    (artifacts.logs() / "SOURCE").write_text(str(folder) + "\n")  # training_dataset reads the folder here
+    artifacts.logs().mkdir(parents=True, exist_ok=True)
+    write_atomic(artifacts.logs() / "SOURCE", str(folder) + "\n")  # training_dataset reads the folder here
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version[:16]),
         metadata={"path": dg.MetadataValue.path(str(folder)), "source": "synthetic" if source == "synthetic" else "folder",
