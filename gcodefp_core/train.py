@@ -154,10 +154,12 @@ def cpu_state(model: torch.nn.Module) -> dict:
 
 
 def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool = False,
-                stop_after: int | None = None, group: str | None = None) -> dict:
+                stop_after: int | None = None, group: str | None = None, on_epoch=None) -> dict:
     """Train one model into run_dir (checkpoint_best.pt, checkpoint_last.pt, metrics.json).
     resume: continue from run_dir/checkpoint_last.pt. stop_after: stop after this many epochs in
-    this call (the run stays resumable). Returns the best validation metrics and run facts."""
+    this call (the run stays resumable). on_epoch: called with each epoch's history row plus
+    "epochs" (planned), "improved" and "elapsed" (s), e.g. to stream progress into an orchestrator's
+    log. Returns the best validation metrics and run facts."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg = TrainConfig.from_dict(config.get("train", {}))
@@ -233,6 +235,8 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
                      epoch, tcfg.epochs, row["train_loss"], val_m["loss"], val_m["op_acc"], val_m["token_acc_tf"],
                      val_m["exact_match"], val_m["word_acc"], row["lr"], row["seconds"], " *" if improved else "")
             tracker.log(row, step=epoch)
+            if on_epoch is not None:
+                on_epoch(row | {"epochs": tcfg.epochs, "improved": improved, "elapsed": state["elapsed"]})
             if improved:
                 state.update(best=val_m[tcfg.monitor] if tcfg.monitor != "loss" else -val_m["loss"], best_epoch=epoch,
                              bad_epochs=0)
@@ -301,9 +305,10 @@ def train(config: dict, output: Path | str, seed: int = 42, ensemble: int | None
         res = train_model(config, ds, output / name, seed + i - 1, resume=resume, group=output.name)
         members.append({"name": name, "seed": seed + i - 1, "checkpoint": f"{name}/checkpoint_best.pt",
                         "val_metrics": {k: v for k, v in res.items() if k.startswith("val_")}})
+    from .release import select_member, selection_metric
+
     monitor = TrainConfig.from_dict(config.get("train", {})).monitor
-    key = "val_loss" if monitor == "loss" else f"val_{monitor}"
-    best = (min if monitor == "loss" else max)(members, key=lambda m: m["val_metrics"][key])
+    key, best = selection_metric(monitor), select_member(members, monitor)
     doc = {"members": members, "selected": best["name"], "selection_metric": key, "dataset": str(ds.path)}
     write_json(output / "ensemble_config.json", doc)
     return doc

@@ -1,9 +1,10 @@
 """`gcodefp pipeline`: materialize the whole Dagster asset graph from the terminal.
 
-The same job the UI runs (gcodefp_dagster full_pipeline, one run over every seed partition),
-recorded in the same Dagster instance ($DAGSTER_HOME, default .dagster_home/ in the repository), so
-the UI shows the run, its materializations and its checks. Registered into `gcodefp` through the
-`gcodefp.commands` entry point; Dagster is imported when the command runs, not when `gcodefp` starts.
+The same assets the UI runs, as the same runs the daemon would make: one `prepare_data` run, one
+`train_seed` run per seed partition (at most --parallel-seeds at once, each its own process), then
+one `release` run. All are recorded in the Dagster instance ($DAGSTER_HOME, default .dagster_home/),
+so the UI shows them. Registered into `gcodefp` through the `gcodefp.commands` entry point; Dagster
+is imported when the command runs, not when `gcodefp` starts.
 """
 from __future__ import annotations
 
@@ -15,27 +16,25 @@ import time
 import uuid
 from pathlib import Path
 
-STEP_EVENTS = ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION")
+STAGES = ("data", "training", "release")
 
 
 def register(sub) -> None:
     p = sub.add_parser("pipeline", help="run the whole Dagster pipeline (data -> package) from the terminal",
                        description="Materialize every asset (logs, dataset, one checkpoint per seed, ensemble, ONNX "
-                                   "and quantized variants, benchmark, deployment package) with their checks, "
-                                   "recorded in the Dagster instance the UI reads ($DAGSTER_HOME, default "
-                                   ".dagster_home/). Prints where the package landed.")
+                                   "and quantized variants, benchmark, deployment package) with their checks: one run "
+                                   "for the data, one per seed, one for the release, recorded in the Dagster instance "
+                                   "the UI reads ($DAGSTER_HOME, default .dagster_home/). Prints where the package landed.")
     p.add_argument("--config", type=Path, required=True, help="JSON config (data/model/train sections)")
     p.add_argument("--data", type=Path, help="folder of *_aligned.csv[.gz] logs (default: the config's data.source; "
                                              "synthetic logs when that is 'synthetic' or absent)")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds, one model each (default 42 43 44)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds, one model and one run each")
     p.add_argument("--artifacts", type=Path, help="artifact store (default artifacts/pipeline)")
     p.add_argument("--registry", type=Path, help="package registry (default artifacts/registry)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
-    p.add_argument("--parallel-seeds", type=int, default=1, help="seeds trained at once (worker processes)")
-    p.add_argument("--threads", type=int, help="torch threads per training process (train.num_threads)")
-    p.add_argument("--executor", choices=["multiprocess", "in_process"], default="multiprocess",
-                   help="Dagster executor (default multiprocess: independent assets run side by side)")
-    p.add_argument("--max-concurrent", type=int, help="multiprocess executor: steps at once (default: CPU count)")
+    p.add_argument("--parallel-seeds", type=int, default=1, help="seed runs at once (each its own process)")
+    p.add_argument("--threads", type=int, help="torch threads per training run (train.num_threads)")
+    p.add_argument("--until", choices=STAGES, default="release", help="stop after this stage (default: all)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's own event log on the terminal")
     p.set_defaults(handler=_pipeline)
 
@@ -53,47 +52,57 @@ def ensure_dagster_home() -> Path:
 
 
 def _configure_env(args) -> None:
-    """Settings travel as environment variables: the multiprocess executor's workers rebuild the
-    definitions from them (gcodefp_dagster.definitions.full_pipeline_job)."""
+    """Settings travel as environment variables: each run's step process rebuilds the resources from them."""
     if not args.config.is_file():
         raise FileNotFoundError(f"--config: not found: {args.config}")
     from gcodefp_core.config import load_config
 
     load_config(args.config)  # fail here, naming the field, rather than inside a run
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds: duplicates in {args.seeds}")
+    if args.parallel_seeds < 1:
+        raise ValueError(f"--parallel-seeds must be >= 1, got {args.parallel_seeds}")
     os.environ["GCODEFP_CONFIG"] = str(args.config.resolve())
     if args.data is not None:
         if not args.data.is_dir():
             raise FileNotFoundError(f"--data: not a folder: {args.data}")
         os.environ["GCODEFP_DATA"] = str(args.data.resolve())
-    if args.seeds:
-        if len(set(args.seeds)) != len(args.seeds):
-            raise ValueError(f"--seeds: duplicates in {args.seeds}")
-        os.environ["GCODEFP_SEEDS"] = ",".join(map(str, args.seeds))
     if args.artifacts:
         os.environ["GCODEFP_PIPELINE_ARTIFACTS"] = str(args.artifacts.resolve())
     if args.registry:
         os.environ["GCODEFP_REGISTRY"] = str(args.registry.resolve())
 
 
-def run_config(args) -> dict:
-    if args.parallel_seeds < 1:
-        raise ValueError(f"--parallel-seeds must be >= 1, got {args.parallel_seeds}")
-    train = {"parallel_seeds": args.parallel_seeds} | ({"epochs": args.epochs} if args.epochs else {}) \
-        | ({"num_threads": args.threads} if args.threads else {})
-    cfg: dict = {"ops": {"checkpoint": {"config": train}},
-                 "loggers": {"console": {"config": {"log_level": "DEBUG" if args.verbose else "WARNING"}}}}
-    if args.executor == "in_process":
-        cfg["execution"] = {"config": {"in_process": {}}}
-    else:
-        cfg["execution"] = {"config": {"multiprocess": {"max_concurrent": args.max_concurrent or 0}}}
+def job(name: str):
+    from gcodefp_dagster.definitions import defs
+
+    return defs.resolve_job_def(name)
+
+
+def prepare_data_job():
+    return job("prepare_data")
+
+
+def release_job():
+    return job("release")
+
+
+def run_config(args, train: bool = False, release_seeds: list[int] | None = None) -> dict:
+    cfg: dict = {"loggers": {"console": {"config": {"log_level": "DEBUG" if args.verbose else "WARNING"}}}}
+    if train:
+        overrides = ({"epochs": args.epochs} if args.epochs else {}) | ({"num_threads": args.threads} if args.threads else {})
+        cfg["ops"] = {"checkpoint": {"config": overrides}}
+    if release_seeds:
+        cfg["ops"] = {"ensemble_config": {"config": {"seeds": release_seeds}}}
     return cfg
 
 
-def describe(event, t0: float) -> str | None:
-    """One progress line for a run event (None: not worth a line)."""
-    kind, step = event.event_type_value, event.step_key
-    stamp = f"[{time.monotonic() - t0:7.1f}s]"
-    data = event.event_specific_data
+def describe(event, run_label: str, t0: float) -> str | None:
+    """One progress line for a run's event (None: not worth a line)."""
+    stamp = f"[{time.monotonic() - t0:7.1f}s] {run_label}"
+    if event.dagster_event is None:  # a log line of the asset body: epoch progress and the like
+        return f"{stamp} {event.user_message}" if event.level >= 20 and event.step_key else None
+    kind, step, data = event.dagster_event.event_type_value, event.step_key, event.dagster_event.event_specific_data
     if kind == "STEP_START":
         return f"{stamp} {step} started"
     if kind == "STEP_SUCCESS":
@@ -102,72 +111,76 @@ def describe(event, t0: float) -> str | None:
         return f"{stamp} {step} FAILED: {data.error.message.strip().splitlines()[-1] if data.error else ''}"
     if kind == "ASSET_MATERIALIZATION":
         m = data.materialization
-        part = f"[{m.partition}]" if m.partition else ""
         path = m.metadata.get("path")
-        return f"{stamp} materialized {m.asset_key.to_user_string()}{part}" + (f" -> {path.value}" if path else "")
+        return f"{stamp} materialized {m.asset_key.to_user_string()}" + (f" -> {path.value}" if path else "")
     if kind == "ASSET_CHECK_EVALUATION":
         return f"{stamp} check {data.asset_key.to_user_string()}:{data.check_name} {'passed' if data.passed else 'FAILED'}"
     return None
 
 
 def follow(instance, token: str, stop: threading.Event, t0: float) -> None:
-    """Print progress lines for the run tagged `token` until `stop` is set (a thread beside the run)."""
+    """Print progress lines for every run tagged `token` until `stop` is set (a thread beside the runs)."""
     from dagster import RunsFilter
 
-    run_id, cursor = None, -1
+    cursors: dict[str, int] = {}
     while not stop.is_set():
-        if run_id is None:
-            runs = instance.get_runs(RunsFilter(tags={"gcodefp/cli_token": token}), limit=1)
-            run_id = runs[0].run_id if runs else None
-        if run_id is not None:
-            for entry in instance.all_logs(run_id)[cursor + 1:]:
-                cursor += 1
-                if entry.dagster_event is not None and entry.dagster_event.event_type_value in STEP_EVENTS:
-                    line = describe(entry.dagster_event, t0)
-                    if line:
-                        print(line, flush=True)
+        for run in instance.get_runs(RunsFilter(tags={"gcodefp/cli_token": token})):
+            label = run.job_name + (f"[{run.tags['dagster/partition']}]" if "dagster/partition" in run.tags else "")
+            entries = instance.all_logs(run.run_id)
+            for entry in entries[cursors.get(run.run_id, 0):]:
+                line = describe(entry, label, t0)
+                if line:
+                    print(line, flush=True)
+            cursors[run.run_id] = len(entries)
         stop.wait(1.0)
+
+
+def execute(job_fn, instance, token: str, run_config: dict, partition: str | None = None):
+    import dagster as dg
+
+    tags = {"gcodefp/trigger": "cli", "gcodefp/cli_token": token} | ({"dagster/partition": partition} if partition else {})
+    result = dg.execute_job(dg.reconstructable(job_fn), instance, run_config=run_config, tags=tags, raise_on_error=False)
+    print(f"run {result.run_id} ({result.job_def.name}{f'[{partition}]' if partition else ''}): "
+          f"{'SUCCESS' if result.success else 'FAILURE'}", flush=True)
+    return result
 
 
 def _pipeline(args) -> int:
     import logging
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations of a new instance: noise
-    if not args.verbose:  # the multiprocess executor's own engine events; progress lines replace them
+    if not args.verbose:
         logging.getLogger("dagster").setLevel(logging.WARNING)
-    if not args.verbose:  # W&B's per-run banners, repeated by every seed's worker process
         os.environ.setdefault("WANDB_SILENT", "true")
     _configure_env(args)
     home = ensure_dagster_home()
     import dagster as dg
 
-    from gcodefp_dagster.definitions import full_pipeline_job, seed_partitions
-    from gcodefp_dagster.defs.jobs import seed_range_tags
+    from gcodefp_dagster.defs.training.assets import register_seeds
 
     instance = dg.DagsterInstance.get()
-    token = uuid.uuid4().hex
-    tags = seed_range_tags(seed_partitions()) | {"gcodefp/trigger": "cli", "gcodefp/cli_token": token}
-    print(f"gcodefp pipeline: seeds {os.environ.get('GCODEFP_SEEDS', '42,43,44')}, config {args.config}, "
+    register_seeds(instance, args.seeds)
+    token, t0 = uuid.uuid4().hex, time.monotonic()
+    print(f"gcodefp pipeline: seeds {args.seeds} ({args.parallel_seeds} at a time), config {args.config}, "
           f"Dagster instance {home}", flush=True)
-    t0 = time.monotonic()
     stop = threading.Event()
     printer = threading.Thread(target=follow, args=(instance, token, stop, t0), daemon=True)
     printer.start()
     try:
-        result = dg.execute_job(dg.reconstructable(full_pipeline_job), instance, run_config=run_config(args), tags=tags)
+        ok, package = _stages(args, instance, token)
     finally:
         time.sleep(1.5)  # let the printer catch the last events
         stop.set()
         printer.join(5)
-    print(f"run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'} in {time.monotonic() - t0:.0f}s "
-          "(open the Dagster UI on the same DAGSTER_HOME to inspect it)")
-    package = [m for m in result.asset_materializations_for_node("deployment_package")] if result.success else []
-    if not package:
-        print("no package was written (see the failed steps or checks above)", file=sys.stderr)
+    print(f"pipeline: {'SUCCESS' if ok else 'FAILURE'} in {time.monotonic() - t0:.0f}s "
+          "(open the Dagster UI on the same DAGSTER_HOME to inspect the runs)")
+    if not ok:
         return 1
-    meta = package[-1].metadata
+    if package is None:
+        return 0
+    meta = package.metadata
     print(f"package {meta['version'].value} ({meta['variant'].value}): {meta['path'].value}")
-    registry = Path(meta['path'].value).parent.parent
+    registry = Path(meta["path"].value).parent.parent
     print("\nNext:\n"
           f"  UI:     DAGSTER_HOME={home} GCODEFP_CONFIG={args.config.resolve()} "
           "dagster dev -w workspace.yaml   # http://127.0.0.1:3000\n"
@@ -175,3 +188,53 @@ def _pipeline(args) -> int:
           f"gcodefp serve --registry {registry} --port 8000\n"
           "  call:   curl -s http://127.0.0.1:8000/info   (API docs: http://127.0.0.1:8000/docs)")
     return 0
+
+
+def train_seeds(args, instance, token: str) -> bool:
+    """One `train_seed` run per seed, each in its own `dagster job execute` process, at most
+    --parallel-seeds at once; -> whether every run succeeded."""
+    import json
+    import subprocess
+    import tempfile
+
+    import dagster as dg
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(run_config(args, train=True), f)
+    cmd = [sys.executable, "-m", "dagster", "job", "execute", "-m", "gcodefp_dagster.definitions", "-a", "defs",
+           "-j", "train_seed", "-c", f.name]
+    waiting, running = [str(s) for s in args.seeds], []
+    try:
+        while waiting or running:
+            while waiting and len(running) < args.parallel_seeds:
+                seed = waiting.pop(0)
+                tags = {"gcodefp/trigger": "cli", "gcodefp/cli_token": token, "dagster/partition": seed}
+                running.append(subprocess.Popen(cmd + ["--tags", json.dumps(tags)], stdout=subprocess.DEVNULL,
+                                                stderr=None if args.verbose else subprocess.DEVNULL))
+            time.sleep(0.5)
+            running = [p for p in running if p.poll() is None]
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    runs = instance.get_runs(dg.RunsFilter(job_name="train_seed", tags={"gcodefp/cli_token": token}))
+    for run in runs:
+        print(f"run {run.run_id} (train_seed[{run.tags['dagster/partition']}]): {run.status.value}", flush=True)
+    return len(runs) == len(args.seeds) and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+
+
+def _stages(args, instance, token: str):
+    """-> (every run succeeded, the package materialization or None)."""
+    if not execute(prepare_data_job, instance, token, run_config(args)).success:
+        return False, None
+    if args.until == "data":
+        return True, None
+    if not train_seeds(args, instance, token):
+        print("a seed run failed (see its lines above); no release", file=sys.stderr)
+        return False, None
+    if args.until == "training":
+        return True, None
+    result = execute(release_job, instance, token, run_config(args, release_seeds=args.seeds))
+    package = result.asset_materializations_for_node("deployment_package") if result.success else []
+    if not package:
+        print("no package was written (see the failed steps or checks above)", file=sys.stderr)
+        return False, None
+    return True, package[-1]

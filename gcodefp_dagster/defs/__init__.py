@@ -1,1 +1,2 @@
-"""Dagster definitions of the gcodefp pipeline, split by concern; each asset body calls gcodefp_core."""
+"""The gcodefp asset graph, one folder per domain (data, training, onnx, release), loaded by
+dg.load_from_defs_folder; each module holds its assets with their checks."""

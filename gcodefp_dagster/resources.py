@@ -1,22 +1,23 @@
-"""Resources: where things go (artifact store, package registry), what drives the run (the JSON
-config), what a run talks to (the API server, the alert channel) and the quality gates the checks
-apply. Defaults come from the environment when the code location loads, so `dagster dev`, the
-`gcodefp pipeline` command and docker-compose all configure the same way:
+"""Resources: the artifact store (the one owner of every path the pipeline writes, the package
+registry included), the JSON config that drives a run, the API server a redeploy confirms, the
+alert channel and the quality gates. Defaults come from the environment when the code location
+loads (settings only; the asset graph itself never depends on the environment):
 
-    GCODEFP_CONFIG        JSON config (data/model/train sections)     default configs/production.json
-    GCODEFP_DATA          folder of *_aligned.csv[.gz] logs           default: the config's data.source
-    GCODEFP_SEEDS         seeds = checkpoint partitions (e.g. 42,43)  default 42,43,44
-    GCODEFP_PIPELINE_ARTIFACTS  artifact store                        default artifacts/pipeline
-    GCODEFP_REGISTRY      package registry (the API server reads it)  default artifacts/registry
-    GCODEFP_API_URL, GCODEFP_ADMIN_TOKEN, GCODEFP_REQUIRE_SERVER      the server redeploy confirms
+    GCODEFP_CONFIG              JSON config (data/model/train sections)   default configs/production.json
+    GCODEFP_DATA                folder of *_aligned.csv[.gz] logs         default: the config's data.source
+    GCODEFP_PIPELINE_ARTIFACTS  artifact store                            default artifacts/pipeline
+    GCODEFP_REGISTRY            package registry (the API server reads it) default artifacts/registry
+    GCODEFP_API_URL, GCODEFP_ADMIN_TOKEN, GCODEFP_REQUIRE_SERVER, GCODEFP_REDEPLOY_TIMEOUT_S
     GCODEFP_ALERT_WEBHOOK, GCODEFP_ALERT_LOG                          alerts
-    GCODEFP_RETRAIN_CRON                                              retraining schedule
 """
 
 import json
 import logging
 import os
+import shutil
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -24,9 +25,7 @@ import dagster as dg
 from gcodefp_core.paths import artifacts_dir, resolve
 
 log = logging.getLogger(__name__)
-DEFAULT_SEEDS = (42, 43, 44)
 DEFAULT_CONFIG = "configs/production.json"
-DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -38,18 +37,6 @@ def env_flag(name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name}={raw!r}: expected true/false")
-
-
-def seeds_from_env() -> list[int]:
-    """The checkpoint partitions. Fixed when the code location loads (partitions are static)."""
-    raw = os.environ.get("GCODEFP_SEEDS", "").replace(",", " ").split()
-    try:
-        seeds = [int(s) for s in raw] or list(DEFAULT_SEEDS)
-    except ValueError:
-        raise ValueError(f"GCODEFP_SEEDS={os.environ['GCODEFP_SEEDS']!r}: expected integers, e.g. 42,43,44") from None
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"GCODEFP_SEEDS: duplicate seeds in {seeds}")
-    return seeds
 
 
 class PipelineConfig(dg.ConfigurableResource):
@@ -65,21 +52,70 @@ class PipelineConfig(dg.ConfigurableResource):
 
 
 class ArtifactStore(dg.ConfigurableResource):
-    """A local folder for every large file (datasets, checkpoints, graphs, reports). Assets return
-    paths in their metadata; nothing big is pickled through an IO manager."""
+    """Every path the pipeline writes. Assets publish a folder only when it is complete: they write
+    into a staging folder beside it and swap it in at the end (`publish`), so a run killed half way
+    leaves the last complete version in place and a re-run starts clean. Nothing big is pickled
+    through an IO manager; assets return paths in their metadata."""
     root: str = "artifacts/pipeline"
+    registry_root: str = "artifacts/registry"
 
     def path(self, *parts: str) -> Path:
         return resolve(self.root).joinpath(*parts)
 
-
-class PackageRegistry(dg.ConfigurableResource):
-    """The registry of deployment packages (gcodefp_core.package layout) that the API server serves."""
-    root: str = "artifacts/registry"
-
     @property
-    def path(self) -> Path:
-        return resolve(self.root)
+    def registry(self) -> Path:
+        return resolve(self.registry_root)
+
+    def logs(self) -> Path:
+        return self.path("logs")
+
+    def dataset(self) -> Path:
+        return self.path("dataset")
+
+    def checkpoint_dir(self, seed: int | str) -> Path:
+        return self.path("checkpoints", f"seed{seed}")
+
+    def ensemble_config(self) -> Path:
+        return self.path("ensemble", "ensemble_config.json")
+
+    def model_dir(self, variant: str) -> Path:
+        return self.path("onnx", variant)
+
+    def served_answers(self, variant: str) -> Path:
+        """Per-window correctness of the variant's served answer on the evaluation windows."""
+        return self.model_dir(variant) / "served_answers.json"
+
+    def accuracy(self, variant: str) -> Path:
+        return self.model_dir(variant) / "accuracy.json"
+
+    def benchmark_report(self) -> Path:
+        return self.path("benchmark", "benchmark.json")
+
+    def read(self, path: Path, asset: str) -> dict:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; materialize {asset} in this artifact store first")
+        return json.loads(path.read_text())
+
+    @contextmanager
+    def publish(self, target: Path):
+        """Yield a staging folder; on success it replaces `target` (rename; the old version is moved
+        aside first and deleted after). On failure, or a kill, `target` keeps its last complete
+        version; leftover staging folders are removed by the next publish of the same target."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".staging-{target.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = target.parent / f".staging-{target.name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        retired = target.parent / f".staging-{target.name}-retired-{uuid.uuid4().hex[:8]}"
+        if target.exists():
+            target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 class ApiServer(dg.ConfigurableResource):
@@ -162,16 +198,19 @@ class Alerter(dg.ConfigurableResource):
 
 
 class QualityGates(dg.ConfigurableResource):
-    """The bars the asset checks apply (issue 5)."""
+    """The bars the asset checks apply. The accuracy bar of each variant is the variant registry's
+    (gcodefp_core.variants); `max_drop_points` overrides it per variant (forced passes and fails)."""
     latency_p95_ms: float = 20.0           # shipped variant, batch 1, full prediction
     latency_p99_ms: float = 50.0
-    max_drop_points_int8: float = 0.5      # token and operation accuracy lost vs fp32
-    max_drop_points_fp16: float = 0.1
+    max_drop_points: dict[str, float] = {}
+    confidence: float = 0.99               # of each one-sided bound of the paired accuracy drop
     max_package_mb: float = 100.0          # graphs of the shipped package
     parity_windows: int = 256              # windows compared by onnx_parity
 
-    def max_drop(self, variant: str) -> float:
-        return self.max_drop_points_fp16 if variant == "fp16" else self.max_drop_points_int8
+    def bar(self, variant: str) -> float:
+        from gcodefp_core.release import max_drop_points
+
+        return max_drop_points(variant, self.max_drop_points)
 
 
 def default_resources() -> dict:
@@ -179,8 +218,8 @@ def default_resources() -> dict:
     return {
         "pipeline_config": PipelineConfig(config_path=os.environ.get("GCODEFP_CONFIG", DEFAULT_CONFIG),
                                           data_dir=os.environ.get("GCODEFP_DATA", "")),
-        "artifacts": ArtifactStore(root=os.environ.get("GCODEFP_PIPELINE_ARTIFACTS", str(artifacts_dir() / "pipeline"))),
-        "registry": PackageRegistry(root=os.environ.get("GCODEFP_REGISTRY", str(artifacts_dir() / "registry"))),
+        "artifacts": ArtifactStore(root=os.environ.get("GCODEFP_PIPELINE_ARTIFACTS", str(artifacts_dir() / "pipeline")),
+                                   registry_root=os.environ.get("GCODEFP_REGISTRY", str(artifacts_dir() / "registry"))),
         "api_server": ApiServer(url=os.environ.get("GCODEFP_API_URL", "http://127.0.0.1:8000"),
                                 admin_token=os.environ.get("GCODEFP_ADMIN_TOKEN", ""),
                                 require_server=env_flag("GCODEFP_REQUIRE_SERVER", True),
@@ -189,4 +228,3 @@ def default_resources() -> dict:
                            log_path=os.environ.get("GCODEFP_ALERT_LOG", str(artifacts_dir() / "alerts.jsonl"))),
         "gates": QualityGates(),
     }
-

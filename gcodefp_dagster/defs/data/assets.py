@@ -1,4 +1,4 @@
-"""Data assets: the raw sensor logs and the windowed training dataset built from them."""
+"""Data: the raw sensor logs and the windowed training dataset built from them."""
 
 import hashlib
 from dataclasses import asdict
@@ -7,9 +7,11 @@ from typing import Optional
 
 import dagster as dg
 
+from gcodefp_core.fileio import write_atomic
 from gcodefp_core.paths import resolve
 
-from .resources import ArtifactStore, PipelineConfig
+from ...automation import DOWNSTREAM, RETRAIN
+from ...resources import ArtifactStore, PipelineConfig
 
 GROUP = "data"
 
@@ -42,45 +44,44 @@ def logs_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def logs_folder(artifacts: ArtifactStore) -> Path:
-    return artifacts.path("logs")
+def logs_source(config: SensorLogsConfig, pipeline_config: PipelineConfig, data) -> tuple[str, str]:
+    """-> (folder or "synthetic", a note when the configured default folder is absent)."""
+    explicit = config.logs_dir or pipeline_config.data_dir
+    source = explicit or data.source
+    if not explicit and source != "synthetic" and not resolve(source).is_dir():
+        return "synthetic", f"configured folder {resolve(source)} is absent; using synthetic logs"
+    if source != "synthetic" and not resolve(source).is_dir():
+        raise FileNotFoundError(f"logs folder not found: {resolve(source)} (from "
+                                f"{'logs_dir' if config.logs_dir else 'GCODEFP_DATA/--data'})")
+    return source, ""
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "csv"},
+@dg.asset(group_name=GROUP, kinds={"python", "csv"}, automation_condition=RETRAIN,
           description="CNC sensor logs (*_aligned.csv[.gz]): a configured folder read in place (never copied), or "
                       "synthetic logs written to the artifact store when the source is 'synthetic' or the "
-                      "configured default folder is absent.")
+                      "configured default folder is absent. Re-read on the retraining cron.")
 def sensor_logs(context: dg.AssetExecutionContext, config: SensorLogsConfig, pipeline_config: PipelineConfig,
                 artifacts: ArtifactStore) -> dg.MaterializeResult:
     from gcodefp_core.dataset import DatasetConfig
     from gcodefp_core.logs import list_log_files
 
-    base = pipeline_config.load()
-    data = DatasetConfig.from_dict(base.get("data", {}))
-    explicit = config.logs_dir or pipeline_config.data_dir
-    source, note = explicit or data.source, ""
-    if not explicit and source != "synthetic" and not resolve(source).is_dir():
-        note = f"configured folder {resolve(source)} is absent; using synthetic logs"
+    data = DatasetConfig.from_dict(pipeline_config.load().get("data", {}))
+    source, note = logs_source(config, pipeline_config, data)
+    if note:
         context.log.warning(note)
-        source = "synthetic"
-    pointer = logs_folder(artifacts)
-    pointer.mkdir(parents=True, exist_ok=True)
     if source == "synthetic":
         from gcodefp_core.synthetic import write_synthetic_logs
 
-        folder = pointer / "synthetic"
-        runs = config.synthetic_runs_per_operation or data.synthetic_runs_per_operation
-        for old in folder.glob("*_aligned.csv*") if folder.is_dir() else []:
-            old.unlink()  # a smaller run count must not leave the previous run's extra files behind
-        write_synthetic_logs(folder, runs_per_operation=runs, seed=data.synthetic_seed)
+        with artifacts.publish(artifacts.logs() / "synthetic") as staging:
+            write_synthetic_logs(staging, runs_per_operation=config.synthetic_runs_per_operation
+                                 or data.synthetic_runs_per_operation, seed=data.synthetic_seed)
+        folder = artifacts.logs() / "synthetic"
     else:
         folder = resolve(source)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"logs folder not found: {folder} (from "
-                                    f"{'logs_dir' if config.logs_dir else 'GCODEFP_DATA/--data' if explicit else 'data.source'})")
     files = list_log_files(folder)
     version = logs_fingerprint(files)
-    (pointer / "SOURCE").write_text(str(folder) + "\n")  # training_dataset reads the folder from here
+    artifacts.logs().mkdir(parents=True, exist_ok=True)
+    write_atomic(artifacts.logs() / "SOURCE", str(folder) + "\n")  # training_dataset reads the folder here
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version[:16]),
         metadata={"path": dg.MetadataValue.path(str(folder)), "source": "synthetic" if source == "synthetic" else "folder",
@@ -89,17 +90,13 @@ def sensor_logs(context: dg.AssetExecutionContext, config: SensorLogsConfig, pip
 
 
 def current_logs(artifacts: ArtifactStore) -> Path:
-    ptr = logs_folder(artifacts) / "SOURCE"
+    ptr = artifacts.logs() / "SOURCE"
     if not ptr.is_file():
         raise FileNotFoundError(f"{ptr}: sensor_logs has not been materialized in this artifact store")
     return Path(ptr.read_text().strip())
 
 
-def dataset_folder(artifacts: ArtifactStore) -> Path:
-    return artifacts.path("dataset")
-
-
-@dg.asset(group_name=GROUP, kinds={"numpy"}, deps=[sensor_logs],
+@dg.asset(group_name=GROUP, kinds={"numpy"}, deps=[sensor_logs], automation_condition=DOWNSTREAM,
           description="Windows over the validated logs, split by run, normalised on the train split "
                       "(gcodefp_core.dataset). Data version = the dataset's content hash.")
 def training_dataset(context: dg.AssetExecutionContext, config: DatasetBuildConfig, pipeline_config: PipelineConfig,
@@ -109,15 +106,15 @@ def training_dataset(context: dg.AssetExecutionContext, config: DatasetBuildConf
     data = pipeline_config.load().get("data", {}) | overrides(config)
     data["source"] = str(current_logs(artifacts))
     cfg = DatasetConfig.from_dict(data)
-    out = build_dataset(cfg, dataset_folder(artifacts))
-    ds = load_dataset(out)
+    build_dataset(cfg, artifacts.dataset())  # built beside it and swapped in whole
+    ds = load_dataset(artifacts.dataset())
     m = ds.manifest
     windows = m["counts"]["windows"]
-    context.log.info(f"dataset {out}: {m['counts']['runs']} runs, windows {windows}")
+    context.log.info(f"dataset {artifacts.dataset()}: {m['counts']['runs']} runs, windows {windows}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(m["content_hash"][:16]),
-        metadata={"path": dg.MetadataValue.path(str(out)), "runs": m["counts"]["runs"], "rows": m["counts"]["rows"],
-                  **{f"windows_{s}": n for s, n in windows.items()},
+        metadata={"path": dg.MetadataValue.path(str(artifacts.dataset())), "runs": m["counts"]["runs"],
+                  "rows": m["counts"]["rows"], **{f"windows_{s}": n for s, n in windows.items()},
                   "features_continuous": len(ds.continuous_features), "features_categorical": len(ds.categorical_features),
                   "feature_set": m["features"]["feature_set"], "window": ds.window,
                   "vocab_size": m["tokenizer"]["vocab_size"], "max_tokens": ds.max_tokens,
