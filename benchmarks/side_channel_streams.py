@@ -14,7 +14,7 @@ A window with fewer than 64 received rows is padded with its first row; its evid
 the tracker is the share of real rows. "window" is the window model's own answer on the same
 windows (what /predict says). Per checkpoint, the tracker is built from the training runs, its
 temperatures are fitted on validation windows and its emission weights chosen on validation streams
-(start and attached_loss5). Calibration (ECE, reliability) of the window model's operation and line
+(start and attached_loss5), and whether a sure window answers instead (window_weight). Calibration (ECE, reliability) of the window model's operation and line
 confidences on the test windows, before and after temperature scaling, and of the tracker's line
 confidence, is reported too.
 
@@ -35,7 +35,7 @@ from gcodefp_core.fileio import write_json
 ROOT = Path(__file__).resolve().parents[1]
 CONDITIONS = {"start": dict(), "attached": dict(attach=0.25), "attached_loss5": dict(attach=0.25, loss=0.05),
               "attached_loss20": dict(attach=0.25, loss=0.2), "pause": dict(pause_rows=60)}
-GRID = {"line_weight": [0.0, 0.01, 0.02, 0.05, 0.1], "op_weight": [0.02, 0.05], "skip": [0.0, 0.01]}
+GRID = {"line_weight": [0.0, 0.01, 0.03, 0.1], "op_weight": [0.02, 0.05], "skip": [0.0]}
 
 
 def prepare(models, ds, table, run: dict, offsets: np.ndarray, classes: np.ndarray) -> dict:

@@ -149,22 +149,38 @@ def window_answers(table: LineTable, op_logits: np.ndarray, line_logits: np.ndar
     return op, line, p[np.arange(len(line)), line]
 
 
-def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, list[float]]) -> tuple[dict, list]:
-    """Choose tracker params on validation streams by mean exact line (ties: mean op accuracy).
+def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, list[float]],
+                 window_weights=(0.0, 0.5, 1.0, 2.0, 1e6)) -> tuple[dict, list]:
+    """Choose tracker params on validation streams by mean exact line over streams (ties: mean op
+    accuracy). The filter params in `grid` are searched by replaying the streams; window_weight
+    does not change the filter, so it is chosen for each grid point from the same replay.
     streams: dicts with op_logits, line_logits, weights, repeated, line_target (class, -1 unknown),
-    op_target, scored (bool mask). -> (best params, [(params, exact, op)])."""
+    op_target, scored (bool mask), from_start (bool, optional). -> (best params, [(params, exact, op)])."""
     results = []
     base = dict(tracker.params)
     for values in itertools.product(*grid.values()):
-        tracker.set_params(**(base | dict(zip(grid, values))))
-        exact, op = [], []
+        tracker.set_params(**(base | dict(zip(grid, values)) | {"window_weight": 0.0}))
+        exact, op = {w: [] for w in window_weights}, []
         for s in streams:
             out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
                               s.get("from_start", False))
-            sel = s["scored"]
-            exact.append(np.mean(out["line"][sel] == s["line_target"][sel]))
+            sel, y = s["scored"], s["line_target"]
+            w_line, w_conf = window_lines(tracker, out["operation"], s["line_logits"])
+            for w in window_weights:
+                line = np.where(w * w_conf > out["line_confidence"], w_line, out["line"])
+                exact[w].append(np.mean((line[sel] == y[sel]) & (y[sel] >= 0)))
             op.append(np.mean(out["operation"][sel] == s["op_target"]))
-        results.append((dict(zip(grid, values)), float(np.mean(exact)), float(np.mean(op))))
+        for w in window_weights:
+            results.append((dict(zip(grid, values)) | {"window_weight": w}, float(np.mean(exact[w])), float(np.mean(op))))
     best = max(results, key=lambda r: (r[1], r[2]))
     tracker.set_params(**(base | best[0]))
     return tracker.params, results
+
+
+def window_lines(tracker: ProgramTracker, operation: np.ndarray, line_logits: np.ndarray):
+    """The window's own line among the lines of each row's tracked operation, and its confidence
+    (as TrackerSession.update computes it)."""
+    z = np.where(tracker._op_lines[operation], line_logits / tracker.params["line_temperature"], -np.inf)
+    p = np.exp(z - z.max(1, keepdims=True))
+    line = p.argmax(1)
+    return line, p[np.arange(len(line)), line] / p.sum(1)

@@ -26,7 +26,9 @@ line_weight` over the lines of the offset. Consecutive windows overlap in 63 of 
 evidence is far from independent; the weights (< 1) are chosen on validation streams. `weight` in
 `update` scales a window's evidence (a window padded because fewer than 64 rows arrived is weaker).
 A row identical to the previous one (stale readings, a stopped machine) is evidence for pausing.
-The answer is the line with the most posterior mass, with that mass as its confidence; the session
+The answer is the line with the most posterior mass, with that mass as its confidence, unless
+`window_weight` x the window's own (calibrated) line confidence is higher: then the window's line
+answers (the filter has not locked on yet, or the timeline lacks the line). The session
 also gives the operation's posterior, the pause probability, the most probable row offset and the
 posterior entropy.
 
@@ -41,7 +43,7 @@ import numpy as np
 
 PARAMS = {"line_weight": 0.3, "op_weight": 0.3, "line_temperature": 1.0, "op_temperature": 1.0,
           "skip": 0.05, "pause_in": 1e-3, "pause_stay": 0.97, "restart": 0.05, "teleport": 1e-4,
-          "switch": 1e-6, "repeat_moving": 0.02, "repeat_paused": 0.9}
+          "switch": 1e-6, "repeat_moving": 0.02, "repeat_paused": 0.9, "window_weight": 0.0}
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -80,6 +82,12 @@ class ProgramTracker:
         self._start = np.zeros(self.n_states)
         self._start[self.block_start] = 1.0 / len(blocks)
         self._uniform_in_op = 1.0 / np.asarray(sizes, np.float64)[self.state_op]
+        # Per operation: the line classes its program's timeline holds (the window's own answer
+        # competes only among them).
+        self._op_lines = np.zeros((len(blocks), self.n_lines), bool)
+        for o, p in enumerate(blocks):
+            held = self.timeline_line[p][self.timeline_share[p] > 0]
+            self._op_lines[o, held[held < self.n_lines]] = True
         # A lost row looks like two rows of progress at once.
         skip = self.params["skip"]
         steps = []
@@ -179,6 +187,7 @@ class TrackStep:
     operation_confidence: float           # posterior probability of the operation
     line: int                             # a class of the line table (-1: no known line)
     line_confidence: float                # posterior probability of that line
+    line_source: str                      # "tracker", or "window" when the window's own line is surer
     offset: int                           # most probable row offset since the program started
     paused: float                         # posterior probability that the machine stands still
     entropy: float                        # of the posterior over states, in nats (0 = certain)
@@ -221,7 +230,17 @@ class TrackerSession:
             total = 1.0
         self.moving, self.paused = moving / total, paused / total
         self.rows += 1
-        return self.answer()
+        step = self.answer()
+        # The window's own line (among the lines of the tracker's operation), calibrated: while
+        # the filter has not locked on, a window that is sure of its line answers instead.
+        if prm["window_weight"] > 0 and m._op_lines[step.operation].any():
+            z = np.where(m._op_lines[step.operation], np.asarray(line_logits, np.float64) / prm["line_temperature"], -np.inf)
+            p = np.exp(z - z.max())
+            line = int(p.argmax())
+            confidence = float(p[line] / p.sum())
+            if prm["window_weight"] * confidence > step.line_confidence:
+                step.line, step.line_confidence, step.line_source = line, confidence, "window"
+        return step
 
     def answer(self) -> TrackStep:
         m = self.model
@@ -233,7 +252,7 @@ class TrackerSession:
         lines = np.bincount(m._idx[mine].ravel(), mass, minlength=m.n_lines + 1)[:m.n_lines]
         line = int(lines.argmax()) if lines.any() else -1
         nz = post[post > 1e-12]
-        return TrackStep(op, float(ops[op]), line, float(lines[line] / ops[op]) if line >= 0 else 0.0,
+        return TrackStep(op, float(ops[op]), line, float(lines[line] / ops[op]) if line >= 0 else 0.0, "tracker",
                          int(post[mine].argmax()), float(self.paused.sum()), float(-(nz * np.log(nz)).sum()))
 
     def to_dict(self) -> dict:

@@ -89,6 +89,19 @@ def test_padded_window_evidence_counts_less():
     assert a.line == b.line == 8 and a.line_confidence > b.line_confidence
 
 
+def test_a_sure_window_answers_until_the_filter_locks_on():
+    from gcodefp_core.fit_program_tracker import window_lines
+
+    session = tiny_tracker(window_weight=1.0).start()
+    first = session.update(*evidence(9, 1, strength=8.0))
+    assert (first.line, first.line_source) == (9, "window")      # one window: the filter is unsure
+    step = feed(session, range(13, 24))
+    assert step.line_source == "tracker" and step.line == 6 + 23 // 4
+    # The tuning replays the same rule offline.
+    line, conf = window_lines(session.model, np.array([1]), evidence(9, 1, strength=8.0)[1][None, :])
+    assert line[0] == 9 and conf[0] == pytest.approx(first.line_confidence)
+
+
 def test_serialisation_round_trip_gives_the_same_answers():
     tracker = tiny_tracker()
     again = ProgramTracker.from_dict(json.loads(json.dumps(tracker.to_dict())))
@@ -146,7 +159,7 @@ def test_fitted_from_a_dataset_and_tuned_on_its_streams(synthetic_dataset):
     stream = {"op_logits": op_logits, "line_logits": line_logits, "weights": None, "repeated": None,
               "line_target": y, "op_target": ds.operations.index(run["operation"]),
               "scored": np.arange(len(y)) >= 10}
-    params, grid = fit.tune_tracker(tracker, [stream], {"line_weight": [0.0, 1.0]})
+    params, grid = fit.tune_tracker(tracker, [stream], {"line_weight": [0.0, 1.0]}, window_weights=(0.0,))
     assert params["line_weight"] == 1.0 and len(grid) == 2
     assert grid[1][1] > grid[0][1]               # evidence beats none when attached mid-run
 
