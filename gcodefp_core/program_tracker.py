@@ -105,6 +105,7 @@ class ProgramTracker:
                 np.add.at(into, (self.block_start[o] + j, self._width - 1 - (j - i)), prob)
         self._into = into
         self._pad = np.zeros(self.n_states + self._width - 1)
+        self._view = np.lib.stride_tricks.sliding_window_view(self._pad, self._width)   # its shape and strides
 
     def set_params(self, **params) -> None:
         """Change params (e.g. tuned emission weights); the transition is rebuilt."""
@@ -122,8 +123,9 @@ class ProgramTracker:
 
     def advance(self, a: np.ndarray) -> np.ndarray:
         """One row of program progress applied to a distribution over states."""
-        self._pad[self._width - 1:] = a
-        view = np.lib.stride_tricks.sliding_window_view(self._pad, self._width)
+        pad = self._pad.copy()           # a private buffer: one model serves concurrent sessions
+        pad[self._width - 1:] = a
+        view = np.lib.stride_tricks.as_strided(pad, self._view.shape, self._view.strides, writeable=False)
         return np.einsum("ij,ij->i", view, self._into)
 
     def line_ratios(self, line_logits: np.ndarray) -> np.ndarray:
@@ -131,8 +133,9 @@ class ProgramTracker:
         table lacks (index n_lines: no evidence either way); scaled so the largest is 1."""
         prm = self.params
         lr = log_softmax(np.asarray(line_logits, np.float64) / prm["line_temperature"]) - self.line_log_prior
-        lr = np.append(prm["line_weight"] * lr, 0.0)
-        return np.exp(lr - lr.max())
+        ratio = np.zeros(self.n_lines + 1)
+        ratio[:-1] = prm["line_weight"] * lr
+        return np.exp(np.maximum(ratio - ratio.max(), -60.0))   # no subnormal floats: they cost 100x per op
 
     def emission(self, op_logits: np.ndarray, line_logits: np.ndarray) -> np.ndarray:
         """Log scaled likelihood of one window's answer under every state (up to a constant)."""
@@ -220,7 +223,7 @@ class TrackerSession:
         moving = keep * moving + (prm["teleport"] * per_op + prm["switch"] / len(m.operations))[m.state_op] * m._uniform_in_op
         paused = keep * paused
         e = m.emission(op_logits, line_logits)
-        e = np.exp(weight * (e - e.max()))
+        e = np.exp(np.maximum(weight * (e - e.max()), -60.0))
         rep = (prm["repeat_moving"], prm["repeat_paused"]) if repeated else (1 - prm["repeat_moving"], 1 - prm["repeat_paused"])
         moving, paused = moving * e * rep[0], paused * e * rep[1]
         total = moving.sum() + paused.sum()
@@ -228,7 +231,9 @@ class TrackerSession:
             fresh = m.start()
             moving, paused = fresh.moving, fresh.paused
             total = 1.0
-        self.moving, self.paused = moving / total, paused / total
+        # A floor keeps every state reachable and the arithmetic off subnormal floats.
+        self.moving = np.maximum(moving / total, 1e-30)
+        self.paused = np.maximum(paused / total, 1e-30)
         self.rows += 1
         step = self.answer()
         # The window's own line (among the lines of the tracker's operation), calibrated: while
