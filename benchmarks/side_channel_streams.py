@@ -13,10 +13,10 @@ Conditions (each test run streamed once per condition; random choices seeded per
 A window with fewer than 64 received rows is padded with its first row; its evidence weight in
 the tracker is the share of real rows. "window" is the window model's own answer on the same
 windows (what /predict says). Per checkpoint, the tracker is built from the training runs, its
-temperatures are fitted on validation windows and its emission weights chosen on validation streams
-(start and attached_loss5), and whether a sure window answers instead (window_weight). Calibration (ECE, reliability) of the window model's operation and line
-confidences on the test windows, before and after temperature scaling, and of the tracker's line
-confidence, is reported too.
+temperatures are fitted on validation windows, and its emission weights and window_weight (when a
+sure window answers instead) are chosen on validation streams (start and attached_loss5).
+Calibration (ECE, reliability) of the window model's operation and line confidences on the test
+windows, before and after temperature scaling, and of the tracker's line confidence, is reported.
 
     .venv/bin/python benchmarks/side_channel_streams.py --dataset data/side \
         --checkpoints models/side/model_seed42/checkpoint_best.pt ... [--output results/side_channel_streams.json]
@@ -35,20 +35,7 @@ from gcodefp_core.fileio import write_json
 ROOT = Path(__file__).resolve().parents[1]
 CONDITIONS = {"start": dict(), "attached": dict(attach=0.25), "attached_loss5": dict(attach=0.25, loss=0.05),
               "attached_loss20": dict(attach=0.25, loss=0.2), "pause": dict(pause_rows=60)}
-GRID = {"line_weight": [0.0, 0.01, 0.03, 0.1], "op_weight": [0.02, 0.05], "skip": [0.0]}
-
-
-def prepare(models, ds, table, run: dict, offsets: np.ndarray, classes: np.ndarray) -> dict:
-    """One received stream: the window model's logits, evidence weights, repeated-row flags, targets."""
-    from gcodefp_core import fit_program_tracker as fit
-
-    rows, weights = fit.stream_windows(ds, run, offsets)
-    out = fit.stream_outputs(models, ds, rows)
-    got = run["first_row"] + offsets
-    cont = ds.arrays["rows_continuous"][got]
-    repeated = np.concatenate([[False], (cont[1:] == cont[:-1]).all(axis=1)])
-    return out | {"weights": weights, "repeated": repeated, "line_target": classes[got],
-                  "op_target": ds.operations.index(run["operation"]), "offsets": offsets}
+GRID = {"line_weight": [0.0, 0.01, 0.03, 0.1], "op_weight": [0.02, 0.05], "skip": [0.0]}   # fit.DEFAULT_GRID
 
 
 def condition_streams(models, ds, table, split: str, name: str, rng, classes) -> list[dict]:
@@ -57,7 +44,7 @@ def condition_streams(models, ds, table, split: str, name: str, rng, classes) ->
     streams = []
     for run in (r for r in ds.manifest["runs"] if r["split"] == split):
         offsets = fit.make_stream(run["rows"], rng, **CONDITIONS[name])
-        s = prepare(models, ds, table, run, offsets, classes)
+        s = fit.stream_record(models, ds, run, offsets, classes)
         idx = np.arange(len(offsets))
         s["scored"] = idx >= (30 if "attach" in CONDITIONS[name] else ds.window - 1)
         s["from_start"] = "attach" not in CONDITIONS[name]

@@ -123,6 +123,47 @@ def stream_outputs(models: list, ds, rows: np.ndarray, batch_size: int = 512) ->
     return {"op_logits": np.concatenate(op), "line_logits": np.concatenate(line)}
 
 
+def stream_record(models: list, ds, run: dict, offsets: np.ndarray, classes: np.ndarray) -> dict:
+    """One received stream of a run: the window model's logits, evidence weights (share of real rows),
+    repeated-row flags (the row's features equal the previous row's), targets."""
+    rows, weights = stream_windows(ds, run, offsets)
+    got = run["first_row"] + np.asarray(offsets, np.int64)
+    cont = ds.arrays["rows_continuous"][got]
+    repeated = np.concatenate([[False], (cont[1:] == cont[:-1]).all(axis=1)])
+    return stream_outputs(models, ds, rows) | {"weights": weights, "repeated": repeated, "line_target": classes[got],
+                                               "op_target": ds.operations.index(run["operation"]), "offsets": offsets}
+
+
+DEFAULT_GRID = {"line_weight": [0.0, 0.01, 0.03, 0.1], "op_weight": [0.02, 0.05], "skip": [0.0]}
+
+
+def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_streams: int | None = 16,
+                        grid: dict | None = None) -> tuple[ProgramTracker, dict]:
+    """What training stores in the checkpoint (and export in model.json): the tracker of the training
+    runs, its temperatures fitted on the validation windows, its emission weights and window_weight
+    chosen on validation streams (each run from its start, and attached 25-75% in with 5% of rows
+    lost). -> (tracker, report)."""
+    classes = row_classes(ds, table)
+    tracker = build_program_tracker(ds, table)
+    ids = ds.split_windows("val")
+    val = stream_outputs(models, ds, ids[:, None] + np.arange(-ds.window + 1, 1))
+    temps = {"op_temperature": fit_temperature(val["op_logits"], ds.operation_labels(ids)),
+             "line_temperature": fit_temperature(val["line_logits"], classes[ids])}
+    tracker.set_params(**temps)
+    rng = np.random.default_rng(seed)
+    streams = []
+    for condition in (dict(), dict(attach=0.25, loss=0.05)):
+        for run in (r for r in ds.manifest["runs"] if r["split"] == "val"):
+            s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes)
+            s["from_start"] = "attach" not in condition
+            s["scored"] = np.arange(len(s["offsets"])) >= (ds.window - 1 if s["from_start"] else 30)
+            streams.append(s)
+    if max_streams and len(streams) > max_streams:
+        streams = streams[::len(streams) // max_streams + 1]
+    params, results = tune_tracker(tracker, streams, grid or DEFAULT_GRID)
+    return tracker, {"temperatures": temps, "params": params, "tuning": results, "streams": len(streams)}
+
+
 def run_tracker(tracker: ProgramTracker, op_logits, line_logits, weights=None, repeated=None,
                 from_start: bool = False) -> dict[str, np.ndarray]:
     """One stream through a fresh session -> per row: operation, line, line_confidence, paused."""

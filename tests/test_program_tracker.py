@@ -174,3 +174,28 @@ def test_temperature_and_reliability():
     assert fit_temperature(logits * 5, labels) > fit_temperature(logits, labels)   # overconfident -> T > 1
     rel = reliability(np.array([0.9, 0.9, 0.1, 0.1]), np.array([1, 1, 0, 0]))
     assert rel["ece"] == pytest.approx(0.1) and [b["n"] for b in rel["bins"]] == [2, 2]
+
+
+def test_fit_program_tracker_end_to_end_with_a_window_model(synthetic_dataset):
+    """The one call training makes: temperatures on validation windows, weights on validation
+    streams, and a tracker that survives model.json (an untrained tiny model: plumbing, not accuracy)."""
+    import torch
+
+    from gcodefp_core import fit_program_tracker as fit
+    from gcodefp_core.dataset import load_dataset
+    from gcodefp_core.model import build_model
+    from gcodefp_core.programs import build_line_table
+    from gcodefp_core.train import model_config_for
+
+    torch.manual_seed(0)
+    ds = load_dataset(synthetic_dataset)
+    table = build_line_table(ds)
+    model = build_model(model_config_for(ds, {"d_model": 16, "line_hidden": 16, "token_dim": 8,
+                                              "fingerprint_dim": 8}, table))
+    model.set_line_mask(table.mask)
+    tracker, report = fit.fit_program_tracker([model], ds, table, max_streams=2,
+                                              grid={"line_weight": [0.0, 0.1], "op_weight": [0.05]})
+    assert report["streams"] == 2 and len(report["tuning"]) == 2 * 5
+    assert tracker.params["line_weight"] in (0.0, 0.1) and tracker.params["op_temperature"] > 0
+    again = ProgramTracker.from_dict(json.loads(json.dumps(tracker.to_dict())))
+    assert again.params == tracker.params and again.n_states == tracker.n_states
