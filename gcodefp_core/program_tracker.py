@@ -198,7 +198,7 @@ class TrackStep:
 
 @dataclass
 class TrackerSession:
-    """One machine's filter: the posterior over (operation, position), moving and paused."""
+    """One machine's filter: the posterior over (operation, row offset), moving and paused."""
     model: ProgramTracker
     moving: np.ndarray
     paused: np.ndarray
@@ -212,7 +212,7 @@ class TrackerSession:
         a, b = self.moving, self.paused
         # The first row of a session is where the start distribution is; later rows move on.
         step = m.advance(a) if self.rows else a.copy()
-        # Past a program's last position: the next run may start (any program).
+        # Past a program's last offset: the next run may start (any program).
         ended = float(a[m._last].sum()) * prm["restart"]
         step[m._last] -= a[m._last] * prm["restart"]
         moving = (1 - prm["pause_in"]) * step + (1 - prm["pause_stay"]) * b + ended * m._start
