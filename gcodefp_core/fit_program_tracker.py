@@ -1,0 +1,227 @@
+"""Fitting the program tracker (gcodefp_core.program_tracker) from training runs, and the streamed
+conditions it is tuned and evaluated under. Training-side code: torch is allowed here.
+
+- `build_program_tracker`: per program, the lines the training runs execute at each row offset
+  and the tempo spread; the line prior from the training windows.
+- `fit_temperature`: temperature scaling of logits on validation (minimum NLL), the calibration the
+  tracker's emissions and window mode's confidences use.
+- `make_stream` / `stream_outputs`: a run as a monitor receives it (attached late, rows lost, a
+  pause) and the window model's logits over the windows of the received rows (a window with fewer
+  than 64 received rows is padded with its first row, and its evidence weight is the share of real rows).
+- `run_tracker`, `tune_tracker`: replay streams through the tracker; choose the emission weights
+  on validation streams.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .program_tracker import PARAMS, ProgramTracker, log_softmax
+from .programs import LineTable, row_classes
+
+
+def build_program_tracker(ds, table: LineTable, top_k: int = 6, params: dict | None = None) -> ProgramTracker:
+    """The tracker of a dataset's training runs over the line classes of `table`: per program and
+    row offset, the top_k most common line classes and their shares; the tempo from the spread of
+    the runs' lengths (a robust standard deviation s over length n: a per-row chance e of a
+    0- or 2-row step gives a spread of sqrt(2 e n), so e = s^2 / 2n, kept within 0.3-5%)."""
+    classes = row_classes(ds, table)
+    runs = [r for r in ds.manifest["runs"] if r["split"] == "train"]
+    lines, shares, tempo = [], [], []
+    for p, name in enumerate(table.programs):
+        mine = [r for r in runs if table.operation_program[ds.operations.index(r["operation"])] == p]
+        if not mine:
+            raise ValueError(f"program {name!r}: no training run")
+        length = max(r["rows"] for r in mine)
+        counts = np.zeros((length, table.n_lines + 1))    # last column: a line the table lacks
+        for r in mine:
+            c = classes[r["first_row"]:r["first_row"] + r["rows"]]
+            counts[np.arange(len(c)), np.where(c >= 0, c, table.n_lines)] += 1
+        top = np.argsort(-counts, axis=1, kind="stable")[:, :top_k]
+        share = np.take_along_axis(counts, top, axis=1)
+        lines.append(top.astype(np.int64))
+        shares.append(share / share.sum(axis=1, keepdims=True))
+        n = np.array([r["rows"] for r in mine], np.float64)
+        spread = 1.4826 * np.median(np.abs(n - np.median(n)))
+        e = float(np.clip(spread ** 2 / (2 * np.median(n)), 0.003, 0.05))
+        tempo.append(np.array([e, 1 - 2 * e, e]))
+    train_cls = classes[ds.split_windows("train")]
+    freq = np.bincount(train_cls[train_cls >= 0], minlength=table.n_lines) + 1.0
+    return ProgramTracker(list(ds.operations), list(table.programs), list(table.operation_program), lines, shares,
+                          tempo, np.log(freq / freq.sum()), PARAMS | (params or {}))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, grid=np.exp(np.linspace(np.log(0.25), np.log(8), 61))) -> float:
+    """The temperature minimising the NLL of labels (rows with label < 0 are ignored)."""
+    ok = labels >= 0
+    z, y = np.asarray(logits, np.float64)[ok], labels[ok]
+    nll = [-log_softmax(z / t)[np.arange(len(y)), y].mean() for t in grid]
+    return float(grid[int(np.argmin(nll))])
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
+    """ECE (equal-width bins) and the reliability table: per bin, count, mean confidence, accuracy."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges) - 1, 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            conf, acc = float(confidence[sel].mean()), float(correct[sel].mean())
+            ece += sel.mean() * abs(conf - acc)
+            rows.append({"bin": [round(edges[b], 2), round(edges[b + 1], 2)], "n": int(sel.sum()),
+                         "confidence": round(conf, 4), "accuracy": round(acc, 4)})
+    return {"ece": float(ece), "bins": rows}
+
+
+def make_stream(n_rows: int, rng: np.random.Generator, attach: float | None = None, loss: float = 0.0,
+                pause_rows: int = 0) -> np.ndarray:
+    """The row offsets (within the run) a monitor receives, in order.
+    attach: attach at a uniformly random fraction in [attach, 0.75] of the run (None: from row 0);
+    loss: each row after attachment is lost with this probability; pause_rows: at a random row in
+    the middle third, that row's readings repeat this many extra times (the machine stands still)."""
+    first = int(rng.uniform(attach, max(attach, 0.75)) * n_rows) if attach is not None else 0
+    rows = np.arange(first, n_rows)
+    if loss:
+        keep = rng.random(len(rows)) >= loss
+        keep[0] = True
+        rows = rows[keep]
+    if pause_rows:
+        at = int(rng.integers(len(rows) // 3, 2 * len(rows) // 3))
+        rows = np.concatenate([rows[:at + 1], np.full(pause_rows, rows[at]), rows[at + 1:]])
+    return rows
+
+
+def stream_windows(ds, run: dict, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dataset row indices of the window ending at each received row [len, W] (padded with the
+    first received row) and each window's share of real rows."""
+    w = ds.window
+    got = run["first_row"] + np.asarray(offsets, np.int64)
+    j = np.arange(len(got))[:, None] + np.arange(-w + 1, 1)[None, :]
+    return got[np.clip(j, 0, None)], np.minimum(np.arange(len(got)) + 1, w) / w
+
+
+def stream_outputs(models: list, ds, rows: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Mean (over ensemble members) op and line logits of windows given as dataset row indices."""
+    import torch
+
+    cont = ds.arrays["rows_continuous"]
+    cat = ds.arrays["rows_categorical"]
+    op, line = [], []
+    with torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            r = rows[s:s + batch_size]
+            c, k = torch.as_tensor(cont[r]), torch.as_tensor(cat[r].astype(np.int64))
+            o, li = 0.0, 0.0
+            for m in models:
+                m.eval()
+                oo, ll = m.heads(m.summarise(c, k))
+                o, li = o + oo.double() / len(models), li + ll.double() / len(models)
+            op.append(o.numpy())
+            line.append(li.numpy())
+    return {"op_logits": np.concatenate(op), "line_logits": np.concatenate(line)}
+
+
+def stream_record(models: list, ds, run: dict, offsets: np.ndarray, classes: np.ndarray) -> dict:
+    """One received stream of a run: the window model's logits, evidence weights (share of real rows),
+    repeated-row flags (the row's features equal the previous row's), targets."""
+    rows, weights = stream_windows(ds, run, offsets)
+    got = run["first_row"] + np.asarray(offsets, np.int64)
+    cont = ds.arrays["rows_continuous"][got]
+    repeated = np.concatenate([[False], (cont[1:] == cont[:-1]).all(axis=1)])
+    return stream_outputs(models, ds, rows) | {"weights": weights, "repeated": repeated, "line_target": classes[got],
+                                               "op_target": ds.operations.index(run["operation"]), "offsets": offsets}
+
+
+DEFAULT_GRID = {"line_weight": [0.0, 0.01, 0.03, 0.1], "op_weight": [0.02, 0.05], "skip": [0.0]}
+
+
+def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_streams: int | None = 16,
+                        grid: dict | None = None) -> tuple[ProgramTracker, dict]:
+    """What training stores in the checkpoint (and export in model.json): the tracker of the training
+    runs, its temperatures fitted on the validation windows, its emission weights and window_weight
+    chosen on validation streams (each run from its start, and attached 25-75% in with 5% of rows
+    lost). -> (tracker, report)."""
+    classes = row_classes(ds, table)
+    tracker = build_program_tracker(ds, table)
+    ids = ds.split_windows("val")
+    val = stream_outputs(models, ds, ids[:, None] + np.arange(-ds.window + 1, 1))
+    temps = {"op_temperature": fit_temperature(val["op_logits"], ds.operation_labels(ids)),
+             "line_temperature": fit_temperature(val["line_logits"], classes[ids])}
+    tracker.set_params(**temps)
+    rng = np.random.default_rng(seed)
+    streams = []
+    for condition in (dict(), dict(attach=0.25, loss=0.05)):
+        for run in (r for r in ds.manifest["runs"] if r["split"] == "val"):
+            s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes)
+            s["from_start"] = "attach" not in condition
+            s["scored"] = np.arange(len(s["offsets"])) >= (ds.window - 1 if s["from_start"] else 30)
+            streams.append(s)
+    if max_streams and len(streams) > max_streams:
+        streams = streams[::len(streams) // max_streams + 1]
+    params, results = tune_tracker(tracker, streams, grid or DEFAULT_GRID)
+    return tracker, {"temperatures": temps, "params": params, "tuning": results, "streams": len(streams)}
+
+
+def run_tracker(tracker: ProgramTracker, op_logits, line_logits, weights=None, repeated=None,
+                from_start: bool = False) -> dict[str, np.ndarray]:
+    """One stream through a fresh session -> per row: operation, line, line_confidence, paused."""
+    session = tracker.start(at_program_start=from_start)
+    n = len(op_logits)
+    out = {"operation": np.zeros(n, np.int64), "line": np.zeros(n, np.int64),
+           "line_confidence": np.zeros(n), "paused": np.zeros(n)}
+    for i in range(n):
+        s = session.update(op_logits[i], line_logits[i], 1.0 if weights is None else float(weights[i]),
+                           bool(repeated[i]) if repeated is not None else False)
+        out["operation"][i], out["line"][i], out["line_confidence"][i], out["paused"][i] = \
+            s.operation, s.line, s.line_confidence, s.paused
+    return out
+
+
+def window_answers(table: LineTable, op_logits: np.ndarray, line_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Window mode, as the predict graph answers: op argmax, line argmax among that program's lines,
+    and the line's confidence (softmax within the program)."""
+    op = op_logits.argmax(1)
+    allowed = table.mask[np.asarray(table.operation_program)[op]]
+    z = np.where(allowed, line_logits, -1e9)
+    p = np.exp(log_softmax(z))
+    line = p.argmax(1)
+    return op, line, p[np.arange(len(line)), line]
+
+
+def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, list[float]],
+                 window_weights=(0.0, 0.5, 1.0, 2.0, 1e6)) -> tuple[dict, list]:
+    """Choose tracker params on validation streams by mean exact line over streams (ties: mean op
+    accuracy). The filter params in `grid` are searched by replaying the streams; window_weight
+    does not change the filter, so it is chosen for each grid point from the same replay.
+    streams: dicts with op_logits, line_logits, weights, repeated, line_target (class, -1 unknown),
+    op_target, scored (bool mask), from_start (bool, optional). -> (best params, [(params, exact, op)])."""
+    results = []
+    base = dict(tracker.params)
+    for values in itertools.product(*grid.values()):
+        tracker.set_params(**(base | dict(zip(grid, values)) | {"window_weight": 0.0}))
+        exact, op = {w: [] for w in window_weights}, []
+        for s in streams:
+            out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
+                              s.get("from_start", False))
+            sel, y = s["scored"], s["line_target"]
+            w_line, w_conf = window_lines(tracker, out["operation"], s["line_logits"])
+            for w in window_weights:
+                line = np.where(w * w_conf > out["line_confidence"], w_line, out["line"])
+                exact[w].append(np.mean((line[sel] == y[sel]) & (y[sel] >= 0)))
+            op.append(np.mean(out["operation"][sel] == s["op_target"]))
+        for w in window_weights:
+            results.append((dict(zip(grid, values)) | {"window_weight": w}, float(np.mean(exact[w])), float(np.mean(op))))
+    best = max(results, key=lambda r: (r[1], r[2]))
+    tracker.set_params(**(base | best[0]))
+    return tracker.params, results
+
+
+def window_lines(tracker: ProgramTracker, operation: np.ndarray, line_logits: np.ndarray):
+    """The window's own line among the lines of each row's tracked operation, and its confidence
+    (as TrackerSession.update computes it)."""
+    z = np.where(tracker._op_lines[operation], line_logits / tracker.params["line_temperature"], -np.inf)
+    p = np.exp(z - z.max(1, keepdims=True))
+    line = p.argmax(1)
+    return line, p[np.arange(len(line)), line] / p.sum(1)

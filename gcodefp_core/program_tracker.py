@@ -1,0 +1,282 @@
+"""Where in which program a machine is, inferred online from the window model's answers (numpy only).
+
+Every operation runs one fixed program, so a monitor's question "what is the machine executing?"
+is "which program, and where in it?". `ProgramTracker` answers it with a forward filter (an HMM)
+instead of counting rows, so it needs no row counter from the client, survives a monitor attached
+mid-run, lost rows and pauses, and says how sure it is.
+
+Hidden state, one per (operation, row offset since the program started), plus a paused twin:
+- runs of one program take almost the same number of rows (adaptive 345-346, pocket 296-301), so
+  the row offset says where in the program the machine is: at each offset the training runs give
+  the lines executed there and their shares (`timeline_*`, the K most common). How long each line
+  dwells is in that table: a line held for 5 rows spans 5 offsets. Damaged runs share their
+  program's timeline but are separate states, so the damaged-or-not evidence adds up over a run;
+- the *paused* twin of a state holds the same line while the machine stands still.
+Transitions per streamed row:
+- `tempo` (per program, from the spread of the training runs' lengths): the offset advances by 1,
+  or by 0 / 2 when this run is a little slower / faster than the training runs;
+- `skip`: a lost row looks like two rows of progress at once (the tempo applied twice);
+- `pause_in` / `pause_stay`: enter the paused twin, stay there, come back to the same offset;
+- `restart`: from a program's last offset to the start of any program (the next run);
+- `teleport` (same operation) and `switch` (any operation): a small jump to anywhere. This is what
+  recovers after a long gap or a wrong lock, and keeps every operation's mass above underflow.
+Emissions (per row, from the window ending at it): the window model's probabilities as scaled
+likelihoods, tempered: `op_weight * log p(op) + log sum_k share_k * (p(line_k) / prior(line_k)) **
+line_weight` over the lines of the offset. Consecutive windows overlap in 63 of 64 rows, so their
+evidence is far from independent; the weights (< 1) are chosen on validation streams. `weight` in
+`update` scales a window's evidence (a window padded because fewer than 64 rows arrived is weaker).
+A row identical to the previous one (stale readings, a stopped machine) is evidence for pausing.
+The answer is the line with the most posterior mass, with that mass as its confidence, unless
+`window_weight` x the window's own (calibrated) line confidence is higher: then the window's line
+answers (the filter has not locked on yet, or the timeline lacks the line). The session
+also gives the operation's posterior, the pause probability, the most probable row offset and the
+posterior entropy.
+
+`ProgramTracker` is plain data (to_dict / from_dict, stored in model.json) shared by all
+machines; `TrackerSession` is one machine's filter state (also serialisable).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PARAMS = {"line_weight": 0.3, "op_weight": 0.3, "line_temperature": 1.0, "op_temperature": 1.0,
+          "skip": 0.05, "pause_in": 1e-3, "pause_stay": 0.97, "restart": 0.05, "teleport": 1e-4,
+          "switch": 1e-6, "repeat_moving": 0.02, "repeat_paused": 0.9, "window_weight": 0.0}
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class ProgramTracker:
+    operations: list[str]
+    programs: list[str]
+    operation_program: list[int]          # per operation: index into programs
+    timeline_line: list[np.ndarray]       # per program [T, K]: the K most common line classes at row offset t
+    timeline_share: list[np.ndarray]      # per program [T, K]: the share of training runs on each (index n_lines: a line the table lacks)
+    tempo: list[np.ndarray]               # per program: P(the offset advances by 0, 1, 2, .. per row)
+    line_log_prior: np.ndarray            # [n_lines] log frequency of each line class in training windows
+    params: dict = field(default_factory=lambda: dict(PARAMS))
+
+    def __post_init__(self) -> None:
+        self._build()
+
+    # ---- the flattened state space (operation-major, a program's offsets contiguous) ----
+    def _build(self) -> None:
+        blocks = [self.operation_program[o] for o in range(len(self.operations))]
+        sizes = [len(self.timeline_line[p]) for p in blocks]
+        self.n_states = int(sum(sizes))
+        self.n_lines = len(self.line_log_prior)
+        self.state_op = np.repeat(np.arange(len(blocks)), sizes)
+        self.state_offset = np.concatenate([np.arange(n) for n in sizes])
+        self._idx = np.concatenate([self.timeline_line[p] for p in blocks]).astype(np.int64)
+        self._share = np.concatenate([self.timeline_share[p] for p in blocks])
+        starts = np.cumsum([0] + sizes)
+        self.block_start, self.block_end = starts[:-1], starts[1:]
+        self._last = self.block_end - 1
+        self._start = np.zeros(self.n_states)
+        self._start[self.block_start] = 1.0 / len(blocks)
+        self._uniform_in_op = 1.0 / np.asarray(sizes, np.float64)[self.state_op]
+        # Per operation: the line classes its program's timeline holds (the window's own answer
+        # competes only among them).
+        self._op_lines = np.zeros((len(blocks), self.n_lines), bool)
+        for o, p in enumerate(blocks):
+            held = self.timeline_line[p][self.timeline_share[p] > 0]
+            self._op_lines[o, held[held < self.n_lines]] = True
+        # A lost row looks like two rows of progress at once.
+        skip = self.params["skip"]
+        steps = []
+        for p in blocks:
+            t = np.asarray(self.tempo[p], np.float64)
+            steps.append((1 - skip) * np.pad(t, (0, len(t) - 1)) + skip * np.convolve(t, t))
+        self._width = max(len(x) for x in steps)
+        # Incoming form of the banded transition: column j holds P(arrive at s from s - (width-1-j));
+        # mass that would run past a program's last offset stays there.
+        into = np.zeros((self.n_states, self._width))
+        for o, st in enumerate(steps):
+            i = np.arange(sizes[o])
+            for d, prob in enumerate(st):
+                j = np.minimum(i + d, sizes[o] - 1)
+                np.add.at(into, (self.block_start[o] + j, self._width - 1 - (j - i)), prob)
+        self._into = into
+        self._pad = np.zeros(self.n_states + self._width - 1)
+        self._view = np.lib.stride_tricks.sliding_window_view(self._pad, self._width)   # its shape and strides
+
+    def set_params(self, **params) -> None:
+        """Change params (e.g. tuned emission weights); the transition is rebuilt."""
+        unknown = set(params) - set(PARAMS)
+        if unknown:
+            raise ValueError(f"program tracker: unknown params {sorted(unknown)}")
+        self.params = self.params | params
+        self._build()
+
+    def start(self, at_program_start: bool = False) -> "TrackerSession":
+        """A new machine. Attached at an unknown point (default): any row offset of any operation.
+        at_program_start: the client knows a program is starting (any program, offset 0)."""
+        moving = self._start.copy() if at_program_start else self._uniform_in_op / len(self.operations)
+        return TrackerSession(self, moving, np.zeros(self.n_states))
+
+    def advance(self, a: np.ndarray) -> np.ndarray:
+        """One row of program progress applied to a distribution over states."""
+        pad = self._pad.copy()           # a private buffer: one model serves concurrent sessions
+        pad[self._width - 1:] = a
+        view = np.lib.stride_tricks.as_strided(pad, self._view.shape, self._view.strides, writeable=False)
+        return np.einsum("ij,ij->i", view, self._into)
+
+    def line_ratios(self, line_logits: np.ndarray) -> np.ndarray:
+        """exp(line_weight * (log p(line) - log prior(line))) per line class, and 1 for a line the
+        table lacks (index n_lines: no evidence either way); scaled so the largest is 1."""
+        prm = self.params
+        lr = log_softmax(np.asarray(line_logits, np.float64) / prm["line_temperature"]) - self.line_log_prior
+        ratio = np.zeros(self.n_lines + 1)
+        ratio[:-1] = prm["line_weight"] * lr
+        return np.exp(np.maximum(ratio - ratio.max(), -60.0))   # no subnormal floats: they cost 100x per op
+
+    def emission(self, op_logits: np.ndarray, line_logits: np.ndarray) -> np.ndarray:
+        """Log scaled likelihood of one window's answer under every state (up to a constant)."""
+        prm = self.params
+        op = log_softmax(np.asarray(op_logits, np.float64) / prm["op_temperature"])
+        ratio = self.line_ratios(line_logits)
+        line = np.einsum("ij,ij->i", ratio[self._idx], self._share)
+        return prm["op_weight"] * op[self.state_op] + np.log(line + 1e-300)
+
+    # ---- serialisation (model.json) ----
+    def to_dict(self) -> dict:
+        return {"operations": self.operations, "programs": self.programs, "operation_program": self.operation_program,
+                "timeline_line": [a.tolist() for a in self.timeline_line],
+                "timeline_share": [np.round(a, 4).tolist() for a in self.timeline_share],
+                "tempo": [np.round(a, 5).tolist() for a in self.tempo],
+                "line_log_prior": np.round(self.line_log_prior, 4).tolist(), "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProgramTracker":
+        for key in ("operations", "programs", "operation_program", "timeline_line", "timeline_share", "tempo",
+                    "line_log_prior", "params"):
+            if key not in d:
+                raise ValueError(f"program tracker: missing field {key!r}")
+        n = len(d["programs"])
+        for key in ("timeline_line", "timeline_share", "tempo"):
+            if len(d[key]) != n:
+                raise ValueError(f"program tracker: field {key!r} has {len(d[key])} entries for {n} programs")
+        if len(d["operation_program"]) != len(d["operations"]) or not all(0 <= p < n for p in d["operation_program"]):
+            raise ValueError("program tracker: field 'operation_program' must give a program index per operation")
+        n_lines = len(d["line_log_prior"])
+        lines = [np.asarray(a, np.int64) for a in d["timeline_line"]]
+        shares = [np.asarray(a, np.float64) for a in d["timeline_share"]]
+        tempo = [np.asarray(a, np.float64) for a in d["tempo"]]
+        for p, name in enumerate(d["programs"]):
+            if lines[p].ndim != 2 or not len(lines[p]) or lines[p].shape != shares[p].shape:
+                raise ValueError(f"program tracker: program {name!r}: timeline_line and timeline_share must be "
+                                 "equal-shaped [offsets, K] tables with at least one offset")
+            if lines[p].min() < 0 or lines[p].max() > n_lines:
+                raise ValueError(f"program tracker: program {name!r}: a timeline line is not in 0..{n_lines}")
+            if tempo[p].ndim != 1 or not len(tempo[p]) or tempo[p].min() < 0 or abs(tempo[p].sum() - 1) > 1e-3:
+                raise ValueError(f"program tracker: program {name!r}: tempo must be probabilities summing to 1")
+        unknown = set(d["params"]) - set(PARAMS)
+        if unknown:
+            raise ValueError(f"program tracker: unknown params {sorted(unknown)}")
+        return cls(list(d["operations"]), list(d["programs"]), list(d["operation_program"]), lines, shares, tempo,
+                   np.asarray(d["line_log_prior"], np.float64), PARAMS | dict(d["params"]))
+
+
+@dataclass
+class TrackStep:
+    operation: int
+    operation_confidence: float           # posterior probability of the operation
+    line: int                             # a class of the line table (-1: no known line)
+    line_confidence: float                # posterior probability of that line
+    line_source: str                      # "tracker", or "window" when the window's own line is surer
+    offset: int                           # most probable row offset since the program started
+    paused: float                         # posterior probability that the machine stands still
+    entropy: float                        # of the posterior over states, in nats (0 = certain)
+
+
+@dataclass
+class TrackerSession:
+    """One machine's filter: the posterior over (operation, row offset), moving and paused."""
+    model: ProgramTracker
+    moving: np.ndarray
+    paused: np.ndarray
+    rows: int = 0
+
+    def update(self, op_logits, line_logits, weight: float = 1.0, repeated: bool = False) -> TrackStep:
+        """One streamed row: the window model's op_logits [ops] and line_logits [n_lines] for the
+        window ending at it. weight in [0, 1] scales the window's evidence; repeated: the row equals
+        the previous one (stale readings)."""
+        m, prm = self.model, self.model.params
+        a, b = self.moving, self.paused
+        # The first row of a session is where the start distribution is; later rows move on.
+        step = m.advance(a) if self.rows else a.copy()
+        # Past a program's last offset: the next run may start (any program).
+        ended = float(a[m._last].sum()) * prm["restart"]
+        step[m._last] -= a[m._last] * prm["restart"]
+        moving = (1 - prm["pause_in"]) * step + (1 - prm["pause_stay"]) * b + ended * m._start
+        paused = prm["pause_in"] * a + prm["pause_stay"] * b
+        # Jumps anywhere: within the operation (recovery after a gap) or to any operation.
+        per_op = np.bincount(m.state_op, moving, minlength=len(m.operations)) + np.bincount(m.state_op, paused, minlength=len(m.operations))
+        keep = 1 - prm["teleport"] - prm["switch"]
+        moving = keep * moving + (prm["teleport"] * per_op + prm["switch"] / len(m.operations))[m.state_op] * m._uniform_in_op
+        paused = keep * paused
+        e = m.emission(op_logits, line_logits)
+        e = np.exp(np.maximum(weight * (e - e.max()), -60.0))
+        rep = (prm["repeat_moving"], prm["repeat_paused"]) if repeated else (1 - prm["repeat_moving"], 1 - prm["repeat_paused"])
+        moving, paused = moving * e * rep[0], paused * e * rep[1]
+        total = moving.sum() + paused.sum()
+        if not np.isfinite(total) or total <= 0:   # evidence contradicts everything: start over
+            fresh = m.start()
+            moving, paused = fresh.moving, fresh.paused
+            total = 1.0
+        # A floor keeps every state reachable and the arithmetic off subnormal floats.
+        self.moving = np.maximum(moving / total, 1e-30)
+        self.paused = np.maximum(paused / total, 1e-30)
+        self.rows += 1
+        step = self.answer()
+        # The window's own line (among the lines of the tracker's operation), calibrated: while
+        # the filter has not locked on, a window that is sure of its line answers instead.
+        if prm["window_weight"] > 0 and m._op_lines[step.operation].any():
+            z = np.where(m._op_lines[step.operation], np.asarray(line_logits, np.float64) / prm["line_temperature"], -np.inf)
+            p = np.exp(z - z.max())
+            line = int(p.argmax())
+            confidence = float(p[line] / p.sum())
+            if prm["window_weight"] * confidence > step.line_confidence:
+                step.line, step.line_confidence, step.line_source = line, confidence, "window"
+        return step
+
+    def answer(self) -> TrackStep:
+        m = self.model
+        post = self.moving + self.paused
+        ops = np.bincount(m.state_op, post, minlength=len(m.operations))
+        op = int(ops.argmax())
+        mine = slice(m.block_start[op], m.block_end[op])
+        mass = (post[mine, None] * m._share[mine]).ravel()
+        lines = np.bincount(m._idx[mine].ravel(), mass, minlength=m.n_lines + 1)[:m.n_lines]
+        line = int(lines.argmax()) if lines.any() else -1
+        nz = post[post > 1e-12]
+        return TrackStep(op, float(ops[op]), line, float(lines[line] / ops[op]) if line >= 0 else 0.0, "tracker",
+                         int(post[mine].argmax()), float(self.paused.sum()), float(-(nz * np.log(nz)).sum()))
+
+    def to_dict(self) -> dict:
+        """The filter state (sparse: states above 1e-9), to keep a session across restarts."""
+        keep = np.flatnonzero((self.moving > 1e-9) | (self.paused > 1e-9))
+        return {"rows": self.rows, "states": keep.tolist(), "moving": self.moving[keep].tolist(),
+                "paused": self.paused[keep].tolist()}
+
+    @classmethod
+    def from_dict(cls, model: ProgramTracker, d: dict) -> "TrackerSession":
+        for key in ("rows", "states", "moving", "paused"):
+            if key not in d:
+                raise ValueError(f"tracker session: missing field {key!r}")
+        idx = np.asarray(d["states"], np.int64)
+        if len(idx) != len(d["moving"]) or len(idx) != len(d["paused"]) or (len(idx) and not 0 <= idx.min() <= idx.max() < model.n_states):
+            raise ValueError(f"tracker session: states must be {len(idx)} indices below {model.n_states} with a value each")
+        moving, paused = np.zeros(model.n_states), np.zeros(model.n_states)
+        moving[idx], paused[idx] = d["moving"], d["paused"]
+        total = moving.sum() + paused.sum()
+        if total <= 0:
+            return model.start()
+        return cls(model, moving / total, paused / total, int(d["rows"]))

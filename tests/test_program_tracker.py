@@ -1,0 +1,201 @@
+"""gcodefp_core.program_tracker: the online forward filter over (operation, row offset in the
+program), on tiny hand-made programs whose window evidence is clear, and its fitting from a dataset."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gcodefp_core.program_tracker import PARAMS, ProgramTracker
+
+N_LINES = 12
+
+
+def tiny_tracker(**params) -> ProgramTracker:
+    """Two programs over 12 line classes, each line held for 4 rows: program 0 runs lines 0..5,
+    program 1 runs lines 6..11. Operations: op0 -> program 0, op1 -> program 1, op2 -> program 1
+    (a damaged variant)."""
+    lines = [np.repeat(np.arange(0, 6), 4)[:, None], np.repeat(np.arange(6, 12), 4)[:, None]]
+    shares = [np.ones_like(a, dtype=np.float64) for a in lines]
+    tempo = [np.array([0.01, 0.98, 0.01])] * 2
+    return ProgramTracker(["op0", "op1", "op2"], ["p0", "p1"], [0, 1, 1], lines, shares, tempo,
+                          np.full(N_LINES, -np.log(N_LINES)), PARAMS | {"line_weight": 1.0, "op_weight": 0.3} | params)
+
+
+def evidence(line: int, op: int, strength: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    op_logits, line_logits = np.zeros(3), np.zeros(N_LINES)
+    op_logits[op] += 1.0
+    line_logits[line] += strength
+    return op_logits, line_logits
+
+
+def feed(session, offsets, program: int = 1, op: int = 1):
+    """Stream the rows at these offsets of a program (the line at offset t is 6*program + t // 4)."""
+    step = None
+    for t in offsets:
+        step = session.update(*evidence(6 * program + t // 4, op))
+    return step
+
+
+def test_attached_mid_run_it_starts_anywhere_then_locks_on():
+    tracker = tiny_tracker()
+    session = tracker.start()
+    first = session.answer()
+    assert first.operation_confidence < 0.5 and first.entropy > 3.0   # anywhere in any program
+    step = feed(session, range(9, 17))
+    assert (step.operation, step.line) == (1, 6 + 16 // 4)
+    assert step.line_confidence > 0.8 and abs(step.offset - 16) <= 1
+    assert step.entropy < first.entropy
+
+
+def test_from_the_program_start_it_follows_the_clock_without_evidence():
+    tracker = tiny_tracker(line_weight=0.0, op_weight=0.0)
+    session = tracker.start(at_program_start=True)
+    zero_op, zero_line = np.zeros(3), np.zeros(N_LINES)
+    for _ in range(10):
+        step = session.update(zero_op, zero_line)
+    assert step.offset == 9 and step.line in (2, 8)   # offset 9 holds line 2 (p0) or 8 (p1)
+
+
+def test_recovers_after_a_gap_of_lost_rows():
+    session = tiny_tracker().start()
+    feed(session, range(0, 6))
+    step = feed(session, range(14, 22))          # rows 6..13 never arrived
+    assert (step.operation, step.line) == (1, 6 + 21 // 4)
+
+
+def test_pause_state_holds_the_line_and_resumes():
+    session = tiny_tracker().start()
+    feed(session, range(0, 10))
+    before = session.answer()
+    for _ in range(30):                          # the machine stands still: the same readings repeat
+        step = session.update(*evidence(6 + 9 // 4, 1), repeated=True)
+    assert step.paused > 0.5 and step.line == before.line
+    step = feed(session, range(10, 14))
+    assert step.paused < 0.5 and step.line == 6 + 13 // 4
+
+
+def test_damaged_variant_evidence_adds_up_over_the_run():
+    session = tiny_tracker().start()
+    steps = [session.update(*evidence(6 + t // 4, 2)) for t in range(12)]
+    assert steps[-1].operation == 2 and steps[-1].operation_confidence > steps[0].operation_confidence
+
+
+def test_padded_window_evidence_counts_less():
+    strong, weak = tiny_tracker().start(), tiny_tracker().start()
+    a = strong.update(*evidence(8, 1))
+    b = weak.update(*evidence(8, 1), weight=0.1)
+    assert a.line == b.line == 8 and a.line_confidence > b.line_confidence
+
+
+def test_a_sure_window_answers_until_the_filter_locks_on():
+    from gcodefp_core.fit_program_tracker import window_lines
+
+    session = tiny_tracker(window_weight=1.0).start()
+    first = session.update(*evidence(9, 1, strength=8.0))
+    assert (first.line, first.line_source) == (9, "window")      # one window: the filter is unsure
+    step = feed(session, range(13, 24))
+    assert step.line_source == "tracker" and step.line == 6 + 23 // 4
+    # The tuning replays the same rule offline.
+    line, conf = window_lines(session.model, np.array([1]), evidence(9, 1, strength=8.0)[1][None, :])
+    assert line[0] == 9 and conf[0] == pytest.approx(first.line_confidence)
+
+
+def test_serialisation_round_trip_gives_the_same_answers():
+    tracker = tiny_tracker()
+    again = ProgramTracker.from_dict(json.loads(json.dumps(tracker.to_dict())))
+    s1, s2 = tracker.start(), again.start()
+    for t in range(12):
+        a, b = s1.update(*evidence(t // 4, 0)), s2.update(*evidence(t // 4, 0))
+        assert (a.operation, a.line, a.offset) == (b.operation, b.line, b.offset)
+        assert a.line_confidence == pytest.approx(b.line_confidence, rel=1e-6)
+    # A session survives a restart through its JSON state.
+    resumed = type(s1).from_dict(tracker, json.loads(json.dumps(s1.to_dict())))
+    x, y = s1.update(*evidence(3, 0)), resumed.update(*evidence(3, 0))
+    assert (x.line, x.offset) == (y.line, y.offset)
+
+
+@pytest.mark.parametrize("field, change, message", [
+    ("timeline_line", None, "missing field 'timeline_line'"),
+    ("operation_program", [0, 5, 1], "operation_program"),
+    ("tempo", [[0.5, 0.1], [0.2, 0.8]], "tempo must be probabilities"),
+    ("timeline_line", [[[0]], [[99]]], "not in 0..12"),
+    ("params", {"no_such": 1}, "unknown params"),
+])
+def test_bad_tracker_dicts_name_the_field(field, change, message):
+    d = tiny_tracker().to_dict()
+    if change is None:
+        del d[field]
+    else:
+        d[field] = change
+        if field == "timeline_line":
+            d["timeline_share"] = [[[1.0]], [[1.0]]]
+    with pytest.raises(ValueError, match=message):
+        ProgramTracker.from_dict(d)
+
+
+def test_fitted_from_a_dataset_and_tuned_on_its_streams(synthetic_dataset):
+    from gcodefp_core import fit_program_tracker as fit
+    from gcodefp_core.dataset import load_dataset
+    from gcodefp_core.programs import build_line_table, row_classes
+
+    ds = load_dataset(synthetic_dataset)
+    table = build_line_table(ds)
+    tracker = fit.build_program_tracker(ds, table, top_k=3)
+    train = [r for r in ds.manifest["runs"] if r["split"] == "train"]
+    for p, name in enumerate(table.programs):
+        runs = [r for r in train if table.operation_program[ds.operations.index(r["operation"])] == p]
+        assert tracker.timeline_line[p].shape == (max(r["rows"] for r in runs), 3)
+        assert np.allclose(tracker.timeline_share[p].sum(1), 1.0)
+    # Oracle evidence (one-hot on the true line) streamed from a late attachment with lost rows.
+    classes = row_classes(ds, table)
+    run = next(r for r in ds.manifest["runs"] if r["split"] == "test")
+    offsets = fit.make_stream(run["rows"], np.random.default_rng(0), attach=0.25, loss=0.05)
+    y = classes[run["first_row"] + offsets]
+    line_logits = np.where(np.arange(table.n_lines)[None, :] == y[:, None], 5.0, 0.0)
+    op_logits = np.zeros((len(y), len(ds.operations)))
+    op_logits[:, ds.operations.index(run["operation"])] = 1.0
+    stream = {"op_logits": op_logits, "line_logits": line_logits, "weights": None, "repeated": None,
+              "line_target": y, "op_target": ds.operations.index(run["operation"]),
+              "scored": np.arange(len(y)) >= 10}
+    params, grid = fit.tune_tracker(tracker, [stream], {"line_weight": [0.0, 1.0]}, window_weights=(0.0,))
+    assert params["line_weight"] == 1.0 and len(grid) == 2
+    assert grid[1][1] > grid[0][1]               # evidence beats none when attached mid-run
+
+
+def test_temperature_and_reliability():
+    from gcodefp_core.fit_program_tracker import fit_temperature, reliability
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 2000)
+    logits = rng.normal(0, 1, (2000, 4))
+    logits[np.arange(2000), labels] += 1.0
+    assert fit_temperature(logits * 5, labels) > fit_temperature(logits, labels)   # overconfident -> T > 1
+    rel = reliability(np.array([0.9, 0.9, 0.1, 0.1]), np.array([1, 1, 0, 0]))
+    assert rel["ece"] == pytest.approx(0.1) and [b["n"] for b in rel["bins"]] == [2, 2]
+
+
+def test_fit_program_tracker_end_to_end_with_a_window_model(synthetic_dataset):
+    """The one call training makes: temperatures on validation windows, weights on validation
+    streams, and a tracker that survives model.json (an untrained tiny model: plumbing, not accuracy)."""
+    import torch
+
+    from gcodefp_core import fit_program_tracker as fit
+    from gcodefp_core.dataset import load_dataset
+    from gcodefp_core.model import build_model
+    from gcodefp_core.programs import build_line_table
+    from gcodefp_core.train import model_config_for
+
+    torch.manual_seed(0)
+    ds = load_dataset(synthetic_dataset)
+    table = build_line_table(ds)
+    model = build_model(model_config_for(ds, {"d_model": 16, "line_hidden": 16, "token_dim": 8,
+                                              "fingerprint_dim": 8}, table))
+    model.set_line_mask(table.mask)
+    tracker, report = fit.fit_program_tracker([model], ds, table, max_streams=2,
+                                              grid={"line_weight": [0.0, 0.1], "op_weight": [0.05]})
+    assert report["streams"] == 2 and len(report["tuning"]) == 2 * 5
+    assert tracker.params["line_weight"] in (0.0, 0.1) and tracker.params["op_temperature"] > 0
+    again = ProgramTracker.from_dict(json.loads(json.dumps(tracker.to_dict())))
+    assert again.params == tracker.params and again.n_states == tracker.n_states
