@@ -95,7 +95,7 @@ def window_model_runs(ds, checkpoints: list[Path], common_boards: list[str]) -> 
     """Per checkpoint and test run: window op accuracy, as is and with non-common boards blanked."""
     import torch
 
-    from gcodefp_core.model import load_checkpoint
+    from gcodefp_core.checkpoints import load_checkpoint
 
     names = ds.continuous_features
     blank = np.array(["." in n and n.split(".")[0] not in common_boards for n in names])
@@ -103,7 +103,7 @@ def window_model_runs(ds, checkpoints: list[Path], common_boards: list[str]) -> 
     runs = ds.arrays["row_run"][ids]
     out = {}
     for path in checkpoints:
-        model, _ = load_checkpoint(path)
+        model = load_checkpoint(path).model
         preds = {"as_is": [], "blanked": []}
         with torch.no_grad():
             for s in range(0, len(ids), 512):

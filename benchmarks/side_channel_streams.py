@@ -116,11 +116,11 @@ def calibration(ds, table, models, classes, temps: dict) -> dict:
 
 def evaluate_checkpoint(path: Path, ds, seed: int, val_runs: int | None) -> dict:
     from gcodefp_core import fit_program_tracker as fit
-    from gcodefp_core.model import load_checkpoint
+    from gcodefp_core.checkpoints import load_checkpoint
     from gcodefp_core.programs import row_classes
 
-    model, _ = load_checkpoint(path)
-    models, table = [model], model.line_table
+    model, bundle, _ = load_checkpoint(path)
+    models, table = [model], bundle.line_table
     classes = row_classes(ds, table)
     tracker = fit.build_program_tracker(ds, table)
     val_ids = ds.split_windows("val")
