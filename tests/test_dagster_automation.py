@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
+from fakes import fake_export
 
 from gcodefp_core import package as pkg
 from gcodefp_dagster.automation import RETRAIN_CRON
@@ -21,11 +22,8 @@ from gcodefp_dagster.resources import Alerter, ApiServer, ArtifactStore
 
 
 def fake_package(registry: Path, version: str) -> Path:
-    model = registry.parent / f"model-{version}"
-    model.mkdir(parents=True, exist_ok=True)
-    (model / "g.onnx").write_bytes(b"not really a graph " + version.encode())
-    (model / "model.json").write_text(json.dumps({"files": {"greedy": "g.onnx"}, "window": 4,
-                                                  "features": {"continuous": [], "categorical": [], "mean": []}}))
+    model = fake_export(registry.parent / f"model-{version}")
+    (model / "m.encoder.onnx").write_bytes(b"not really a graph " + version.encode())  # each version its own bytes
     return pkg.build_package(model, registry, version=version)
 
 
