@@ -9,7 +9,8 @@
 #   deploy/postgres.sh check    exit 0 when the PostgreSQL binaries are installed (else 3)
 #
 # Settings (environment, defaults in brackets):
-#   GCODEFP_PG_DIR [/tmp/gcodefp-postgres]   data folder, socket and log (owned by the server's user)
+#   GCODEFP_PG_DIR [/tmp/gcodefp-postgres]   data folder, socket and log (owned by the server's user;
+#                                            its parents must let that user through)
 #   GCODEFP_PG_PORT [55432]                  listens on 127.0.0.1 only
 #   GCODEFP_PG_BIN [/usr/lib/postgresql/15/bin, else pg_ctl on PATH]
 # Database `dagster`, superuser `dagster`, password auth off (trust) on loopback: a disposable

@@ -7,14 +7,19 @@
 #   deploy/stack.sh status [SERVICE...]   running or not, pid, URL (exit 1 if any is stopped)
 #   deploy/stack.sh command SERVICE       print the service's command, one word per line
 #
-# SERVICE: api, code-server, dagster-webserver, dagster-daemon, prometheus, or `dagster` (the three
-# Dagster ones). The commands are the containers' commands (Dockerfile.inference, docker-compose.yml)
-# with 127.0.0.1 and the ports below. Settings (environment, defaults in brackets):
+# SERVICE: postgres, api, code-server, dagster-webserver, dagster-daemon, prometheus, or `dagster`
+# (postgres and the three Dagster ones). The commands are the containers' commands
+# (Dockerfile.inference, docker-compose.yml) with 127.0.0.1 and the ports below. With the postgres
+# service (deploy/postgres.sh: initdb + pg_ctl on loopback, data in $GCODEFP_STACK_DIR/postgres) the
+# Dagster services run on the Postgres instance of deploy/dagster/dagster.postgres.yaml, in
+# DAGSTER_HOME [$GCODEFP_STACK_DIR/dagster_home]; without it, on SQLite. Settings (environment,
+# defaults in brackets):
 #   GCODEFP_REGISTRY [artifacts/registry]      GCODEFP_API_PORT [8000]   GCODEFP_API_WORKERS [2]
 #   DAGSTER_PORT [3000]   DAGSTER_CODE_SERVER_PORT [4000]   PROMETHEUS_PORT [9090]
 #   DAGSTER_HOME [.dagster_home, the one `gcodefp pipeline` uses]   GCODEFP_CONFIG [configs/quickstart.json]
 #   GCODEFP_ADMIN_TOKEN [generated once into $GCODEFP_STACK_DIR/admin_token]
 #   GCODEFP_STACK_DIR [artifacts/stack: pids, logs, Prometheus data]   GCODEFP_BIN [.venv/bin]
+#   POSTGRES_PORT [55432]
 #   PROMETHEUS_BIN [prometheus on PATH]   GCODEFP_STACK_TIMEOUT [120 s per service]
 set -euo pipefail
 
@@ -29,7 +34,8 @@ CODE_SERVER_PORT=${DAGSTER_CODE_SERVER_PORT:-4000}
 PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
 REGISTRY=${GCODEFP_REGISTRY:-$REPO/artifacts/registry}
 TIMEOUT=${GCODEFP_STACK_TIMEOUT:-120}
-ALL=(api code-server dagster-webserver dagster-daemon prometheus)
+POSTGRES_PORT=${POSTGRES_PORT:-55432}
+ALL=(postgres api code-server dagster-webserver dagster-daemon prometheus)
 
 die() { echo "stack: $*" >&2; exit 1; }
 
@@ -38,16 +44,21 @@ services() {  # the arguments, `dagster` expanded, in start order; all when none
   [ ${#want[@]} -eq 0 ] && want=("${ALL[@]}")
   for s in "${want[@]}"; do
     case $s in
-      dagster) out+=(code-server dagster-webserver dagster-daemon) ;;
-      api|code-server|dagster-webserver|dagster-daemon|prometheus) out+=("$s") ;;
-      *) die "unknown service '$s' (api, code-server, dagster-webserver, dagster-daemon, prometheus, dagster)" ;;
+      dagster) out+=(postgres code-server dagster-webserver dagster-daemon) ;;
+      postgres|api|code-server|dagster-webserver|dagster-daemon|prometheus) out+=("$s") ;;
+      *) die "unknown service '$s' (postgres, api, code-server, dagster-webserver, dagster-daemon, prometheus, dagster)" ;;
     esac
   done
   for s in "${ALL[@]}"; do if [[ " ${out[*]} " == *" $s "* ]]; then echo "$s"; fi; done
 }
 
 pid_of() { cat "$STACK_DIR/pids/$1" 2>/dev/null || true; }
-running() { local pid; pid=$(pid_of "$1"); [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+running() {
+  if [ "$1" = postgres ]; then pg status >/dev/null 2>&1; return; fi
+  local pid; pid=$(pid_of "$1"); [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+}
+# deploy/postgres.sh with this stack's folder and port (pg_ctl runs the server as its own daemon)
+pg() { GCODEFP_PG_DIR="$STACK_DIR/postgres" GCODEFP_PG_PORT="$POSTGRES_PORT" "$REPO/deploy/postgres.sh" "$@"; }
 
 url_of() {
   case $1 in
@@ -55,6 +66,7 @@ url_of() {
     code-server) echo "grpc://$HOST:$CODE_SERVER_PORT" ;;
     dagster-webserver) echo "http://$HOST:$DAGSTER_PORT" ;;
     prometheus) echo "http://$HOST:$PROMETHEUS_PORT" ;;
+    postgres) echo "postgresql://dagster@$HOST:$POSTGRES_PORT/dagster" ;;
     *) echo "-" ;;
   esac
 }
@@ -105,7 +117,12 @@ prepare() {  # files a service needs before it starts
     api) mkdir -p "$REGISTRY" ;;
     code-server|dagster-webserver|dagster-daemon)
       mkdir -p "$DAGSTER_HOME"
-      [ -f "$DAGSTER_HOME/dagster.yaml" ] || cp "$REPO/dagster.yaml" "$DAGSTER_HOME/dagster.yaml" ;;
+      if running postgres; then  # the deployment's Postgres instance, its folders moved into DAGSTER_HOME
+        sed "s#/opt/dagster/dagster_home#$DAGSTER_HOME#g" "$REPO/deploy/dagster/dagster.postgres.yaml" \
+          > "$DAGSTER_HOME/dagster.yaml.tmp" && mv "$DAGSTER_HOME/dagster.yaml.tmp" "$DAGSTER_HOME/dagster.yaml"
+      elif [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then
+        cp "$REPO/dagster.yaml" "$DAGSTER_HOME/dagster.yaml"
+      fi ;;
     prometheus)
       command -v "${PROMETHEUS_BIN:-prometheus}" >/dev/null \
         || die "prometheus not found (apt-get install -y prometheus, or set PROMETHEUS_BIN)"
@@ -118,6 +135,7 @@ prepare() {  # files a service needs before it starts
 
 start_one() {
   local name=$1 port argv=() pid deadline
+  if [ "$name" = postgres ]; then pg start; return; fi
   if running "$name"; then echo "$name: already running (pid $(pid_of "$name"))"; return; fi
   port=$(port_of "$name")
   if [ -n "$port" ] && "$BIN/python" -c "import socket; socket.create_connection(('$HOST', $port), 1)" 2>/dev/null; then
@@ -147,6 +165,7 @@ start_one() {
 
 stop_one() {
   local name=$1 pid deadline
+  if [ "$name" = postgres ]; then pg stop; return; fi
   pid=$(pid_of "$name")
   if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then rm -f "$STACK_DIR/pids/$name"; echo "$name: not running"; return; fi
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
@@ -165,13 +184,18 @@ stop_one() {
 main() {
   local action=${1:-} names s
   [ $# -gt 0 ] && shift
+  names=$(services "$@")
+  # With the postgres service (asked for, or already running): its own DAGSTER_HOME on that server.
+  if [[ " $(echo $names) " == *" postgres "* ]] || running postgres; then
+    export DAGSTER_HOME=${DAGSTER_HOME:-$STACK_DIR/dagster_home}
+    eval "$(pg env)"
+  fi
   export DAGSTER_HOME=${DAGSTER_HOME:-$REPO/.dagster_home}
   unset PROMETHEUS_MULTIPROC_DIR  # `gcodefp serve` makes its own
   export GCODEFP_REGISTRY=$REGISTRY WANDB_MODE=${WANDB_MODE:-offline}
   export GCODEFP_CONFIG=${GCODEFP_CONFIG:-configs/quickstart.json}
   export GCODEFP_API_URL="http://$HOST:$API_PORT"
   export DAGSTER_CODE_SERVER_HOST=$HOST DAGSTER_CODE_SERVER_PORT=$CODE_SERVER_PORT
-  names=$(services "$@")
   case $action in
     start)
       mkdir -p "$STACK_DIR/pids" "$STACK_DIR/logs"
@@ -191,7 +215,7 @@ main() {
     command)  # the argv a service runs, one word per line (tests compare it with the containers' commands)
       [ "$(echo "$names" | wc -l)" -eq 1 ] && [ $# -eq 1 ] || die "usage: $0 command SERVICE"
       command_of "$names" ;;
-    *) die "usage: $0 start|stop|status|command [api|code-server|dagster-webserver|dagster-daemon|prometheus|dagster ...]" ;;
+    *) die "usage: $0 start|stop|status|command [postgres|api|code-server|dagster-webserver|dagster-daemon|prometheus|dagster ...]" ;;
   esac
 }
 

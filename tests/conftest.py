@@ -8,7 +8,7 @@ import pytest
 
 # The API fixtures (a tiny trained, exported and packaged model) are session-scoped and shared by the
 # API, client and native-stack tests, so the tiny model is trained once per test session.
-pytest_plugins = ["api_fixtures"]
+pytest_plugins = ["api_fixtures", "dagster_fixtures"]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

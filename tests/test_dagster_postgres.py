@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import subprocess
 import tempfile
 from pathlib import Path
@@ -89,3 +90,38 @@ def test_a_pipeline_run_on_postgres_and_its_events_read_back(postgres, tmp_path,
         cur.execute("SELECT count(*) FROM event_logs WHERE run_id = %s AND dagster_event_type = 'ASSET_MATERIALIZATION'",
                     (result.run_id,))
         assert cur.fetchone() == (2,)
+
+
+def test_native_stack_runs_dagster_on_its_postgres(tmp_path):
+    """`deploy/stack.sh start postgres code-server dagster-webserver`: the webserver's instance is the
+    Postgres one (its GraphQL API says so) and the code location loads; `stop` takes it all down."""
+    import httpx
+
+    if subprocess.run([str(SCRIPT), "check"]).returncode != 0:
+        pytest.skip("PostgreSQL binaries are not installed (postgresql-15)")
+    stack_dir = Path(tempfile.mkdtemp(prefix="gcodefp-stack-", dir="/tmp"))
+    stack_dir.chmod(0o711)  # the server's user (postgres, under root) must reach its folder inside
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GCODEFP_", "DAGSTER_"))}
+    env |= {"GCODEFP_STACK_DIR": str(stack_dir), "POSTGRES_PORT": str(free_port()), "DAGSTER_PORT": str(free_port()),
+            "DAGSTER_CODE_SERVER_PORT": str(free_port()), "GCODEFP_BIN": str(Path(sys.executable).parent),
+            "GCODEFP_ADMIN_TOKEN": "stack-test-token", "GCODEFP_CONFIG": str(REPO / "configs" / "tiny.json")}
+    services = ("postgres", "code-server", "dagster-webserver")
+
+    def stack(*args):
+        return subprocess.run(["bash", str(REPO / "deploy" / "stack.sh"), *args, *services], env=env, text=True,
+                              capture_output=True, timeout=300, start_new_session=True)
+    try:
+        started = stack("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        query = "{ instance { info } workspaceOrError { ... on Workspace { locationEntries { name " \
+                "locationOrLoadError { __typename } } } } }"
+        r = httpx.post(f"http://127.0.0.1:{env['DAGSTER_PORT']}/graphql", json={"query": query}, timeout=60)
+        data = r.json()["data"]
+        assert "PostgresRunStorage" in data["instance"]["info"]
+        [location] = data["workspaceOrError"]["locationEntries"]
+        assert location["name"] == "gcodefp" and location["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+        assert (stack_dir / "dagster_home" / "dagster.yaml").read_text().count(str(stack_dir / "dagster_home")) == 2
+    finally:
+        stopped = stack("stop")
+        shutil.rmtree(stack_dir, ignore_errors=True)
+    assert stopped.returncode == 0 and "postgres: stopped" in stopped.stdout, stopped.stdout + stopped.stderr

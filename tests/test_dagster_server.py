@@ -1,5 +1,6 @@
 """`dagster dev` for real: webserver + daemon on 127.0.0.1, the full job launched through the GraphQL
-API (tiny synthetic data, one seed), then the redeploy sensor promoting the new package."""
+API (tiny synthetic data, one seed), the redeploy sensor promoting the new package, and a backfill
+of three seed partitions becoming three runs under the daemon's run queue."""
 from __future__ import annotations
 
 import os
@@ -25,6 +26,12 @@ LAUNCH = """mutation($params: ExecutionParams!) { launchRun(executionParams: $pa
   ... on RunConfigValidationInvalid { errors { message } } ... on InvalidSubsetError { message } } }"""
 STATUS = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }"""
 RUNS = """query { runsOrError(filter: {pipelineName: "redeploy"}) { ... on Runs { results { runId status } } } }"""
+ADD_SEED = """mutation($key: String!) { addDynamicPartition(repositorySelector: {repositoryLocationName: "gcodefp",
+  repositoryName: "__repository__"}, partitionsDefName: "seed", partitionKey: $key) { __typename } }"""
+BACKFILL = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+BACKFILL_RUNS = """query($tag: String!) { runsOrError(filter: {tags: [{key: "dagster/backfill", value: $tag}]}) {
+  ... on Runs { results { runId status tags { key value } } } } }"""
 
 
 def free_port() -> int:
@@ -92,6 +99,8 @@ def graphql(url: str, query: str, variables: dict | None = None) -> dict:
 
 def test_full_job_through_graphql_then_redeploy_sensor(dagster_dev):
     url, root, proc = dagster_dev
+    added = graphql(url, ADD_SEED, {"key": "42"})["addDynamicPartition"]["__typename"]
+    assert added in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError")  # the seed sensor may be first
     params = {"selector": {"repositoryLocationName": "gcodefp", "repositoryName": "__repository__",
                            "jobName": "full_pipeline"},
               "runConfigData": RUN_CONFIG | {"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}},
@@ -115,3 +124,21 @@ def test_full_job_through_graphql_then_redeploy_sensor(dagster_dev):
     redeploy_run = wait_for(promoted, 150, "the redeploy run", proc, interval=3)
     assert redeploy_run["status"] == "SUCCESS"
     assert (root / "registry" / "CURRENT").read_text().strip() == version
+
+
+def test_a_three_seed_backfill_is_three_runs(dagster_dev):
+    """Materializing checkpoint for three seeds from the UI's backfill: the daemon makes one run per
+    seed partition (queued under the instance's run queue and `training` pool), not one run for all."""
+    url, root, proc = dagster_dev
+    for key in ("101", "102", "103"):
+        graphql(url, ADD_SEED, {"key": key})
+    params = {"assetSelection": [{"path": ["checkpoint"]}], "partitionNames": ["101", "102", "103"]}
+    launched = graphql(url, BACKFILL, {"params": params})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+
+    def three_runs():
+        runs = graphql(url, BACKFILL_RUNS, {"tag": launched["backfillId"]})["runsOrError"]["results"]
+        return runs if len(runs) >= 3 else None
+    runs = wait_for(three_runs, 180, "the backfill's runs", proc, interval=3)
+    partitions = sorted(next(t["value"] for t in r["tags"] if t["key"] == "dagster/partition") for r in runs)
+    assert partitions == ["101", "102", "103"]

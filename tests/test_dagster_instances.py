@@ -1,5 +1,5 @@
-"""The Kubernetes deployment config (deploy/dagster/dagster.k8s.yaml) against the schemas of the
-pinned Dagster (instance) and dagster-k8s (K8sRunLauncher), without a cluster."""
+"""Instance configs: the Kubernetes one (deploy/dagster/dagster.k8s.yaml) against the schemas of the
+pinned Dagster (instance) and dagster-k8s (K8sRunLauncher), without a cluster; the local dagster.yaml."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,3 +49,18 @@ def test_every_run_gets_its_own_pod_and_seeds_queue_by_pool():
     from gcodefp_dagster.defs.training.assets import TRAINING_POOL, checkpoint
 
     assert checkpoint.op.pool == TRAINING_POOL and checkpoint.backfill_policy is None  # one run per seed
+
+
+def test_local_instance_has_no_onboarding_popups_and_queues_seeds_by_pool(tmp_path):
+    """The repository's dagster.yaml (copied into every fresh DAGSTER_HOME): the UI opens without the
+    community/onboarding modal, and runs wait in the queue for the `training` pool."""
+    import shutil
+
+    import dagster as dg
+
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.nux_enabled is False
+        pools = instance.get_concurrency_config().pool_config
+        assert pools.pool_granularity.value == "run" and pools.default_pool_limit >= 1
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
