@@ -91,10 +91,8 @@ _generic_openapi = app.openapi
 def _contract() -> dict:
     """/openapi.json: the generic document with the served model's shapes filled in (api/schemas.py)."""
     store = getattr(app.state, "store", None)
-    doc = _generic_openapi()
-    if store is None or store.model is None:
-        return doc
-    return schemas.model_openapi(doc, store.model, inputs.MAX_BATCH, inputs.MAX_STREAM_ROWS)
+    return schemas.contract(_generic_openapi(), store.model if store is not None else None, inputs.MAX_BATCH,
+                            inputs.MAX_STREAM_ROWS)
 
 
 app.openapi = _contract

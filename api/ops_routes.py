@@ -20,7 +20,7 @@ router = APIRouter()
 async def welcome():
     return respond({"name": "G-code fingerprint API", "links": {
         "health": "/health", "ready": "/ready", "info": "/info", "predict": "/predict",
-        "batch_predict": "/batch_predict", "fingerprint": "/fingerprint", "stream": "/stream/{machine_id}",
+        "batch_predict": "/batch_predict", "fingerprint": "/fingerprint", "stream": "/stream/MACHINE_ID", "v2": "/v2", "v2_model": "/v2/models/gcodefp",
         "metrics": "/metrics", "docs": "/docs"}})
 
 

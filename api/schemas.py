@@ -2,7 +2,7 @@
 
 Bodies are parsed by api/inputs.py with orjson + numpy (pydantic `list[list[float]]` cost 4-5 ms per
 window, four times the model); these JSON schemas document the same rules. The shapes depend on the
-served package (window, feature counts, max_tokens), so `model_openapi` fills them in from the
+served package (window, feature counts, max_tokens), so `contract` fills them in from the
 current model each time /openapi.json is asked for; before a model loads, the generic shapes stand.
 The binary bodies (application/octet-stream, float32 [N, W, F + C]) are described in the operations'
 text, not as a request content: random bytes cannot be schema-valid windows.
@@ -13,14 +13,15 @@ import copy
 
 from .settings import SETTINGS
 
-_CONFIG = {"type": "object", "additionalProperties": False, "properties": {
-    "method": {"type": "string", "enum": ["line", "greedy", "beam", "sample"], "description": (
+_CONFIG = {"type": ["object", "null"], "additionalProperties": False, "properties": {
+    "method": {"type": ["string", "null"], "enum": ["line", "greedy", "beam", "sample", None], "description": (
         "line: the line head's lookup in the operation's program (one call; the default when the model "
         "has one); greedy / beam / sample: the token decoder. GET /info lists a model's methods.")},
     "temperature": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0},
     "beam_width": {"type": "integer", "minimum": 1, "maximum": 16, "default": 4},
-    "max_length": {"type": "integer", "minimum": 1, "description": "decode limit (default: the model's)"},
-    "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "description": "sampling seed"}}}
+    "max_length": {"type": ["integer", "null"], "minimum": 1, "description": "decode limit (default: the model's)"},
+    "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": 2**53 - 1, "description": "sampling seed"}}}
+# null in method / max_length / seed means the default, as when the key is left out.
 _MATRIX = {"type": "array", "items": {"type": "array", "items": {"type": ["number", "null"]}}}
 SENSOR_DATA = {"type": "object", "description": (
     "Raw log readings of one window: continuous (window x F) + categorical (window x C) in the feature order "
@@ -148,10 +149,10 @@ _V2_TENSOR = {"type": "object", "required": ["name", "datatype", "shape", "data"
 V2_INFER_SCHEMA = {"type": "object", "required": ["inputs"], "additionalProperties": False, "properties": {
     "id": {"type": "string"},
     "inputs": {"type": "array", "items": _V2_TENSOR},
-    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "additionalProperties": False,
+    "outputs": {"type": ["array", "null"], "items": {"type": "object", "required": ["name"], "additionalProperties": False,
                                            "properties": {"name": _STR, "parameters": _obj(
                                                [], binary_data={"type": "boolean"})}}},
-    "parameters": {"type": "object", "additionalProperties": False, "properties": {
+    "parameters": {"type": ["object", "null"], "additionalProperties": False, "properties": {
         **_CONFIG["properties"], "binary_data_output": {"type": "boolean"}}}}}
 
 
@@ -193,12 +194,28 @@ def _window_schema(spec, rows: dict) -> dict:
     return {**SENSOR_DATA, "properties": props, "required": required}
 
 
-def model_openapi(doc: dict, model, max_batch: int, max_stream_rows: int) -> dict:
-    """The generic document with this model's window, feature counts and token limit filled in."""
+MACHINE_ID = {"type": "string", "pattern": r"^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,63}$", "description": (
+    "1-64 characters of A-Z a-z 0-9 . _ : - (documented without a leading dot: /stream/.. is a path, not an id)")}
+
+
+def contract(doc: dict, model, max_batch: int, max_stream_rows: int) -> dict:
+    """/openapi.json: the generic document, path parameters pinned down, and (once a model is loaded)
+    its window, feature counts, methods and token limit filled in."""
     doc = copy.deepcopy(doc)
+    paths = doc.get("paths", {})
+    for path, item in paths.items():
+        for op in item.values():
+            for param in op.get("parameters", []):
+                if param["name"] == "machine_id":
+                    param["schema"] = MACHINE_ID
+                elif path.startswith("/v2/models/") and param["name"] == "name":
+                    param["schema"] = {"type": "string", "minLength": 1}
+                elif path.startswith("/v2/models/") and param["name"] == "version":
+                    param["schema"] = {"type": "string", "minLength": 1, "pattern": r"^[^/.][^/]*$"}
+    if model is None:
+        return doc
     spec, w = model.spec, model.window
     fixed = {"minItems": w, "maxItems": w}
-    paths = doc.get("paths", {})
 
     def body(path: str, method: str = "post") -> dict:
         return paths[path][method]["requestBody"]["content"]["application/json"]["schema"]["properties"]
@@ -210,12 +227,14 @@ def model_openapi(doc: dict, model, max_batch: int, max_stream_rows: int) -> dic
     for path in ("/predict", "/batch_predict"):
         cfg = body(path)["inference_config"]
         cfg["properties"]["max_length"]["maximum"] = model.predictor.max_tokens
-        cfg["properties"]["method"]["enum"] = model.predictor.methods()
+        cfg["properties"]["method"]["enum"] = [*model.predictor.methods(), None]
     for path in [p for p in paths if p.startswith("/stream/")]:
         if "post" in paths[path]:
             body(path)["sensor_data"] = {**_window_schema(spec, {"minItems": 1, "maxItems": 1}), "description": (
                 "The machine's next rows, in order from its program's start (documented here as one row per "
                 f"request; the server takes 1..{max_stream_rows} rows, continuous and categorical of equal length).")}
+    outputs = [n for n in ("gcode", "operation", "operation_confidence", "line_confidence", "line_source",
+                           "fingerprint") if model.predictor.default_method == "line" or not n.startswith("line_")]
     tensors = [_v2_tensor("continuous", w, len(spec.continuous))]
     if spec.categorical:
         tensors.append(_v2_tensor("categorical", w, len(spec.categorical)))
@@ -226,5 +245,6 @@ def model_openapi(doc: dict, model, max_batch: int, max_stream_rows: int) -> dic
                                 "documented as one window per request, continuous first; the server takes "
                                 f"N = 1..{max_batch} windows and the inputs in any order")}
         schema["parameters"]["properties"]["max_length"]["maximum"] = model.predictor.max_tokens
-        schema["parameters"]["properties"]["method"]["enum"] = model.predictor.methods()
+        schema["parameters"]["properties"]["method"]["enum"] = [*model.predictor.methods(), None]
+        schema["outputs"]["items"]["properties"]["name"] = {"type": "string", "enum": outputs}
     return doc

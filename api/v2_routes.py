@@ -155,6 +155,16 @@ def _split_body(request: Request, body: bytes) -> tuple[dict, bytes]:
         raise V2Error(f"body: invalid JSON inference header: {exc}") from None
     if not isinstance(doc, dict):
         raise V2Error("body: the inference header must be a JSON object")
+    # numpy reads [true, 1.5] as [1.0, 1.5]: walk the tensors' data only when the header has more true/false
+    # tokens than the flags it may carry (a byte count; the walk is the rare path).
+    flags = [*((doc.get("parameters") or {}).values() if isinstance(doc.get("parameters"), dict) else ()),
+             *((o.get("parameters") or {}).get("binary_data") for o in doc.get("outputs") or () if isinstance(o, dict)
+               and isinstance(o.get("parameters"), dict))]
+    if header.count(b"true") + header.count(b"false") > sum(isinstance(f, bool) for f in flags):
+        tensors = doc.get("inputs") if isinstance(doc.get("inputs"), list) else []
+        where = inputs._first_bool_in_lists([t.get("data") for t in tensors if isinstance(t, dict)])
+        if where:
+            raise V2Error(f"inputs{where}: true/false is not a number")
     return doc, rest
 
 
@@ -201,7 +211,10 @@ def _parse(doc: dict, binary: bytes, model: LoadedModel):
     unknown = sorted(set(doc) - {"id", "inputs", "outputs", "parameters"})
     if unknown:
         raise V2Error(f"{unknown[0]}: unknown field; allowed: id, inputs, outputs, parameters")
-    params = doc.get("parameters") or {}
+    if not isinstance(doc.get("id", ""), str):
+        raise V2Error("id: must be a string")
+    params = doc.get("parameters")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         raise V2Error("parameters: must be an object")
     extra = sorted(set(params) - PARAMETER_KEYS)
