@@ -3,21 +3,23 @@
 Inputs. Each monitored window is reduced to its per-channel mean, expressed in the package's
 training normalisation (z = (mean - train_mean) / train_std). An exponentially weighted mean of
 those z per channel (half-life GCODEFP_DRIFT_HALF_LIFE windows, bias-corrected) says where the
-recent inputs sit; a sensor board's drift score is the mean |rolling z| over its channels. Normal
-traffic wanders around 0 as the program moves (a window mean of one phase is not the training
-mean), a recording session with other offsets or another mounting sits persistently away from it:
-benchmarks/drift.py shows both on real runs. Also counted per board: windows without the board
-(absent board, filled with the training mean), absent readings inside a present board, and
-readings beyond the model's clip (|z| > clip, saturated at the model's input).
+recent inputs sit. Scores: mean |rolling z| over a sensor board's channels, and over one channel
+kind (Gx, Mz, RMS, current, ...) across boards. Normal traffic wanders around 0 as the program
+moves; a recording session with other sensor offsets sits persistently away from it (on real runs
+the gyroscope offsets move most: benchmarks/drift.py). Also counted per board: windows without the
+board (filled with the training mean), absent readings inside a present board, and readings beyond
+the model's clip (|z| > clip: saturated at the model's input).
 
 Predictions: the operation mix, where the line came from (path / model / clock), the operation and
 line confidence, and in streams whether the accumulated answer agrees with the window's own.
 
-Cost: one [N, W, F] reduction and a few [F]-vectors per call; GCODEFP_MONITOR_EVERY=k looks at one
-window in k. benchmarks/monitoring_overhead.py measures it against the served latency.
+Cost: a few reductions over the [N, W, F] windows and [F]-vectors per call; the Prometheus gauges and
+counters are updated at most once a second and before every scrape (flush_all from GET /metrics).
+GCODEFP_MONITOR_EVERY=k looks at one window in k (0: off). benchmarks/monitoring_overhead.py measures it.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 
 import numpy as np
@@ -42,6 +44,7 @@ LINE_SOURCE = Counter("gcodefp_prediction_line_source_total", "Where the predict
                       ["endpoint", "source"])
 CONFIDENCE = Histogram("gcodefp_prediction_confidence", "Confidence of the predicted operation / line",
                        ["kind"], buckets=(.1, .2, .3, .4, .5, .6, .7, .8, .9, .95, .99, 1.0))
+_CONF_OPERATION, _CONF_LINE = CONFIDENCE.labels("operation"), CONFIDENCE.labels("line")
 STREAM_AGREEMENT = Counter("gcodefp_stream_window_agreement_total", "Stream answers (clock + accumulated evidence) "
                            "against the window's own answer", ["field", "agrees"])
 
@@ -72,7 +75,7 @@ def board_of(column: str) -> str:
 class DriftMonitor:
     """The rolling input statistics of one loaded model (its normalisation is the reference)."""
 
-    def __init__(self, spec, half_life: float = 256.0, every: int = 1):
+    def __init__(self, spec, half_life: float = 256.0, every: int = 1, flush_seconds: float = 1.0):
         self.mean = np.asarray(spec.mean, dtype=np.float64)
         self.std = np.asarray(spec.std, dtype=np.float64)
         self.clip = float(spec.clip)
@@ -85,40 +88,52 @@ class DriftMonitor:
         self.score_boards, self.score_member = _one_hot(names, trained)
         self.kinds, self.kind_member = _one_hot([channel_of(c) for c in spec.continuous], trained)
         self.decay = 0.5 ** (1.0 / half_life)
+        self.inv_std, self.limit = 1.0 / self.std, self.clip * self.std
         self.every, self._tick = every, 0
         self.ewma = np.zeros(len(names))       # decayed sum of z (bias-corrected by `weight`)
         self.weight = np.zeros(len(names))     # decayed count of windows that had the channel
         self.windows = 0
+        # Per-channel tallies since the last flush to Prometheus (the hot path touches numpy only).
+        self._pending = 0
+        self._missing = np.zeros(len(self.boards))
+        self._absent_readings = np.zeros(len(names))
+        self._over = np.zeros(len(names))
+        self._next_flush = 0.0
+        self.flush_seconds = flush_seconds
 
     def observe(self, cont: np.ndarray) -> None:
-        """Raw continuous windows [N, W, F] (NaN = absent) -> updated rolling z and counters."""
+        """Raw continuous windows [N, W, F] (NaN = absent) -> updated rolling z and tallies."""
         if self.every > 1:
             first = (-self._tick) % self.every
             self._tick += len(cont)
             cont = cont[first::self.every]
             if not len(cont):
                 return
-        n = len(cont)
-        present = ~np.isnan(cont)
-        counts = present.sum(axis=1)                                   # [N, F] readings per channel
-        sums = np.where(present, cont, 0.0).sum(axis=1)
-        has = counts > 0
-        z = (sums / np.maximum(counts, 1) - self.mean) / self.std      # [N, F] window-mean z
-        k = has.sum(axis=0)                                            # windows with each channel
-        zsum = np.where(has, z, 0.0).sum(axis=0)
-        # n windows as one step: the old state decays by decay**n, the batch mean enters with the rest
-        # of the weight (exact when the windows are equal, close otherwise; n is at most the batch limit).
-        keep = np.where(k > 0, self.decay ** k, 1.0)
-        self.ewma = keep * self.ewma + (1 - keep) * np.where(k > 0, zsum / np.maximum(k, 1), 0.0)
+        n, w = cont.shape[:2]
+        nan = np.isnan(cont)
+        absent = nan.sum(axis=1)                                        # [N, F] absent readings per window
+        has = absent < w
+        sums = cont.sum(axis=1)                                         # NaN where a reading is absent
+        if (absent[has] > 0).any():  # a board present with gaps (rare): the slower NaN-skipping sum
+            sums = np.nansum(cont, axis=1)
+        z = np.where(has, (sums / np.maximum(w - absent, 1) - self.mean) * self.inv_std, 0.0)  # [N, F] window-mean z
+        k = has.sum(axis=0)                                             # windows with each channel
+        # n windows as one step: the old state decays by decay**k, the batch mean of z enters with the rest
+        # of the weight (exact when the windows are equal, close otherwise); k = 0 leaves a channel as it was.
+        keep = self.decay ** k
+        self.ewma = keep * self.ewma + (1 - keep) * (z.sum(axis=0) / np.maximum(k, 1))
         self.weight = keep * self.weight + (1 - keep)
         self.windows += n
-
-        board_present = (has.astype(np.float64) @ self.member) > 0      # [N, G]
-        missing = n - board_present.sum(axis=0)
-        window_board_rows = board_present.astype(np.float64) @ self.member.T * cont.shape[1]  # [N, F] expected
-        absent = (window_board_rows - counts).sum(axis=0) @ self.member  # [G] null readings in present boards
-        over = (np.abs(np.where(present, cont, self.mean) - self.mean) > self.clip * self.std).sum(axis=(0, 1))
-        self._export(n, missing, absent, over @ self.member)
+        self._pending += n
+        board_in = (has @ self.member) > 0                              # [N, G] board recorded in the window
+        self._missing += n - board_in.sum(axis=0)
+        self._absent_readings += (absent * (board_in @ self.member.T)).sum(axis=0)  # inside present boards only
+        # Readings beyond the clip are rare: two NaN-skipping reductions find whether there are any at all.
+        if ((np.fmax.reduce(cont, axis=1) - self.mean > self.limit) | (self.mean - np.fmin.reduce(cont, axis=1)
+                                                                       > self.limit)).any():
+            self._over += (np.abs(cont - self.mean) > self.limit).sum(axis=(0, 1))  # NaN compares False
+        if time.monotonic() >= self._next_flush:
+            self.flush()
 
     def scores(self, by: str = "board") -> dict[str, float]:
         """Mean |rolling z| over the trained channels seen so far, per board (by="board") or per channel
@@ -130,18 +145,27 @@ class DriftMonitor:
         total = rolling @ member
         return {b: float(total[g] / n_seen[g]) for g, b in enumerate(groups) if n_seen[g] > 0}
 
-    def _export(self, n: int, missing, absent, over) -> None:
-        WINDOWS.inc(n)
+    def flush(self) -> None:
+        """Publish the scores and the tallies (from observe at most every flush_seconds: a scrape sees at
+        most that much lag, and the hot path stays numpy only)."""
+        self._next_flush = time.monotonic() + self.flush_seconds
+        if not self._pending:
+            return
+        w_missing, inside, over = self._missing, self._absent_readings @ self.member, self._over @ self.member
+        WINDOWS.inc(self._pending)
         for board, score in self.scores("board").items():
             DRIFT.labels(board).set(round(score, 4))
         for kind, score in self.scores("channel").items():
             CHANNEL_DRIFT.labels(kind).set(round(score, 4))
-        for g in np.flatnonzero(missing):
-            BOARD_MISSING.labels(self.boards[g]).inc(float(missing[g]))
-        for g in np.flatnonzero(absent > 0):
-            READINGS_ABSENT.labels(self.boards[g]).inc(float(absent[g]))
-        for g in np.flatnonzero(over):
-            OUT_OF_RANGE.labels(self.boards[g]).inc(float(over[g]))
+        for g, board in enumerate(self.boards):
+            if w_missing[g]:
+                BOARD_MISSING.labels(board).inc(float(w_missing[g]))
+            if inside[g]:
+                READINGS_ABSENT.labels(board).inc(float(inside[g]))
+            if over[g]:
+                OUT_OF_RANGE.labels(board).inc(float(over[g]))
+        self._pending = 0
+        self._missing[:], self._absent_readings[:], self._over[:] = 0, 0, 0
 
 
 _MONITORS: dict[tuple[str, str], DriftMonitor] = {}
@@ -158,25 +182,50 @@ def monitor_for(model) -> DriftMonitor:
     return mon
 
 
+_CHILDREN: dict[tuple, object] = {}
+
+
+def _child(metric, *labels):
+    """metric.labels(*labels), remembered (the label lookup costs more than the increment)."""
+    key = (metric._name, *labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*labels)
+    return child
+
+
+def flush_all() -> None:
+    """Publish every monitor's pending tallies (before a scrape renders the metrics)."""
+    for mon in list(_MONITORS.values()):
+        mon.flush()
+
+
 def observe_windows(model, endpoint: str, cont: np.ndarray, rows: list[dict] | None = None) -> None:
     """A request's raw windows [N, W, F] and, if any, its predictions (the predictor's dicts)."""
+    if not SETTINGS.monitor_every:
+        return
     monitor_for(model).observe(cont)
     if not rows:
         return
-    ops = Tally(r["operation"] for r in rows)
-    for op, n in ops.items():
-        OPERATIONS.labels(endpoint, op).inc(n)
-    sources = Tally(r["line_source"] for r in rows if "line_source" in r)
-    for src, n in sources.items():
-        LINE_SOURCE.labels(endpoint, src).inc(n)
+    if len(rows) == 1:  # the common case, without the tallies
+        _child(OPERATIONS, endpoint, rows[0]["operation"]).inc()
+        if "line_source" in rows[0]:
+            _child(LINE_SOURCE, endpoint, rows[0]["line_source"]).inc()
+    else:
+        for op, n in Tally(r["operation"] for r in rows).items():
+            _child(OPERATIONS, endpoint, op).inc(n)
+        for src, n in Tally(r["line_source"] for r in rows if "line_source" in r).items():
+            _child(LINE_SOURCE, endpoint, src).inc(n)
     for r in rows:
-        CONFIDENCE.labels("operation").observe(r["operation_confidence"])
+        _CONF_OPERATION.observe(r["operation_confidence"])
         if "line_confidence" in r:
-            CONFIDENCE.labels("line").observe(r["line_confidence"])
+            _CONF_LINE.observe(r["line_confidence"])
 
 
 def observe_stream(model, cont: np.ndarray, result: dict) -> None:
     """A stream chunk's raw rows [n, F] and its answer (api/streams.post_rows)."""
+    if not SETTINGS.monitor_every:
+        return
     w = model.window
     if len(cont) >= w:  # whole windows of the chunk; a short chunk counts as one (shorter) window
         monitor_for(model).observe(cont[: len(cont) // w * w].reshape(-1, w, cont.shape[1]))

@@ -8,7 +8,7 @@ import sys
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from . import inputs, metrics
+from . import inputs, metrics, monitoring
 from .common import current, respond
 from .model_store import ModelStore
 from .schemas import OPS_RESPONSES as R
@@ -61,6 +61,7 @@ async def info(request: Request):
 
 @router.get("/metrics", responses=R["metrics"])
 async def prometheus_metrics():
+    monitoring.flush_all()  # this worker's input tallies since the last flush
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 

@@ -150,8 +150,9 @@ V2_INFER_SCHEMA = {"type": "object", "required": ["inputs"], "additionalProperti
     "id": {"type": "string"},
     "inputs": {"type": "array", "items": _V2_TENSOR},
     "outputs": {"type": ["array", "null"], "items": {"type": "object", "required": ["name"], "additionalProperties": False,
-                                           "properties": {"name": _STR, "parameters": _obj(
-                                               [], binary_data={"type": "boolean"})}}},
+                                           "properties": {"name": _STR, "parameters": {
+                                               "type": ["object", "null"], "additionalProperties": False,
+                                               "properties": {"binary_data": {"type": "boolean"}}}}}},
     "parameters": {"type": ["object", "null"], "additionalProperties": False, "properties": {
         **_CONFIG["properties"], "binary_data_output": {"type": "boolean"}}}}}
 

@@ -242,7 +242,10 @@ def _parse(doc: dict, binary: bytes, model: LoadedModel):
     cat = arrays.get("categorical", np.zeros((len(cont), model.window, 0)))
     if len(cat) != len(cont):
         raise V2Error(f"inputs: continuous has {len(cont)} windows, categorical {len(cat)}")
-    return cont, cat, opts, params.get("binary_data_output", False), doc.get("outputs")
+    binary_out = params.get("binary_data_output", False)
+    if not isinstance(binary_out, bool):
+        raise V2Error("parameters.binary_data_output: must be true or false")
+    return cont, cat, opts, binary_out, doc.get("outputs")
 
 
 def _outputs(rows: list[dict], requested, all_binary: bool, available: list[str]):
@@ -257,9 +260,13 @@ def _outputs(rows: list[dict], requested, all_binary: bool, available: list[str]
                "fingerprint": [r["fingerprint"] for r in rows]}
     outs, chunks = [], []
     for o in requested:
-        name = o.get("name")
+        name, oparams = o.get("name"), o.get("parameters")
+        oparams = {} if oparams is None else oparams
         if name not in available:
             raise V2Error(f"outputs: unknown output {name!r}; available: {', '.join(available)}")
+        if set(o) - {"name", "parameters"} or not isinstance(oparams, dict) or set(oparams) - {"binary_data"} \
+                or not isinstance(oparams.get("binary_data", False), bool):
+            raise V2Error(f"outputs.{name}: only name and parameters.binary_data (true/false) are understood")
         dtype = OUTPUT_TYPES[name]
         if dtype == "BYTES":
             values = [str(v) for v in columns[name]]
@@ -268,7 +275,7 @@ def _outputs(rows: list[dict], requested, all_binary: bool, available: list[str]
             arr = np.asarray(columns[name], dtype=np.float32)
             values, shape = arr, list(arr.shape)
         entry = {"name": name, "datatype": dtype, "shape": shape}
-        binary = (o.get("parameters") or {}).get("binary_data", all_binary)
+        binary = oparams.get("binary_data", all_binary)
         if binary:
             raw = (b"".join(struct.pack("<I", len(b)) + b for b in (v.encode() for v in values))
                    if dtype == "BYTES" else values.astype("<f4").tobytes())

@@ -53,8 +53,8 @@ def dockerfile(name: str) -> dict[str, list[str]]:
 
 
 def code_env_reads(*folders: str) -> set[str]:
-    """Environment variables the code reads (os.environ.get / [] / getenv)."""
-    pat = re.compile(r"""(?:os\.environ\.get|os\.getenv|os\.environ\[|env_flag)\(?\s*["'](\w+)["']""")
+    """Environment variables the code reads (os.environ.get / [] / getenv, api/settings.py's _get)."""
+    pat = re.compile(r"""(?:os\.environ\.get|os\.getenv|os\.environ\[|env_flag|\b_get)\(?\s*["'](\w+)["']""")
     return {m for f in folders for p in (REPO / f).rglob("*.py") for m in pat.findall(p.read_text())}
 
 
