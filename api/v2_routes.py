@@ -157,9 +157,11 @@ def _split_body(request: Request, body: bytes) -> tuple[dict, bytes]:
         raise V2Error("body: the inference header must be a JSON object")
     # numpy reads [true, 1.5] as [1.0, 1.5]: walk the tensors' data only when the header has more true/false
     # tokens than the flags it may carry (a byte count; the walk is the rare path).
-    flags = [*((doc.get("parameters") or {}).values() if isinstance(doc.get("parameters"), dict) else ()),
-             *((o.get("parameters") or {}).get("binary_data") for o in doc.get("outputs") or () if isinstance(o, dict)
-               and isinstance(o.get("parameters"), dict))]
+    params, outs = doc.get("parameters"), doc.get("outputs")
+    flags = list(params.values()) if isinstance(params, dict) else []
+    for o in outs if isinstance(outs, list) else ():
+        if isinstance(o, dict) and isinstance(o.get("parameters"), dict):
+            flags.extend(o["parameters"].values())
     if header.count(b"true") + header.count(b"false") > sum(isinstance(f, bool) for f in flags):
         tensors = doc.get("inputs") if isinstance(doc.get("inputs"), list) else []
         where = inputs._first_bool_in_lists([t.get("data") for t in tensors if isinstance(t, dict)])

@@ -105,6 +105,15 @@ def test_infer_errors_follow_the_protocol(triton, v2_server, package_meta):
         assert typed.status_code == 400 and "inputs.continuous.data" in typed.json()["error"]
         params = http.post(f"/v2/models/{NAME}/infer", json={"inputs": [], "parameters": {"beam_width": 99}})
         assert params.status_code == 400 and "beam_width" in params.json()["error"]
+        # found by schemathesis: a flag next to outputs that are not a list was a 500
+        odd = http.post(f"/v2/models/{NAME}/infer", json={"inputs": [], "outputs": 5.0,
+                                                          "parameters": {"binary_data_output": True, "x": [True]}})
+        assert odd.status_code == 400 and set(odd.json()) == {"error"}
+        mixed = http.post(f"/v2/models/{NAME}/infer", json={"inputs": [
+            {"name": "continuous", "datatype": "FP32", "shape": list(cont.shape),
+             "data": [True] + cont.ravel().tolist()[1:]},
+            {"name": "categorical", "datatype": "FP32", "shape": list(cat.shape), "data": cat.ravel().tolist()}]})
+        assert mixed.status_code == 400 and "true/false" in mixed.json()["error"]
 
 
 def test_version_pinning_during_a_rollout(triton, v2_server, package_meta):
