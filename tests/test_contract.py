@@ -61,7 +61,7 @@ def test_schemathesis_finds_nothing(contract_server):
            f"{contract_server.url}/openapi.json", "--checks", "all", "--max-examples", str(EXAMPLES),
            "--workers", "1", "--seed", "1", "--report", "junit", "--report-junit-path", str(junit),
            "--request-timeout", "30", "--suppress-health-check", "all", "--no-color"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=contract_server.tmp,  # its cache
                          env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
     text = out.stdout + out.stderr
     print(text[-6000:])
