@@ -66,6 +66,22 @@ def warm_up(predictor, package_dir: Path) -> None:
         raise ValueError("warm-up produced an invalid prediction")
 
 
+def memory_allows_previous(min_free_mb: int | None = None) -> bool:
+    """Keep the previous model only while the machine has GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB available
+    (MemAvailable; where it cannot be read, keep it)."""
+    need = SETTINGS.keep_previous_min_free_mb if min_free_mb is None else min_free_mb
+    try:
+        with open("/proc/meminfo") as f:
+            avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    if avail_kb // 1024 < need:
+        log.warning("previous model not kept: %d MB available < GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB=%d",
+                    avail_kb // 1024, need, extra={"event": "previous_dropped"})
+        return False
+    return True
+
+
 class ModelStore:
     def __init__(self, registry: str | os.PathLike | None = None, package: str | os.PathLike | None = None,
                  poll_seconds: float = 1.0, intra_op_threads: int = 1, keep_previous: bool = True):
@@ -154,7 +170,7 @@ class ModelStore:
             old = self.model
             self.model = new  # the swap: requests that already hold `old` finish on it
             if old is not None and old.version != new.version:
-                self.previous = old if self.keep_previous else None
+                self.previous = old if self.keep_previous and memory_allows_previous() else None
             self._seen, self.last_error = state, None
             metrics.set_model(new.version, new.variant, (old.version, old.variant) if old else None)
             metrics.RELOADS.labels(trigger, "success").inc()

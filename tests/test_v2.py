@@ -144,3 +144,10 @@ def test_client_v2_calls(v2_server, package_meta):
         np.testing.assert_allclose(out["fingerprint"], ref["fingerprint"], rtol=1e-6)
         with pytest.raises(APINotFoundError, match="not loaded"):
             api.v2_infer(cont, cat, version="v0")
+
+
+def test_previous_version_is_kept_only_while_memory_allows():
+    from api.model_store import memory_allows_previous
+
+    assert memory_allows_previous(0)
+    assert not memory_allows_previous(10**9)  # a petabyte is never available
