@@ -11,9 +11,12 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
+import orjson
 from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import inputs, metrics, ops_routes, predict_routes, stream_routes, streams
+from . import docs_routes, inputs, metrics, ops_routes, predict_routes, schemas, stream_routes, streams, v2_routes
 from .common import input_error, respond
 from .logging_setup import setup_logging
 from .middleware import RequestMiddleware
@@ -41,6 +44,7 @@ async def lifespan(app: FastAPI):
 
 
 app = FastAPI(title="G-code fingerprint API", version="1.0", lifespan=lifespan,
+              docs_url=None, redoc_url=None,  # api/docs_routes.py serves /docs from local assets
               description="Infer the executing G-code line, the operation and a fingerprint from a window "
                           "of raw CNC sensor readings.")
 app.add_middleware(RequestMiddleware)
@@ -49,6 +53,25 @@ app.add_middleware(RequestMiddleware)
 @app.exception_handler(inputs.InputError)
 async def _input_error(request: Request, exc: inputs.InputError):
     return input_error(exc)
+
+
+@app.exception_handler(v2_routes.V2Error)
+async def _v2_error(request: Request, exc: v2_routes.V2Error):
+    return v2_routes.v2_error(exc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """404 / 405 from routing, as {"error": ...}; a 405 names every method the path takes (the routes of
+    one path are separate, and Starlette would list only the first one's)."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        path = request.url.path
+        allowed = sorted({m for r in app.router.routes if getattr(r, "path_regex", None) is not None
+                          and r.path_regex.match(path) for m in (getattr(r, "methods", None) or ())})
+        headers["Allow"] = ", ".join(allowed)
+    return Response(orjson.dumps({"error": str(exc.detail)}), status_code=exc.status_code, headers=headers,
+                    media_type="application/json")
 
 
 @app.exception_handler(Exception)
@@ -60,3 +83,16 @@ async def _internal_error(request: Request, exc: Exception):
 app.include_router(ops_routes.router)
 app.include_router(predict_routes.router)
 app.include_router(stream_routes.router)
+app.include_router(v2_routes.router)
+docs_routes.mount(app)
+_generic_openapi = app.openapi
+
+
+def _contract() -> dict:
+    """/openapi.json: the generic document with the served model's shapes filled in (api/schemas.py)."""
+    store = getattr(app.state, "store", None)
+    return schemas.contract(_generic_openapi(), store.model if store is not None else None, inputs.MAX_BATCH,
+                            inputs.MAX_STREAM_ROWS)
+
+
+app.openapi = _contract

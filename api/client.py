@@ -14,6 +14,9 @@
         r = api.stream("mill-3", rows_cont, rows_cat, start=True)  # a machine's rows, in order from its program start
         for p in r["predictions"]: p["row"], p["gcode_sequence"], p["operation"]["name"]
         api.stream_state("mill-3"), api.end_stream("mill-3")
+        # Open Inference Protocol (v2): N windows at once, optionally pinned to a loaded version
+        out = api.v2_infer(conts, cats, binary=True, version="v7")  # [N, W, F], [N, W, C]
+        out["gcode"][i], out["operation"][i], out["fingerprint"][i]; api.v2_model_metadata(), api.v2_ready()
 
 Errors raise APIError subclasses: APIValidationError (422/413: the message names the field),
 APIUnavailableError (503: no model yet), APINotFoundError (404: e.g. an unknown stream session),
@@ -172,6 +175,77 @@ class GCodeAPIClient:
 
     def end_stream(self, machine_id: str) -> dict:
         return self._request("DELETE", self._stream_path(machine_id))
+
+    # ---- Open Inference Protocol (v2); tritonclient[http] speaks it too -------------------
+    V2_MODEL = "gcodefp"
+
+    def _v2_path(self, version: str | None, tail: str = "") -> str:
+        base = f"/v2/models/{self.V2_MODEL}" + (f"/versions/{quote(version, safe='')}" if version else "")
+        return base + tail
+
+    def v2_ready(self, version: str | None = None) -> bool:
+        try:
+            return bool(self._request("GET", self._v2_path(version, "/ready")).get("ready"))
+        except (APIUnavailableError, APINotFoundError):
+            return False
+
+    def v2_model_metadata(self, version: str | None = None) -> dict:
+        return self._request("GET", self._v2_path(version))
+
+    def v2_infer(self, continuous, categorical=None, *, version: str | None = None, binary: bool = False,
+                 outputs: list[str] | None = None, **parameters) -> dict:
+        """Windows [N, W, F] (+ [N, W, C]) -> {output name: list, one entry per window} (+ model_version).
+        binary=True sends and receives raw tensors (the binary tensor data extension)."""
+        import numpy as np  # only this call needs numpy
+
+        tensors = [("continuous", np.asarray(continuous, dtype="<f4"))]
+        if categorical is not None:
+            tensors.append(("categorical", np.asarray(categorical, dtype="<f4")))
+        header: dict = {"inputs": [], "parameters": {**parameters, "binary_data_output": binary}}
+        if outputs:
+            header["outputs"] = [{"name": n} for n in outputs]
+        for name, arr in tensors:
+            spec = {"name": name, "datatype": "FP32", "shape": list(arr.shape)}
+            spec.update({"parameters": {"binary_data_size": arr.nbytes}} if binary else {"data": arr.ravel().tolist()})
+            header["inputs"].append(spec)
+        head = orjson.dumps(header)
+        body = head + b"".join(arr.tobytes() for _, arr in tensors) if binary else head
+        headers = {"content-type": "application/octet-stream" if binary else "application/json"}
+        if binary:
+            headers["inference-header-content-length"] = str(len(head))
+        try:
+            r = self._http.post(self._v2_path(version, "/infer"), content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"v2 infer: timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"v2 infer: cannot reach {self.base_url} ({exc})") from exc
+        n_json = int(r.headers.get("inference-header-content-length", len(r.content)))
+        try:
+            doc = orjson.loads(r.content[:n_json])
+        except orjson.JSONDecodeError:
+            doc = {"error": r.text[:200]}
+        if r.status_code >= 400:
+            cls = (APIValidationError if r.status_code in (400, 413) else APIUnavailableError
+                   if r.status_code == 503 else APINotFoundError if r.status_code == 404 else APIError)
+            raise cls(f"v2 infer: HTTP {r.status_code}: {doc.get('error', doc)}", r.status_code, doc)
+        result, offset = {"model_version": doc["model_version"]}, n_json
+        for out in doc["outputs"]:
+            size = (out.get("parameters") or {}).get("binary_data_size")
+            if size is None:
+                values = out["data"]
+            elif out["datatype"] == "BYTES":
+                raw, values, pos = r.content[offset:offset + size], [], 0
+                while pos < len(raw):
+                    (n,), pos = struct.unpack_from("<I", raw, pos), pos + 4
+                    values.append(raw[pos:pos + n].decode())
+                    pos += n
+            else:
+                values = np.frombuffer(r.content[offset:offset + size], dtype="<f4").tolist()
+            offset += size or 0
+            if out["datatype"] != "BYTES" and len(out["shape"]) == 2:
+                values = [values[i * out["shape"][1]:(i + 1) * out["shape"][1]] for i in range(out["shape"][0])]
+            result[out["name"]] = values
+        return result
 
     def reload(self, version: str | None = None) -> dict:
         if not self.admin_token:

@@ -33,6 +33,7 @@ MAX_BODY_BYTES = SETTINGS.max_body_bytes
 MAX_BATCH = SETTINGS.max_batch
 MAX_STREAM_ROWS = SETTINGS.max_stream_rows  # rows per POST /stream/{machine_id}
 MAX_BEAM = 16
+MAX_SEED = 2**53 - 1  # exact as a JSON number in every parser (a float64 integer)
 METHODS = ("line", "greedy", "beam", "sample")  # which a model offers: GET /info
 BINARY_TYPES = ("application/octet-stream",)
 CONFIG_KEYS = {"method", "temperature", "beam_width", "max_length", "seed"}
@@ -62,7 +63,26 @@ class Options:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer, also as JSON writes some (3.0): JSON Schema's "integer" admits both."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _first_bool_in_lists(obj, path: str = "") -> str | None:
+    """The path of the first true/false inside a list (no list of this API holds booleans), or None."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found = _first_bool_in_lists(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if isinstance(v, bool):
+                return f"{path}[{i}]"
+            if isinstance(v, (list, dict)):
+                found = _first_bool_in_lists(v, f"{path}[{i}]")
+                if found:
+                    return found
+    return None
 
 
 def _is_number(v) -> bool:
@@ -96,6 +116,13 @@ def parse_json_object(body: bytes, allowed: set[str]) -> dict:
     unknown = sorted(set(doc) - allowed)
     if unknown:
         raise InputError(unknown[0], f"unknown field; allowed: {', '.join(sorted(allowed))}")
+    # numpy would read [true, 1.5] as [1.0, 1.5]: look for booleans inside the arrays, but only when the body
+    # has more true/false tokens than its top-level flags (a C-speed byte count; the walk is the rare path).
+    tokens = body.count(b"true") + body.count(b"false")
+    if tokens > sum(isinstance(v, bool) for v in doc.values()):
+        where = _first_bool_in_lists(doc)
+        if where:
+            raise InputError(where, "true/false is not a reading (use numbers, or null for an absent reading)")
     return doc
 
 
@@ -104,7 +131,8 @@ def parse_options(doc: dict, max_tokens: int) -> Options:
     rf = doc.get("return_fingerprint", False)
     if not isinstance(rf, bool):
         raise InputError("return_fingerprint", "must be true or false")
-    cfg = doc.get("inference_config") or {}
+    cfg = doc.get("inference_config")
+    cfg = {} if cfg is None else cfg  # null = defaults; false, 0 or [] are refused below
     if not isinstance(cfg, dict):
         raise InputError("inference_config", "must be an object")
     unknown = sorted(set(cfg) - CONFIG_KEYS)
@@ -123,9 +151,10 @@ def parse_options(doc: dict, max_tokens: int) -> Options:
     if max_length is not None and (not _is_int(max_length) or not 1 <= max_length <= max_tokens):
         raise InputError("inference_config.max_length", f"must be an integer in 1..{max_tokens}, got {max_length!r}")
     seed = cfg.get("seed")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
-        raise InputError("inference_config.seed", f"must be a non-negative integer, got {seed!r}")
-    return Options(method, float(temperature), beam_width, max_length, seed, rf)
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise InputError("inference_config.seed", f"must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    return Options(method, float(temperature), int(beam_width), None if max_length is None else int(max_length),
+                   None if seed is None else int(seed), rf)
 
 
 def query_options(params, max_tokens: int) -> Options:

@@ -16,6 +16,7 @@ ENDPOINTS = frozenset({"/", "/health", "/ready", "/info", "/predict", "/batch_pr
                        "/admin/reload", "/docs", "/openapi.json"})
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 STREAM = "/stream/{machine_id}"  # one label for every machine
+V2_INFER = "/v2/infer"  # every model version's Open Inference Protocol infer
 QUIET = frozenset({"/health", "/metrics"})  # probes and scrapes: counted, logged only at debug level
 
 
@@ -31,7 +32,8 @@ class RequestMiddleware:
         token = request_id_var.set(rid)
         path = scope["path"]
         # bounded label set: scanners (and machine ids) cannot blow it up
-        endpoint = path if path in ENDPOINTS else STREAM if path.startswith("/stream/") else "other"
+        endpoint = (path if path in ENDPOINTS else STREAM if path.startswith("/stream/")
+                    else V2_INFER if path.startswith("/v2/") and path.endswith("/infer") else "other")
         status = 500
         t0 = time.perf_counter()
         metrics.IN_FLIGHT.inc()

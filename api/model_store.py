@@ -66,15 +66,35 @@ def warm_up(predictor, package_dir: Path) -> None:
         raise ValueError("warm-up produced an invalid prediction")
 
 
+def memory_allows_previous(min_free_mb: int | None = None) -> bool:
+    """Keep the previous model only while the machine has GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB available
+    (MemAvailable; where it cannot be read, keep it)."""
+    need = SETTINGS.keep_previous_min_free_mb if min_free_mb is None else min_free_mb
+    try:
+        with open("/proc/meminfo") as f:
+            avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    if avail_kb // 1024 < need:
+        log.warning("previous model not kept: %d MB available < GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB=%d",
+                    avail_kb // 1024, need, extra={"event": "previous_dropped"})
+        return False
+    return True
+
+
 class ModelStore:
     def __init__(self, registry: str | os.PathLike | None = None, package: str | os.PathLike | None = None,
-                 poll_seconds: float = 1.0, intra_op_threads: int = 1):
+                 poll_seconds: float = 1.0, intra_op_threads: int = 1, keep_previous: bool = True):
         if (registry is None) == (package is None):
             raise ValueError("give exactly one of GCODEFP_REGISTRY (a registry) or GCODEFP_PACKAGE (a package)")
         self.registry = Path(registry) if registry is not None else None
         self.package = Path(package) if package is not None else None
         self.poll_seconds, self.intra_op_threads = poll_seconds, intra_op_threads
         self.model: LoadedModel | None = None
+        # The version served before the last swap, kept loaded so that a caller can pin it during a
+        # rollout (/v2/models/{name}/versions/{v}); GCODEFP_KEEP_PREVIOUS=0 frees it at the swap instead.
+        self.previous: LoadedModel | None = None
+        self.keep_previous = keep_previous
         self.last_error: str | None = None
         self._seen: tuple | None = None      # the source state last acted upon (loaded or refused)
         self._lock = asyncio.Lock()
@@ -82,11 +102,21 @@ class ModelStore:
     @classmethod
     def from_env(cls) -> "ModelStore":
         s = SETTINGS
-        return cls(s.registry, s.package, s.poll_seconds, s.intra_op_threads)
+        return cls(s.registry, s.package, s.poll_seconds, s.intra_op_threads, s.keep_previous)
 
     @property
     def ready(self) -> bool:
         return self.model is not None
+
+    def loaded(self) -> list[LoadedModel]:
+        """The loaded models, current first."""
+        return [m for m in (self.model, self.previous) if m is not None]
+
+    def get(self, version: str | None = None) -> LoadedModel | None:
+        """The current model (version None), or the loaded model of that version; None if not loaded."""
+        if version is None:
+            return self.model
+        return next((m for m in self.loaded() if m.version == version), None)
 
     # ---- source ---------------------------------------------------------------------------
     def _resolve(self, version: str | None) -> Path:
@@ -139,6 +169,8 @@ class ModelStore:
                 state = self.source_state()
             old = self.model
             self.model = new  # the swap: requests that already hold `old` finish on it
+            if old is not None and old.version != new.version:
+                self.previous = old if self.keep_previous and memory_allows_previous() else None
             self._seen, self.last_error = state, None
             metrics.set_model(new.version, new.variant, (old.version, old.variant) if old else None)
             metrics.RELOADS.labels(trigger, "success").inc()

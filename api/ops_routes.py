@@ -8,27 +8,28 @@ import sys
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from . import inputs, metrics
+from . import inputs, metrics, monitoring
 from .common import current, respond
 from .model_store import ModelStore
+from .schemas import OPS_RESPONSES as R
 
 router = APIRouter()
 
 
-@router.get("/")
+@router.get("/", responses=R["welcome"])
 async def welcome():
     return respond({"name": "G-code fingerprint API", "links": {
         "health": "/health", "ready": "/ready", "info": "/info", "predict": "/predict",
-        "batch_predict": "/batch_predict", "fingerprint": "/fingerprint", "stream": "/stream/{machine_id}",
+        "batch_predict": "/batch_predict", "fingerprint": "/fingerprint", "stream": "/stream/MACHINE_ID", "v2": "/v2", "v2_model": "/v2/models/gcodefp",
         "metrics": "/metrics", "docs": "/docs"}})
 
 
-@router.get("/health")
+@router.get("/health", responses=R["health"])
 async def health():
     return respond({"status": "ok"})
 
 
-@router.get("/ready")
+@router.get("/ready", responses=R["ready"])
 async def ready(request: Request):
     store: ModelStore = request.app.state.store
     if store.model is None:
@@ -36,7 +37,7 @@ async def ready(request: Request):
     return respond({"ready": True, "version": store.model.version, "variant": store.model.variant})
 
 
-@router.get("/info")
+@router.get("/info", responses=R["info"])
 async def info(request: Request):
     model = current(request)
     p, spec, meta = model.predictor, model.spec, model.predictor.metadata
@@ -58,13 +59,14 @@ async def info(request: Request):
     })
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=R["metrics"])
 async def prometheus_metrics():
+    monitoring.flush_all()  # this worker's input tallies since the last flush
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 
 
-@router.post("/admin/reload")
+@router.post("/admin/reload", responses=R["reload"])
 async def admin_reload(request: Request):
     """Load a package now. {"version": v} (registry mode) loads v here first and, once it works,
     promotes it so every other worker follows; no body reloads the source's current package."""

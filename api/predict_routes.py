@@ -10,10 +10,11 @@ import time
 
 from fastapi import APIRouter, Request
 
-from . import inputs, metrics
+from . import inputs, metrics, monitoring
 from .common import current, respond, run_model
 from .model_store import LoadedModel
-from .schemas import OPENAPI_BATCH, OPENAPI_PREDICT
+from .schemas import (BATCH_RESPONSES, FINGERPRINT_RESPONSES, OPENAPI_BATCH, OPENAPI_FINGERPRINT, OPENAPI_PREDICT,
+                      PREDICT_RESPONSES)
 
 router = APIRouter()
 PREDICT_KEYS = {"sensor_data", "return_fingerprint", "inference_config"}
@@ -75,17 +76,18 @@ async def predict_windows(request: Request, endpoint: str, batch: bool, keys: se
                                        temperature=opts.temperature, max_length=opts.max_length, seed=opts.seed)
 
     rows, ms = await run_model(model, endpoint, infer, len(cont), inline=len(cont) == 1 and opts.method in (None, "line", "greedy"))
+    monitoring.observe_windows(model, endpoint, cont, rows)
     return model, rows, ms, opts
 
 
-@router.post("/predict", openapi_extra=OPENAPI_PREDICT)
+@router.post("/predict", openapi_extra=OPENAPI_PREDICT, responses=PREDICT_RESPONSES)
 async def predict(request: Request):
     model, rows, ms, opts = await predict_windows(request, "/predict", False, PREDICT_KEYS)
     return respond(prediction(rows[0], opts.return_fingerprint) | {
         "inference_time_ms": ms, "model_version": model.version})
 
 
-@router.post("/batch_predict", openapi_extra=OPENAPI_BATCH)
+@router.post("/batch_predict", openapi_extra=OPENAPI_BATCH, responses=BATCH_RESPONSES)
 async def batch_predict(request: Request):
     model, rows, ms, opts = await predict_windows(request, "/batch_predict", True,
                                                   {"windows", "return_fingerprint", "inference_config"})
@@ -93,7 +95,7 @@ async def batch_predict(request: Request):
                     "inference_time_ms": ms, "model_version": model.version})
 
 
-@router.post("/fingerprint", openapi_extra=OPENAPI_PREDICT)
+@router.post("/fingerprint", openapi_extra=OPENAPI_FINGERPRINT, responses=FINGERPRINT_RESPONSES)
 async def fingerprint(request: Request):
     model = current(request)
     cont, cat, _ = await read_windows(request, model, False, {"sensor_data"})
@@ -102,6 +104,7 @@ async def fingerprint(request: Request):
         return model.predictor.fingerprint(*inputs.model_inputs(model.spec, cont, cat))[0]
 
     fp, ms = await run_model(model, "/fingerprint", infer, 1, inline=True)
+    monitoring.observe_windows(model, "/fingerprint", cont)
     return respond({"fingerprint": fp.tolist(), "embedding_dim": int(fp.shape[0]),
                     "norm": round(float(inputs.np.linalg.norm(fp)), 6), "inference_time_ms": ms,
                     "model_version": model.version})

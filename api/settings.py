@@ -10,6 +10,10 @@
 | GCODEFP_MAX_BATCH         | 64        | windows per /batch_predict                                        |
 | GCODEFP_MAX_STREAM_ROWS   | 4096      | rows per POST /stream/{machine_id}                                |
 | GCODEFP_MAX_STREAMS       | 1000      | stream sessions a worker keeps (least recently used evicted)      |
+| GCODEFP_KEEP_PREVIOUS     | 1         | keep the previous version loaded after a swap (pin it via /v2 versions); 0 frees its memory |
+| GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB | 512 | ... but only while this much memory is available (MemAvailable) |
+| GCODEFP_MONITOR_EVERY     | 1         | input monitoring looks at one window in N (1 = all, 0 = off; api/monitoring.py) |
+| GCODEFP_DRIFT_HALF_LIFE   | 256       | windows after which a window's weight in the rolling drift score halves |
 | GCODEFP_ADMIN_TOKEN       | -         | bearer token of POST /admin/reload (the endpoint is off without)  |
 | GCODEFP_LOG_LEVEL         | INFO      | log level of the JSON logs                                        |
 | PROMETHEUS_MULTIPROC_DIR  | -         | set by `gcodefp serve`: several workers' metrics summed from files |
@@ -45,6 +49,10 @@ class Settings:
     max_stream_rows: int
     max_streams: int
     admin_token: str | None
+    keep_previous: bool
+    keep_previous_min_free_mb: int
+    monitor_every: int
+    drift_half_life: float
     log_level: str
     metrics_dir: str | None
 
@@ -58,6 +66,10 @@ class Settings:
                    max_stream_rows=_get("GCODEFP_MAX_STREAM_ROWS", 4096, int, 1),
                    max_streams=_get("GCODEFP_MAX_STREAMS", 1000, int, 1),
                    admin_token=_get("GCODEFP_ADMIN_TOKEN", None),
+                   keep_previous=bool(_get("GCODEFP_KEEP_PREVIOUS", 1, int, 0)),
+                   keep_previous_min_free_mb=_get("GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB", 512, int, 0),
+                   monitor_every=_get("GCODEFP_MONITOR_EVERY", 1, int, 0),
+                   drift_half_life=_get("GCODEFP_DRIFT_HALF_LIFE", 256.0, float, 1.0),
                    log_level=_get("GCODEFP_LOG_LEVEL", "INFO").upper(),
                    metrics_dir=_get("PROMETHEUS_MULTIPROC_DIR", None))
 

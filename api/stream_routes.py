@@ -5,15 +5,15 @@ import time
 
 from fastapi import APIRouter, Request
 
-from . import inputs, metrics, streams
+from . import inputs, metrics, monitoring, streams
 from .common import current, respond, run_model
-from .schemas import OPENAPI_STREAM
+from .schemas import OPENAPI_STREAM, STREAM_END_RESPONSES, STREAM_POST_RESPONSES, STREAM_STATE_RESPONSES
 
 router = APIRouter()
 STREAM_KEYS = {"sensor_data", "start"}
 
 
-@router.post("/stream/{machine_id:path}", openapi_extra=OPENAPI_STREAM)
+@router.post("/stream/{machine_id:path}", openapi_extra=OPENAPI_STREAM, responses=STREAM_POST_RESPONSES)
 async def stream_post(request: Request, machine_id: str):
     streams.check_machine_id(machine_id)
     streams.require_line_head(current(request))  # before anything else, so that a 409 holds no session
@@ -36,7 +36,9 @@ async def stream_post(request: Request, machine_id: str):
             async def run(fn, n, inline):
                 return await run_model(model, "/stream", fn, n, inline)
 
-            return respond(await streams.post_rows(session, model, cont, cat, start, run))
+            result = await streams.post_rows(session, model, cont, cat, start, run)
+            monitoring.observe_stream(model, cont, result)
+            return respond(result)
     finally:
         registry.release(session)
 
@@ -49,12 +51,12 @@ def stream_session(request: Request, machine_id: str) -> streams.Session:
     return session
 
 
-@router.get("/stream/{machine_id:path}")
+@router.get("/stream/{machine_id:path}", responses=STREAM_STATE_RESPONSES)
 async def stream_get(request: Request, machine_id: str):
     return respond(streams.state(stream_session(request, machine_id)))
 
 
-@router.delete("/stream/{machine_id:path}")
+@router.delete("/stream/{machine_id:path}", responses=STREAM_END_RESPONSES)
 async def stream_delete(request: Request, machine_id: str):
     session = stream_session(request, machine_id)
     async with session.lock:  # after the machine's requests already queued, not in the middle of one

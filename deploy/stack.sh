@@ -129,7 +129,8 @@ prepare() {  # files a service needs before it starts
       # The repository's native scrape config with this stack's ports.
       sed -e "s/127\.0\.0\.1:8000/$HOST:$API_PORT/" -e "s/127\.0\.0\.1:9090/$HOST:$PROMETHEUS_PORT/" \
         "$REPO/deploy/prometheus/prometheus.native.yml" > "$STACK_DIR/prometheus.yml.tmp"
-      mv "$STACK_DIR/prometheus.yml.tmp" "$STACK_DIR/prometheus.yml" ;;
+      mv "$STACK_DIR/prometheus.yml.tmp" "$STACK_DIR/prometheus.yml"
+      cp "$REPO/deploy/prometheus/alerts.yml" "$STACK_DIR/alerts.yml" ;;  # rule_files is relative to the config
   esac
 }
 

@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"{commands.__name__}.{mod.name}").register(sub)
     for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
-        entry.load()(sub)
+        try:
+            register = entry.load()
+        except ImportError as exc:  # that layer's dependencies are not installed (e.g. the inference image)
+            logging.getLogger(__name__).debug("gcodefp %s unavailable: %s", entry.name, exc)
+            continue
+        register(sub)
     return parser
 
 

@@ -54,8 +54,8 @@ def dockerfile(name: str) -> dict[str, list[str]]:
 
 
 def code_env_reads(*folders: str) -> set[str]:
-    """Environment variables the code reads (os.environ.get / [] / getenv)."""
-    pat = re.compile(r"""(?:os\.environ\.get|os\.getenv|os\.environ\[|env_flag)\(?\s*["'](\w+)["']""")
+    """Environment variables the code reads (os.environ.get / [] / getenv, api/settings.py's _get)."""
+    pat = re.compile(r"""(?:os\.environ\.get|os\.getenv|os\.environ\[|env_flag|\b_get)\(?\s*["'](\w+)["']""")
     return {m for f in folders for p in (REPO / f).rglob("*.py") for m in pat.findall(p.read_text())}
 
 
@@ -286,9 +286,10 @@ def test_dashboard_queries_use_metrics_that_the_api_defines():
     from prometheus_client import Counter, Gauge, Histogram
 
     import api.metrics as m
+    import api.monitoring as mon
 
     names = set()
-    for obj in vars(m).values():
+    for obj in [*vars(m).values(), *vars(mon).values()]:
         if isinstance(obj, Counter):
             names.add(obj._name + "_total")
         elif isinstance(obj, Histogram):
@@ -298,7 +299,8 @@ def test_dashboard_queries_use_metrics_that_the_api_defines():
     assert "gcodefp_http_request_duration_seconds_bucket" in names
     used = {n for e in dashboard_exprs() for n in re.findall(r"\bgcodefp_\w+", e)}
     assert used and used <= names, used - names
-    labels = {"endpoint", "status", "variant", "version", "trigger", "result", "format", "le", "job", "instance"}
+    labels = {"endpoint", "status", "variant", "version", "trigger", "result", "format", "le", "job", "instance",
+              "board", "operation", "source", "kind", "field", "agrees"}
     for e in dashboard_exprs():
         for label in re.findall(r"(\w+)\s*(?:=~|!=|=)\s*\"", e) + re.findall(r"by \(([^)]*)\)", e):
             for name in label.split(","):

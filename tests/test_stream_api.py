@@ -229,7 +229,7 @@ def test_bad_stream_input_names_the_field(http, package_meta, run_rows):
 def test_stream_links_and_metrics(http, package_meta, run_rows):
     cont, cat = run_rows
     post(http, "mill-metrics", matrix(cont, cat, 0, package_meta["window"]), start=True)
-    assert http.get("/").json()["links"]["stream"] == "/stream/{machine_id}"
+    assert http.get("/").json()["links"]["stream"] == "/stream/MACHINE_ID"
     assert "/stream/{machine_id}" in http.get("/openapi.json").json()["paths"]
     limits = http.get("/info").json()["limits"]
     assert limits["max_stream_rows"] == 4096 and limits["max_streams"] == 1000
