@@ -26,10 +26,6 @@ def register(sub) -> None:
 
 
 def _serve(args) -> int:
-    import uvicorn
-
-    from .logging_setup import uvicorn_log_config
-
     if args.registry is None and args.package is None and not (
             os.environ.get("GCODEFP_REGISTRY") or os.environ.get("GCODEFP_PACKAGE")):
         raise ValueError("serve: give --registry or --package (or set GCODEFP_REGISTRY / GCODEFP_PACKAGE)")
@@ -49,6 +45,11 @@ def _serve(args) -> int:
     # Metrics of several workers are summed from files in one folder; it must start empty.
     metrics_dir = tempfile.mkdtemp(prefix="gcodefp-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Imported only now: the settings are read once, at import, from the variables set above.
+    import uvicorn
+
+    from .logging_setup import uvicorn_log_config
+
     try:
         uvicorn.run("api.app:app", host=args.host, port=args.port, workers=args.workers,
                     log_config=uvicorn_log_config(), access_log=False)

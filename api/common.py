@@ -39,3 +39,17 @@ async def run_model(model: LoadedModel, endpoint: str, fn, n: int, inline: bool)
     if n:  # a stream chunk that completes no window runs no model
         metrics.BATCH_SIZE.labels(endpoint).observe(n)
     return out, round(dt * 1000, 3)
+
+
+async def run_windows(request: Request, model: LoadedModel, endpoint: str, key: tuple, fn, cont, cat):
+    """fn(model, cont, cat) over windows [n, W, .], micro-batched with concurrent requests' windows of the
+    same model and key (api/batcher.py), or inline when batching is off. -> (result, model call ms)."""
+    batcher = request.app.state.batcher
+    if batcher is None:  # a few windows inline (a thread hop costs as much), more in a thread
+        return await run_model(model, endpoint, lambda: fn(model, cont, cat), len(cont), inline=len(cont) <= 8)
+    answer = await batcher.submit(model, key, fn, cont, cat)
+    metrics.QUEUE_LATENCY.labels(endpoint).observe(answer.queue_ms / 1000)
+    metrics.INFERENCE_LATENCY.labels(endpoint, model.variant).observe(answer.inference_ms / 1000)
+    if len(cont):
+        metrics.BATCH_SIZE.labels(endpoint).observe(len(cont))
+    return answer.result, answer.inference_ms

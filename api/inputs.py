@@ -27,6 +27,7 @@ import orjson
 
 from gcodefp_core import schema
 
+from .normalise import InputTransform
 from .settings import SETTINGS
 
 MAX_BODY_BYTES = SETTINGS.max_body_bytes
@@ -282,9 +283,16 @@ def parse_binary(body: bytes, spec, window: int, max_windows: int) -> tuple[np.n
     return arr[..., :F], arr[..., F:]
 
 
+_TRANSFORMS: dict[int, InputTransform] = {}  # by id(spec); a few models at most (the served one, a swap's)
+
+
 def model_inputs(spec, cont: np.ndarray, cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Raw [N, W, F] / [N, W, C] -> normalised float32 / int64 model inputs (the training transform;
-    rows are independent, so N windows are transformed as one [N*W] block)."""
-    n, w = cont.shape[:2]
-    c, k = spec.transform_arrays(cont.reshape(n * w, -1), cat.reshape(n * w, -1))
-    return c.reshape(n, w, -1), k.reshape(n, w, -1)
+    rows are independent, so N windows are transformed as one [N*W] block). The tables it needs are
+    built once per spec (api/normalise.py)."""
+    transform = _TRANSFORMS.get(id(spec))
+    if transform is None or transform.spec is not spec:
+        if len(_TRANSFORMS) >= 4:
+            _TRANSFORMS.clear()
+        transform = _TRANSFORMS[id(spec)] = InputTransform(spec)
+    return transform(cont, cat)

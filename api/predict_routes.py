@@ -1,8 +1,9 @@
 """The guide's inference endpoints: POST /predict, /batch_predict, /fingerprint (JSON or binary bodies).
 
-Single-window greedy inference runs inline on the event loop: the model takes ~1 ms and a
-threadpool hop costs as much as the endpoint itself. Batches and beam/sampling (tens of ms) go to
-a thread so that they do not stall the event loop.
+Line-head and greedy answers go through the micro-batcher (api/batcher.py): concurrent requests'
+windows run as one graph call in the worker's inference thread, while the event loop parses the
+next requests; with GCODEFP_BATCHING=0 they run inline on the event loop (a thread hop per request
+would cost as much as the model). Beam search and sampling (tens of ms) run alone in a thread.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from fastapi import APIRouter, Request
 
 from . import inputs, metrics
-from .common import current, respond, run_model
+from .common import current, respond, run_model, run_windows
 from .model_store import LoadedModel
 from .schemas import OPENAPI_BATCH, OPENAPI_PREDICT
 
@@ -65,16 +66,34 @@ async def read_windows(request: Request, model: LoadedModel, batch: bool, keys: 
     return cont, cat, opts
 
 
+def _batchable(opts: inputs.Options) -> bool:
+    """Deterministic one-pass methods share graph calls; beam search and sampling run alone."""
+    return opts.method in (None, "line", "greedy")
+
+
 async def predict_windows(request: Request, endpoint: str, batch: bool, keys: set[str]):
     model = current(request)  # this request uses this model to the end, even if a swap happens meanwhile
-    cont, cat, opts = await read_windows(request, model, batch, keys)
+    batcher = request.app.state.batcher
+    if batcher is None:
+        cont, cat, opts = await read_windows(request, model, batch, keys)
+    else:
+        with batcher.arriving():  # the batcher may wait (briefly) for this request to join a call
+            cont, cat, opts = await read_windows(request, model, batch, keys)
+    if _batchable(opts):
+        method, max_length = opts.method, opts.max_length
 
-    def infer():
+        def infer(m, c, k):  # raw windows -> rows; normalised here, in the inference thread, as one block
+            return m.predictor.predict(*inputs.model_inputs(m.spec, c, k), method=method, max_length=max_length)
+
+        rows, ms = await run_windows(request, model, endpoint, ("predict", method, max_length), infer, cont, cat)
+        return model, rows, ms, opts
+
+    def infer_alone():
         c, k = inputs.model_inputs(model.spec, cont, cat)
         return model.predictor.predict(c, k, method=opts.method, beam_width=opts.beam_width,
                                        temperature=opts.temperature, max_length=opts.max_length, seed=opts.seed)
 
-    rows, ms = await run_model(model, endpoint, infer, len(cont), inline=len(cont) == 1 and opts.method in (None, "line", "greedy"))
+    rows, ms = await run_model(model, endpoint, infer_alone, len(cont), inline=False)
     return model, rows, ms, opts
 
 

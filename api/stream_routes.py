@@ -6,7 +6,7 @@ import time
 from fastapi import APIRouter, Request
 
 from . import inputs, metrics, streams
-from .common import current, respond, run_model
+from .common import current, respond, run_windows
 from .schemas import OPENAPI_STREAM
 
 router = APIRouter()
@@ -33,8 +33,8 @@ async def stream_post(request: Request, machine_id: str):
             cont, cat = inputs.parse_rows(doc["sensor_data"], model.spec, inputs.MAX_STREAM_ROWS)
             metrics.PARSE_LATENCY.labels("json").observe(time.perf_counter() - t0)
 
-            async def run(fn, n, inline):
-                return await run_model(model, "/stream", fn, n, inline)
+            async def run(wc, wk):  # micro-batched with other machines' windows (api/batcher.py)
+                return await run_windows(request, model, "/stream", ("stream",), streams.predict, wc, wk)
 
             return respond(await streams.post_rows(session, model, cont, cat, start, run))
     finally:
