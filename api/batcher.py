@@ -1,8 +1,8 @@
 """Adaptive micro-batching: windows of concurrent requests run as one graph call (one per worker).
 
 The idea of Triton's dynamic batcher: a graph call on 16 windows costs far less than 16 calls on
-one. Requests submit their (already normalised) windows and await their own slice of the answer.
-One task per worker drains the queue into a dedicated inference thread, one call at a time:
+one. Requests submit their windows and await their own slice of the answer; one task per worker
+drains the queue, one call at a time:
 
 - adaptive: while a call runs, new requests queue up and become the next call, so the batch
   grows with the load; an idle server runs a lone request at once (no added latency);
@@ -13,15 +13,15 @@ One task per worker drains the queue into a dedicated inference thread, one call
   hot swap, nor two kinds of answer;
 - errors stay per request: if a batched call raises, its requests are retried one by one and each
   gets its own answer or its own error.
-The inference thread also takes the model off the event loop, which keeps parsing the next requests
-while onnxruntime (which releases the GIL) runs. GCODEFP_BATCHING=0 turns it off (routes run inline).
+Calls run on the event loop, not in a thread: measured under load, an inference thread fighting
+the event loop for the GIL (the interpreter hands it over every 5 ms) made calls 10-40x slower
+than the graph. Several workers use several cores. GCODEFP_BATCHING=0 turns batching off.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,7 +60,6 @@ class Batcher:
         self._queue: deque[Item] = deque()
         self._arriving = 0
         self._wake = asyncio.Event()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="gcodefp-infer")
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -69,7 +68,6 @@ class Batcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- the routes' side ------------------------------------------------------------------------
     def arriving(self) -> "_Arrival":
@@ -86,7 +84,6 @@ class Batcher:
 
     # ---- the worker's side -----------------------------------------------------------------------
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -101,10 +98,7 @@ class Batcher:
                         break
                 group = self._take_group()
                 started = time.perf_counter()
-                try:
-                    answers = await loop.run_in_executor(self._pool, self._call, group)
-                except Exception as exc:  # the pool itself failed (shut down): fail these, keep serving
-                    answers = [exc] * len(group)
+                answers = self._call(group)
                 for item, answer in zip(group, answers):
                     if item.future.done():  # the request was cancelled (client gone)
                         continue
@@ -113,6 +107,8 @@ class Batcher:
                     else:
                         answer.queue_ms = round((started - item.queued_at) * 1000, 3)
                         item.future.set_result(answer)
+                for _ in range(3):  # let requests read meanwhile start (read events, then their handlers)
+                    await asyncio.sleep(0)
 
     def _queued_windows(self) -> int:
         return sum(len(i.cont) for i in self._queue)
@@ -134,7 +130,7 @@ class Batcher:
 
     @staticmethod
     def _call(group: list[Item]) -> list:
-        """In the inference thread: one call for the group (-> an Answer per item), or, if that call
+        """One call for the group (-> an Answer per item), or, if that call
         fails, one call per item (-> each item's Answer or exception)."""
         first = group[0]
         t0 = time.perf_counter()

@@ -1,9 +1,8 @@
 """The guide's inference endpoints: POST /predict, /batch_predict, /fingerprint (JSON or binary bodies).
 
 Line-head and greedy answers go through the micro-batcher (api/batcher.py): concurrent requests'
-windows run as one graph call in the worker's inference thread, while the event loop parses the
-next requests; with GCODEFP_BATCHING=0 they run inline on the event loop (a thread hop per request
-would cost as much as the model). Beam search and sampling (tens of ms) run alone in a thread.
+windows run as one graph call; with GCODEFP_BATCHING=0 each runs alone, inline on the event loop
+(a thread hop per request would cost as much as the model). Beam search and sampling (tens of ms) run alone in a thread.
 """
 from __future__ import annotations
 
@@ -82,7 +81,7 @@ async def predict_windows(request: Request, endpoint: str, batch: bool, keys: se
     if _batchable(opts):
         method, max_length = opts.method, opts.max_length
 
-        def infer(m, c, k):  # raw windows -> rows; normalised here, in the inference thread, as one block
+        def infer(m, c, k):  # raw windows -> rows; the batch's windows are normalised as one block
             return m.predictor.predict(*inputs.model_inputs(m.spec, c, k), method=method, max_length=max_length)
 
         rows, ms = await run_windows(request, model, endpoint, ("predict", method, max_length), infer, cont, cat)
