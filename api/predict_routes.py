@@ -43,20 +43,20 @@ async def read_windows(request: Request, model: LoadedModel, batch: bool, keys: 
         opts, fmt = inputs.query_options(request.query_params, max_tokens), "binary"
     else:
         doc = inputs.parse_json_object(body, keys)
-        opts, fmt = inputs.parse_options(doc, max_tokens), "json"
+        opts, fmt, plain = inputs.parse_options(doc, max_tokens), "json", inputs.plain_numbers(body, doc)
         if batch:
             windows = doc.get("windows")
             if not isinstance(windows, list) or not windows:
                 raise inputs.InputError("windows", "required: a non-empty list of sensor_data objects")
             if len(windows) > max_windows:
                 raise inputs.InputError("windows", f"{len(windows)} windows exceed the limit of {max_windows}", 413)
-            parsed = [inputs.parse_sensor_data(w, model.spec, model.window, f"windows[{i}]")
+            parsed = [inputs.parse_sensor_data(w, model.spec, model.window, f"windows[{i}]", plain)
                       for i, w in enumerate(windows)]
             cont, cat = inputs.np.stack([c for c, _ in parsed]), inputs.np.stack([k for _, k in parsed])
         else:
             if "sensor_data" not in doc:
                 raise inputs.InputError("sensor_data", "required")
-            c, k = inputs.parse_sensor_data(doc["sensor_data"], model.spec, model.window)
+            c, k = inputs.parse_sensor_data(doc["sensor_data"], model.spec, model.window, plain=plain)
             cont, cat = c[None], k[None]
     if opts.method is not None and opts.method not in model.predictor.methods():
         raise inputs.InputError("inference_config.method", f"{opts.method!r} is not offered by this model; "
