@@ -37,6 +37,7 @@ class Item:
     cont: np.ndarray
     cat: np.ndarray
     future: asyncio.Future
+    prepare: object = None     # prepare(model, cont, cat) -> (cont, cat) before fn (normalisation), or None
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -44,8 +45,9 @@ class Item:
 class Answer:
     result: object             # this request's slice of the call's result
     queue_ms: float            # from submit to the start of its call
-    inference_ms: float        # the whole call (every request of a batch shares it)
+    inference_ms: float        # fn's call (every request of a batch shares it)
     batch_windows: int         # windows in that call
+    prepare_ms: float = 0.0    # prepare's call on the batch (normalisation)
 
 
 def _part(result, a: int, b: int):
@@ -74,10 +76,10 @@ class Batcher:
         """`with batcher.arriving():` around reading and parsing a request that will submit."""
         return _Arrival(self)
 
-    def submit(self, model, key: tuple, fn, cont: np.ndarray, cat: np.ndarray) -> asyncio.Future:
+    def submit(self, model, key: tuple, fn, cont: np.ndarray, cat: np.ndarray, prepare=None) -> asyncio.Future:
         """Queue windows [n, W, .] for model; await the future for this request's Answer. Items of one
-        `key` must be answerable by one fn call on their concatenation (fn of the first item runs)."""
-        item = Item(model, key, fn, cont, cat, asyncio.get_running_loop().create_future())
+        `key` must be answerable by one fn call on their concatenation (fn and prepare of the first item run)."""
+        item = Item(model, key, fn, cont, cat, asyncio.get_running_loop().create_future(), prepare)
         self._queue.append(item)
         self._wake.set()
         return item.future
@@ -139,14 +141,18 @@ class Batcher:
                 cont, cat = first.cont, first.cat
             else:
                 cont, cat = np.concatenate([i.cont for i in group]), np.concatenate([i.cat for i in group])
+            if first.prepare is not None:
+                cont, cat = first.prepare(first.model, cont, cat)
+            t1 = time.perf_counter()
             result = first.fn(first.model, cont, cat)
         except Exception as exc:
             return [exc] if len(group) == 1 else [Batcher._call([item])[0] for item in group]
-        ms = round((time.perf_counter() - t0) * 1000, 3)
+        t2 = time.perf_counter()
+        prep, ms = round((t1 - t0) * 1000, 3), round((t2 - t1) * 1000, 3)
         out, a = [], 0
         for item in group:
             b = a + len(item.cont)
-            out.append(Answer(_part(result, a, b), 0.0, ms, len(cont)))
+            out.append(Answer(_part(result, a, b), 0.0, ms, len(cont), prep))
             a = b
         return out
 

@@ -25,10 +25,13 @@ REQUESTS = Counter("gcodefp_http_requests_total", "HTTP requests by endpoint, me
 REQUEST_LATENCY = Histogram("gcodefp_http_request_duration_seconds", "Request latency (server side)",
                             ["endpoint", "status"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("gcodefp_http_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
-INFERENCE_LATENCY = Histogram("gcodefp_inference_duration_seconds", "Model time per call (normalise + run + decode)",
+INFERENCE_LATENCY = Histogram("gcodefp_inference_duration_seconds", "Model time per call (run + decode; a "
+                              "micro-batched call counts once per request)",
                               ["endpoint", "variant"], buckets=LATENCY_BUCKETS)
 PARSE_LATENCY = Histogram("gcodefp_parse_duration_seconds", "Request body parsing and validation",
                           ["format"], buckets=LATENCY_BUCKETS)
+NORMALISE_LATENCY = Histogram("gcodefp_normalise_duration_seconds", "Normalising a model call's windows (the "
+                              "training transform; once per micro-batched call)", ["endpoint"], buckets=LATENCY_BUCKETS)
 QUEUE_LATENCY = Histogram("gcodefp_queue_duration_seconds", "Time windows waited for the inference thread "
                           "(micro-batching: from submit to the start of their graph call)", ["endpoint"],
                           buckets=LATENCY_BUCKETS)

@@ -65,6 +65,10 @@ async def read_windows(request: Request, model: LoadedModel, batch: bool, keys: 
     return cont, cat, opts
 
 
+def normalise(model, cont, cat):
+    return inputs.model_inputs(model.spec, cont, cat)
+
+
 def _batchable(opts: inputs.Options) -> bool:
     """Deterministic one-pass methods share graph calls; beam search and sampling run alone."""
     return opts.method in (None, "line", "greedy")
@@ -81,10 +85,11 @@ async def predict_windows(request: Request, endpoint: str, batch: bool, keys: se
     if _batchable(opts):
         method, max_length = opts.method, opts.max_length
 
-        def infer(m, c, k):  # raw windows -> rows; the batch's windows are normalised as one block
-            return m.predictor.predict(*inputs.model_inputs(m.spec, c, k), method=method, max_length=max_length)
+        def infer(m, c, k):  # normalised windows (the batch's, as one block) -> one row each
+            return m.predictor.predict(c, k, method=method, max_length=max_length)
 
-        rows, ms = await run_windows(request, model, endpoint, ("predict", method, max_length), infer, cont, cat)
+        rows, ms = await run_windows(request, model, endpoint, ("predict", method, max_length), infer, cont, cat,
+                                     prepare=normalise)
         return model, rows, ms, opts
 
     def infer_alone():

@@ -24,12 +24,14 @@ def request_bytes(path: str, body: bytes, content_type: str = "application/json"
 class Connection:
     def __init__(self, reader, writer):
         self.reader, self.writer = reader, writer
+        self.last_used = clock()
 
     @classmethod
     async def open(cls, port: int) -> "Connection":
         return cls(*await asyncio.open_connection("127.0.0.1", port))
 
     async def send(self, request: bytes) -> tuple[int, bytes]:
+        self.last_used = clock()
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         length = 0
@@ -70,9 +72,15 @@ class Tally:
                 "max_ms": round(float(lat.max()), 3), "versions": self.versions}
 
 
+IDLE_CLOSED_S = 4.0  # uvicorn closes a keep-alive connection idle for 5 s; one idle this long may be gone
+
+
 async def _guarded(conn_pool: asyncio.Queue, port: int, request: bytes, due: float, tally: Tally) -> None:
     conn = await conn_pool.get()
     try:
+        if clock() - conn.last_used > IDLE_CLOSED_S:  # what an HTTP client does: a fresh connection
+            conn.close()
+            conn = await Connection.open(port)
         status, payload = await conn.send(request)
         tally.record((clock() - due) * 1000, status, payload)
         conn_pool.put_nowait(conn)
@@ -84,7 +92,7 @@ async def _guarded(conn_pool: asyncio.Queue, port: int, request: bytes, due: flo
 
 async def open_loop(port: int, request: bytes, rate: float, duration: float, connections: int = 128,
                     at_half=None) -> tuple[dict, "Tally"]:
-    pool: asyncio.Queue = asyncio.Queue()
+    pool: asyncio.Queue = asyncio.LifoQueue()  # the most recently used connection first: few stay busy
     conns = [await Connection.open(port) for _ in range(connections)]
     for c in conns:
         pool.put_nowait(c)

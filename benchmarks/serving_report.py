@@ -8,7 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 
 # server-side histograms (api/metrics.py) -> the name of their share of a request
-SPLIT = {"gcodefp_parse_duration_seconds": "parse", "gcodefp_queue_duration_seconds": "queue",
+SPLIT = {"gcodefp_parse_duration_seconds": "parse", "gcodefp_normalise_duration_seconds": "normalise",
+         "gcodefp_queue_duration_seconds": "queue",
          "gcodefp_inference_duration_seconds": "inference", "gcodefp_batched_call_windows": "windows_per_call"}
 LINE = re.compile(r'^(\w+?)(_bucket|_sum|_count)\{([^}]*)\} ([0-9.eE+-]+|NaN)$')
 BARS = {"json_w1_rate": 300, "json_w2_rate": 800, "binary_w2_rate": 1500, "p99_ms": 10.0, "stream_machines": 1000,
@@ -88,8 +89,8 @@ def bars(result: dict) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = ["| workers | mode | offered | achieved | p50 ms | p90 ms | p95 ms | p99 ms | errors | server parse/queue/"
-            "inference ms (mean) | windows/call | load avg |", "|---" * 12 + "|"]
+    rows = ["| workers | mode | offered | achieved | p50 ms | p90 ms | p95 ms | p99 ms | errors | server parse/normalise/"
+            "queue/inference ms (mean) | windows/call | load avg |", "|---" * 12 + "|"]
     for run in result["runs"]:
         for mode, steps in run["sweeps"].items():
             for s in steps:
@@ -98,7 +99,7 @@ def table(result: dict) -> str:
                 offered = s.get("offered_rate", f"{s.get('machines')} machines")
                 rows.append(f"| {run['workers']} | {mode} | {offered} | {s['achieved_rate']} | {s['p50_ms']} | "
                             f"{s['p90_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} | {f('parse')} / "
-                            f"{f('queue')} / {f('inference')} | {f('windows_per_call')} | {s.get('load_average', 0):.1f} |")
+                            f"{f('normalise')} / {f('queue')} / {f('inference')} | {f('windows_per_call')} | {s.get('load_average', 0):.1f} |")
         for mode, steps in run.get("concurrency", {}).items():
             for s in steps:
                 rows.append(f"| {run['workers']} | {mode} closed | c={s['concurrency']} | {s['achieved_rate']} | "
