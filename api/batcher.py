@@ -55,7 +55,7 @@ def _part(result, a: int, b: int):
 
 
 class Batcher:
-    def __init__(self, max_windows: int = 64, max_delay_ms: float = 2.0):
+    def __init__(self, max_windows: int = 32, max_delay_ms: float = 1.0):
         if max_windows < 1 or max_delay_ms < 0:
             raise ValueError("batching: max windows must be >= 1 and the max delay >= 0")
         self.max_windows, self.max_delay = max_windows, max_delay_ms / 1000

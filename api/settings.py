@@ -12,7 +12,7 @@
 | GCODEFP_MAX_STREAMS       | 1000      | stream sessions a worker keeps (least recently used evicted)      |
 | GCODEFP_ADMIN_TOKEN       | -         | bearer token of POST /admin/reload (the endpoint is off without)  |
 | GCODEFP_BATCHING          | 1         | 0: no micro-batching (each request runs its own graph call inline) |
-| GCODEFP_BATCH_MAX_WINDOWS | 64        | windows per micro-batched graph call                              |
+| GCODEFP_BATCH_MAX_WINDOWS | 32        | windows per micro-batched graph call                              |
 | GCODEFP_BATCH_MAX_DELAY_MS| 1.0       | how long a call waits for requests already being parsed to join   |
 | GCODEFP_LOG_LEVEL         | INFO      | log level of the JSON logs                                        |
 | PROMETHEUS_MULTIPROC_DIR  | -         | set by `gcodefp serve`: several workers' metrics summed from files |
@@ -65,7 +65,7 @@ class Settings:
                    max_streams=_get("GCODEFP_MAX_STREAMS", 1000, int, 1),
                    admin_token=_get("GCODEFP_ADMIN_TOKEN", None),
                    batching=_get("GCODEFP_BATCHING", 1, int, 0) != 0,
-                   batch_max_windows=_get("GCODEFP_BATCH_MAX_WINDOWS", 64, int, 1),
+                   batch_max_windows=_get("GCODEFP_BATCH_MAX_WINDOWS", 32, int, 1),
                    batch_max_delay_ms=_get("GCODEFP_BATCH_MAX_DELAY_MS", 1.0, float, 0.0),
                    log_level=_get("GCODEFP_LOG_LEVEL", "INFO").upper(),
                    metrics_dir=_get("PROMETHEUS_MULTIPROC_DIR", None))

@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import http_load  # noqa: E402
 import serving_report  # noqa: E402
 
-RATES = {"json": [100, 200, 300, 400, 600, 800, 1000, 1200, 1500], "binary": [200, 400, 800, 1200, 1500, 2000, 2500],
-         "batch": [25, 50, 100, 200, 300], "stream": [250, 500, 1000, 1500, 2000]}
+RATES = {"json": [100, 200, 300, 400, 600, 800, 1000, 1200], "binary": [200, 400, 800, 1200, 1600, 2000],
+         "batch": [25, 50, 100, 200], "stream": [100, 250, 500, 1000, 1500]}
 QUICK = {"json": [50, 100], "binary": [100], "batch": [20], "stream": [20]}
 CONCURRENCY, QUICK_CONCURRENCY = [1, 4, 16, 64], [2]
 
@@ -92,6 +92,14 @@ class Server:
                 if line.startswith("VmRSS:"):
                     out.append(round(int(line.split()[1]) / 1024, 1))
         return out
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the workers so far (a measure less sensitive to a busy machine)."""
+        total = 0
+        for pid in self.worker_pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of proc(5))
+        return total / os.sysconf("SC_CLK_TCK")
 
     def metrics(self) -> str:
         import httpx
@@ -156,8 +164,9 @@ def bare_graph(package: Path, iterations: int = 300) -> dict:
 
 
 def measure(server: Server, name: str, fn) -> dict:
-    before = serving_report.scrape(server.metrics())
+    before, cpu = serving_report.scrape(server.metrics()), server.cpu_seconds()
     summary, tally = http_load.run(fn())
+    summary["server_cpu_ms_per_request"] = round((server.cpu_seconds() - cpu) * 1000 / max(summary["requests"], 1), 3)
     summary["server"] = serving_report.split(before, serving_report.scrape(server.metrics()))
     times = [json.loads(b).get("inference_time_ms") for b in tally.bodies[:500]]
     times = [t for t in times if t is not None]

@@ -11,7 +11,7 @@ from pathlib import Path
 SPLIT = {"gcodefp_parse_duration_seconds": "parse", "gcodefp_normalise_duration_seconds": "normalise",
          "gcodefp_queue_duration_seconds": "queue",
          "gcodefp_inference_duration_seconds": "inference", "gcodefp_batched_call_windows": "windows_per_call"}
-LINE = re.compile(r'^(\w+?)(_bucket|_sum|_count)\{([^}]*)\} ([0-9.eE+-]+|NaN)$')
+LINE = re.compile(r'^(\w+?)(_bucket|_sum|_count)(?:\{([^}]*)\})? ([0-9.eE+-]+|NaN)$')
 BARS = {"json_w1_rate": 300, "json_w2_rate": 800, "binary_w2_rate": 1500, "p99_ms": 10.0, "stream_machines": 1000,
         "stream_p99_ms": 50.0, "rss_mb": 200.0, "inference_ratio": 1.2}
 
@@ -57,7 +57,8 @@ def line(name: str, s: dict) -> str:
     srv = s.get("server", {})
     parts = " ".join(f"{k} {v['mean']}" for k, v in srv.items())
     return (f"{name:34s} achieved {s['achieved_rate']:8.1f}/s  p50 {s['p50_ms']:8.2f}  p90 {s['p90_ms']:8.2f}  "
-            f"p99 {s['p99_ms']:8.2f} ms  errors {s['errors']}  | server mean: {parts}  load {os.getloadavg()[0]:.1f}")
+            f"p99 {s['p99_ms']:8.2f} ms  errors {s['errors']}  | server mean: {parts}  "
+            f"cpu/req {s.get('server_cpu_ms_per_request')} ms  load {os.getloadavg()[0]:.1f}")
 
 
 def best_rate(steps: list[dict], p99: float, key: str = "offered_rate") -> float:
@@ -90,7 +91,7 @@ def bars(result: dict) -> dict:
 
 def table(result: dict) -> str:
     rows = ["| workers | mode | offered | achieved | p50 ms | p90 ms | p95 ms | p99 ms | errors | server parse/normalise/"
-            "queue/inference ms (mean) | windows/call | load avg |", "|---" * 12 + "|"]
+            "queue/inference ms (mean) | windows/call | server CPU ms/req | load avg |", "|---" * 13 + "|"]
     for run in result["runs"]:
         for mode, steps in run["sweeps"].items():
             for s in steps:
@@ -99,12 +100,14 @@ def table(result: dict) -> str:
                 offered = s.get("offered_rate", f"{s.get('machines')} machines")
                 rows.append(f"| {run['workers']} | {mode} | {offered} | {s['achieved_rate']} | {s['p50_ms']} | "
                             f"{s['p90_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} | {f('parse')} / "
-                            f"{f('normalise')} / {f('queue')} / {f('inference')} | {f('windows_per_call')} | {s.get('load_average', 0):.1f} |")
+                            f"{f('normalise')} / {f('queue')} / {f('inference')} | {f('windows_per_call')} | "
+                            f"{s.get('server_cpu_ms_per_request', '-')} | {s.get('load_average', 0):.1f} |")
         for mode, steps in run.get("concurrency", {}).items():
             for s in steps:
                 rows.append(f"| {run['workers']} | {mode} closed | c={s['concurrency']} | {s['achieved_rate']} | "
-                            f"{s['p50_ms']} | {s['p90_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} | | | |")
-        rows.append(f"| {run['workers']} | RSS MB per worker | {run.get('rss_mb_per_worker')} |" + " |" * 9)
+                            f"{s['p50_ms']} | {s['p90_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} | | | "
+                            f"{s.get('server_cpu_ms_per_request', '-')} | |")
+        rows.append(f"| {run['workers']} | RSS MB per worker | {run.get('rss_mb_per_worker')} |" + " |" * 10)
     bare = result["bare"]
     rows.append(f"\nbare (batch 1, this process): graph {bare['graph_run_ms']} ms, normalise {bare['normalise_ms']} ms, "
                 f"OnnxPredictor.predict {bare['predict_ms']} ms ({bare['variant']})")
