@@ -20,6 +20,7 @@ than the graph. Several workers use several cores. GCODEFP_BATCHING=0 turns batc
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
+
+log = logging.getLogger("api.batcher")
 
 
 @dataclass(eq=False)
@@ -100,7 +103,11 @@ class Batcher:
                         break
                 group = self._take_group()
                 started = time.perf_counter()
-                answers = self._call(group)
+                try:
+                    answers = self._call(group)
+                except Exception as exc:  # a bug here must fail these requests, not every later one
+                    log.error("micro-batched call failed", exc_info=exc, extra={"event": "batch_failed"})
+                    answers = [exc] * len(group)
                 for item, answer in zip(group, answers):
                     if item.future.done():  # the request was cancelled (client gone)
                         continue

@@ -48,14 +48,18 @@ class InputTransform:
         if flat_k.shape[1] and flat_k.dtype.kind != "f":  # strings or nulls among the codes: the reference path
             c, k = self.spec.transform_arrays(flat_c, flat_k)
             return c.reshape(n, w, -1), k.reshape(n, w, -1)
-        c = np.array(flat_c, dtype=np.float64)  # a copy: the unit conversion writes into it
+        # One float64 temporary, transformed in place (fresh temporaries per step cost more than the
+        # arithmetic on a batch of windows); the same operations as FeatureSpec.normalise, in its order.
+        z = np.subtract(flat_c, self.mean, dtype=np.float64)
         if len(self.pos_idx) and self.unit_col is not None:
             inches = flat_k[:, self.unit_col] == schema.INCHES
-            if inches.any():
-                c[np.ix_(inches, self.pos_idx)] *= schema.MM_PER_INCH
-        z = (c - self.mean) / self.std
-        z = np.nan_to_num(z, nan=0.0)
-        z = np.clip(z, -self.clip, self.clip).astype(np.float32)
+            if inches.any():  # positions in inches -> mm before centring, as FeatureSpec._to_mm does
+                rows = np.ix_(inches, self.pos_idx)
+                z[rows] = flat_c[rows] * schema.MM_PER_INCH - self.mean[self.pos_idx]
+        np.divide(z, self.std, out=z)
+        np.nan_to_num(z, copy=False, nan=0.0)
+        np.clip(z, -self.clip, self.clip, out=z)
+        z = z.astype(np.float32)
         codes = np.zeros(flat_k.shape, np.int64)
         for j, (keys, index, absent) in enumerate(self.tables):
             col = flat_k[:, j]

@@ -138,32 +138,47 @@ async def closed_loop(port: int, request: bytes, concurrency: int, duration: flo
 async def stream_machines(port: int, machines: int, first_chunk, chunk, duration: float,
                           period: float = 1.0) -> tuple[dict, "Tally"]:
     """machines x (one start chunk, untimed; then `chunk(i, k)` bytes every `period` s for `duration` s).
-    first_chunk(i) / chunk(i, k) give machine i's request bytes."""
-    tally = Tally()
-    conns = [await Connection.open(port) for _ in range(machines)]
-    for i, conn in enumerate(conns):  # sessions started (a window's worth of rows) before the clock runs
-        status, payload = await conn.send(first_chunk(i))
-        if status != 200:
-            raise RuntimeError(f"stream start failed: HTTP {status} {payload[:200]!r}")
+    first_chunk(i) / chunk(i, k) give machine i's request bytes. A machine whose connection idled past
+    the server's keep-alive (a slow start phase) reconnects; with several workers that may reach
+    another worker, which starts the machine over: counted as `restarted` (not an error)."""
+    tally, restarted = Tally(), 0
+    conns: list = [None] * machines
+    gate = asyncio.Semaphore(64)
+
+    async def prime(i: int):
+        async with gate:
+            conns[i] = await Connection.open(port)
+            status, payload = await conns[i].send(first_chunk(i))
+            if status != 200:
+                raise RuntimeError(f"stream start failed: HTTP {status} {payload[:200]!r}")
+
+    await asyncio.gather(*(prime(i) for i in range(machines)))
     start = clock() + 0.1
     ticks = int(duration / period)
 
     async def machine(i: int):
+        nonlocal restarted
         conn = conns[i]
         for k in range(ticks):
             due = start + k * period + period * i / machines
             if (delay := due - clock()) > 0:
                 await asyncio.sleep(delay)
+            if clock() - conn.last_used > IDLE_CLOSED_S:
+                conn.close()
+                conn = await Connection.open(port)
             try:
                 status, payload = await conn.send(chunk(i, k))
+                restarted += b'"started":true' in payload
             except Exception as exc:
                 status, payload = 599, repr(exc).encode()
+                conn.close()
+                conn = await Connection.open(port)
             tally.record((clock() - due) * 1000, status, payload)
         conn.close()
 
     await asyncio.gather(*(machine(i) for i in range(machines)))
     elapsed = clock() - start
-    return tally.summary(elapsed, machines=machines, duration_s=duration), tally
+    return tally.summary(elapsed, machines=machines, duration_s=duration, restarted=restarted), tally
 
 
 def run(coro):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-BATCH_WINDOWS = 256    # windows per model call: bounds one call's memory (a 4096-row chunk has ~4000 windows)
+BATCH_WINDOWS = 64     # windows per model call: bounds one call's memory (a 4096-row chunk has ~4000 windows;
+                       # onnxruntime's arena keeps its peak: calls of 256 windows took a worker from ~125 to ~190 MB)
 GATHER_WINDOWS = 64    # up to this many windows are copied out of a chunk; more are strided views
 
 
