@@ -31,7 +31,8 @@ from .settings import SETTINGS
 log = logging.getLogger("api.streams")
 MAX_STREAMS = SETTINGS.max_streams
 MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-INLINE_ROWS = 8        # a chunk this small is normalised on the event loop: a thread hop costs as much
+INLINE_ROWS = 256      # a chunk this small is normalised on the event loop (~0.5 ms at most): cheaper than a
+                       # thread hop, and worker threads each grow their own malloc arena (RSS)
 
 
 def check_machine_id(machine_id: str) -> str:

@@ -201,7 +201,7 @@ def run_workers(reg: Path, workers: int, args, req: dict, work: Path) -> dict:
         http_load.run(http_load.open_loop(server.port, req["json"], 50, 2))  # warm-up
         for mode in args.modes:
             out["sweeps"][mode] = sweep(server, mode, (QUICK if args.quick else RATES)[mode], args.duration, req)
-        for mode in ("json", "binary"):
+        for mode in [m for m in ("json", "binary") if m in args.modes]:
             out["concurrency"][mode] = [measure(server, f"{mode} c={c}", lambda c=c: http_load.closed_loop(
                 server.port, req[mode], c, args.duration)) for c in (QUICK_CONCURRENCY if args.quick else CONCURRENCY)]
         # one request at a time, back to back: every call is batch 1 and the server stays warm (as the
