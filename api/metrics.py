@@ -18,7 +18,8 @@ from .settings import SETTINGS
 disable_created_metrics()  # the *_created series double the scrape size and nobody graphs them
 
 MULTIPROCESS = bool(SETTINGS.metrics_dir)
-LATENCY_BUCKETS = (.0001, .00025, .0005, .00075, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .1, .25, .5, 1.0, 2.5)
+LATENCY_BUCKETS = (.0001, .00025, .0005, .00075, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .1, .25,
+                   .5, 1.0, 2.5)
 
 REQUESTS = Counter("gcodefp_http_requests_total", "HTTP requests by endpoint, method and status",
                    ["endpoint", "method", "status"])

@@ -2,7 +2,8 @@
 
 Line-head and greedy answers go through the micro-batcher (api/batcher.py): concurrent requests'
 windows run as one graph call; with GCODEFP_BATCHING=0 each runs alone, inline on the event loop
-(a thread hop per request would cost as much as the model). Beam search and sampling (tens of ms) run alone in a thread.
+(a thread hop per request would cost as much as the model; more than 8 windows go to a thread).
+Beam search and sampling (tens of ms) run alone in a thread.
 """
 from __future__ import annotations
 

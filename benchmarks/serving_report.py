@@ -90,8 +90,9 @@ def bars(result: dict) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = ["| workers | mode | offered | achieved | p50 ms | p90 ms | p95 ms | p99 ms | errors | server parse/normalise/"
-            "queue/inference ms (mean) | windows/call | server CPU ms/req | load avg |", "|---" * 13 + "|"]
+    rows = ["| workers | mode | offered | achieved | p50 ms | p90 ms | p95 ms | p99 ms | errors | "
+            "server parse/normalise/queue/inference ms (mean) | windows/call | server CPU ms/req | load avg |",
+            "|---" * 13 + "|"]
     for run in result["runs"]:
         for mode, steps in run["sweeps"].items():
             for s in steps:
@@ -109,7 +110,8 @@ def table(result: dict) -> str:
                             f"{s.get('server_cpu_ms_per_request', '-')} | |")
         rows.append(f"| {run['workers']} | RSS MB per worker | {run.get('rss_mb_per_worker')} |" + " |" * 10)
     bare = result["bare"]
-    rows.append(f"\nbare (batch 1, this process): graph {bare['graph_run_ms']} ms, normalise {bare['normalise_ms']} ms, "
+    rows.append(f"\nbare (batch 1, this process): graph {bare['graph_run_ms']} ms, "
+                f"normalise {bare['normalise_ms']} ms, "
                 f"OnnxPredictor.predict {bare['predict_ms']} ms ({bare['variant']})")
     rows.append("bars: " + json.dumps(result.get("bars", {})))
     return "\n".join(rows)
