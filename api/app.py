@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import docs_routes, inputs, metrics, ops_routes, predict_routes, schemas, stream_routes, streams, v2_routes
+from . import batcher, docs_routes, inputs, metrics, ops_routes, predict_routes, schemas, stream_routes, streams, v2_routes
 from .common import input_error, respond
 from .logging_setup import setup_logging
 from .middleware import RequestMiddleware
@@ -37,9 +37,15 @@ async def lifespan(app: FastAPI):
         await store.reload(trigger="startup")
     except Exception:
         pass  # logged and counted; /ready says 503 until a package loads
+    app.state.batcher = (batcher.Batcher(SETTINGS.batch_max_windows, SETTINGS.batch_max_delay_ms)
+                         if SETTINGS.batching else None)
+    if app.state.batcher is not None:
+        app.state.batcher.start()
     watcher = asyncio.create_task(store.watch())
     yield
     watcher.cancel()
+    if app.state.batcher is not None:
+        await app.state.batcher.stop()
     metrics.worker_exit()
 
 

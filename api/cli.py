@@ -11,6 +11,16 @@ import tempfile
 from pathlib import Path
 
 
+def default_workers() -> int:
+    """One worker per usable core: a worker runs its model calls on its event loop (one core each), and
+    onnxruntime uses one thread per call (GCODEFP_INTRA_OP_THREADS). Stream sessions live in a worker, so
+    a /stream client keeps each machine on one connection (or run --workers 1)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the current package of a registry (or one package) over HTTP",
                        description="Run api.app:app under uvicorn. The admin token for POST /admin/reload is "
@@ -20,16 +30,13 @@ def register(sub) -> None:
     src.add_argument("--package", type=Path, help="serve one package folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help=f"uvicorn worker processes (default: the cores this process may use, {default_workers()} here)")
     p.add_argument("--poll-seconds", type=float, help="how often workers check for a new package (default 1)")
     p.set_defaults(handler=_serve)
 
 
 def _serve(args) -> int:
-    import uvicorn
-
-    from .logging_setup import uvicorn_log_config
-
     if args.registry is None and args.package is None and not (
             os.environ.get("GCODEFP_REGISTRY") or os.environ.get("GCODEFP_PACKAGE")):
         raise ValueError("serve: give --registry or --package (or set GCODEFP_REGISTRY / GCODEFP_PACKAGE)")
@@ -49,6 +56,11 @@ def _serve(args) -> int:
     # Metrics of several workers are summed from files in one folder; it must start empty.
     metrics_dir = tempfile.mkdtemp(prefix="gcodefp-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Imported only now: the settings are read once, at import, from the variables set above.
+    import uvicorn
+
+    from .logging_setup import uvicorn_log_config
+
     try:
         uvicorn.run("api.app:app", host=args.host, port=args.port, workers=args.workers,
                     log_config=uvicorn_log_config(), access_log=False)

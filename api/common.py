@@ -39,3 +39,25 @@ async def run_model(model: LoadedModel, endpoint: str, fn, n: int, inline: bool)
     if n:  # a stream chunk that completes no window runs no model
         metrics.BATCH_SIZE.labels(endpoint).observe(n)
     return out, round(dt * 1000, 3)
+
+
+async def run_windows(request: Request, model: LoadedModel, endpoint: str, key: tuple, fn, cont, cat, prepare=None):
+    """fn(model, *prepare(model, cont, cat)) over windows [n, W, .], micro-batched with concurrent requests'
+    windows of the same model and key (api/batcher.py), or alone when batching is off. prepare
+    (normalisation) and fn (the model) are timed apart. -> (result, fn's call in ms)."""
+    batcher = request.app.state.batcher
+    if batcher is None:
+        if prepare is not None:
+            t0 = time.perf_counter()
+            cont, cat = prepare(model, cont, cat)
+            metrics.NORMALISE_LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
+        # a few windows inline (a thread hop costs as much), more in a thread
+        return await run_model(model, endpoint, lambda: fn(model, cont, cat), len(cont), inline=len(cont) <= 8)
+    answer = await batcher.submit(model, key, fn, cont, cat, prepare)
+    metrics.QUEUE_LATENCY.labels(endpoint).observe(answer.queue_ms / 1000)
+    if prepare is not None:
+        metrics.NORMALISE_LATENCY.labels(endpoint).observe(answer.prepare_ms / 1000)
+    metrics.INFERENCE_LATENCY.labels(endpoint, model.variant).observe(answer.inference_ms / 1000)
+    if len(cont):
+        metrics.BATCH_SIZE.labels(endpoint).observe(len(cont))
+    return answer.result, answer.inference_ms

@@ -18,17 +18,26 @@ from .settings import SETTINGS
 disable_created_metrics()  # the *_created series double the scrape size and nobody graphs them
 
 MULTIPROCESS = bool(SETTINGS.metrics_dir)
-LATENCY_BUCKETS = (.0005, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .1, .25, .5, 1.0, 2.5)
+LATENCY_BUCKETS = (.0001, .00025, .0005, .00075, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .1, .25,
+                   .5, 1.0, 2.5)
 
 REQUESTS = Counter("gcodefp_http_requests_total", "HTTP requests by endpoint, method and status",
                    ["endpoint", "method", "status"])
 REQUEST_LATENCY = Histogram("gcodefp_http_request_duration_seconds", "Request latency (server side)",
                             ["endpoint", "status"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("gcodefp_http_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
-INFERENCE_LATENCY = Histogram("gcodefp_inference_duration_seconds", "Model time per call (normalise + run + decode)",
+INFERENCE_LATENCY = Histogram("gcodefp_inference_duration_seconds", "Model time per call (run + decode; a "
+                              "micro-batched call counts once per request)",
                               ["endpoint", "variant"], buckets=LATENCY_BUCKETS)
 PARSE_LATENCY = Histogram("gcodefp_parse_duration_seconds", "Request body parsing and validation",
                           ["format"], buckets=LATENCY_BUCKETS)
+NORMALISE_LATENCY = Histogram("gcodefp_normalise_duration_seconds", "Normalising a model call's windows (the "
+                              "training transform; once per micro-batched call)", ["endpoint"], buckets=LATENCY_BUCKETS)
+QUEUE_LATENCY = Histogram("gcodefp_queue_duration_seconds", "Time windows waited for the inference thread "
+                          "(micro-batching: from submit to the start of their graph call)", ["endpoint"],
+                          buckets=LATENCY_BUCKETS)
+BATCH_WINDOWS = Histogram("gcodefp_batched_call_windows", "Windows per micro-batched graph call (all endpoints)",
+                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 BATCH_SIZE = Histogram("gcodefp_batch_size", "Windows per inference call", ["endpoint"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 MODEL_INFO = Gauge("gcodefp_model_info", "1 for the model version a worker serves (one series per worker)",

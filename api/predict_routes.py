@@ -1,8 +1,9 @@
 """The guide's inference endpoints: POST /predict, /batch_predict, /fingerprint (JSON or binary bodies).
 
-Single-window greedy inference runs inline on the event loop: the model takes ~1 ms and a
-threadpool hop costs as much as the endpoint itself. Batches and beam/sampling (tens of ms) go to
-a thread so that they do not stall the event loop.
+Line-head and greedy answers go through the micro-batcher (api/batcher.py): concurrent requests'
+windows run as one graph call; with GCODEFP_BATCHING=0 each runs alone, inline on the event loop
+(a thread hop per request would cost as much as the model; more than 8 windows go to a thread).
+Beam search and sampling (tens of ms) run alone in a thread.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from fastapi import APIRouter, Request
 
 from . import inputs, metrics, monitoring
-from .common import current, respond, run_model
+from .common import current, respond, run_model, run_windows
 from .model_store import LoadedModel
 from .schemas import (BATCH_RESPONSES, FINGERPRINT_RESPONSES, OPENAPI_BATCH, OPENAPI_FINGERPRINT, OPENAPI_PREDICT,
                       PREDICT_RESPONSES)
@@ -44,20 +45,20 @@ async def read_windows(request: Request, model: LoadedModel, batch: bool, keys: 
         opts, fmt = inputs.query_options(request.query_params, max_tokens), "binary"
     else:
         doc = inputs.parse_json_object(body, keys)
-        opts, fmt = inputs.parse_options(doc, max_tokens), "json"
+        opts, fmt, plain = inputs.parse_options(doc, max_tokens), "json", inputs.plain_numbers(body, doc)
         if batch:
             windows = doc.get("windows")
             if not isinstance(windows, list) or not windows:
                 raise inputs.InputError("windows", "required: a non-empty list of sensor_data objects")
             if len(windows) > max_windows:
                 raise inputs.InputError("windows", f"{len(windows)} windows exceed the limit of {max_windows}", 413)
-            parsed = [inputs.parse_sensor_data(w, model.spec, model.window, f"windows[{i}]")
+            parsed = [inputs.parse_sensor_data(w, model.spec, model.window, f"windows[{i}]", plain)
                       for i, w in enumerate(windows)]
             cont, cat = inputs.np.stack([c for c, _ in parsed]), inputs.np.stack([k for _, k in parsed])
         else:
             if "sensor_data" not in doc:
                 raise inputs.InputError("sensor_data", "required")
-            c, k = inputs.parse_sensor_data(doc["sensor_data"], model.spec, model.window)
+            c, k = inputs.parse_sensor_data(doc["sensor_data"], model.spec, model.window, plain=plain)
             cont, cat = c[None], k[None]
     if opts.method is not None and opts.method not in model.predictor.methods():
         raise inputs.InputError("inference_config.method", f"{opts.method!r} is not offered by this model; "
@@ -66,16 +67,40 @@ async def read_windows(request: Request, model: LoadedModel, batch: bool, keys: 
     return cont, cat, opts
 
 
+def normalise(model, cont, cat):
+    return inputs.model_inputs(model.spec, cont, cat)
+
+
+def _batchable(opts: inputs.Options) -> bool:
+    """Deterministic one-pass methods share graph calls; beam search and sampling run alone."""
+    return opts.method in (None, "line", "greedy")
+
+
 async def predict_windows(request: Request, endpoint: str, batch: bool, keys: set[str]):
     model = current(request)  # this request uses this model to the end, even if a swap happens meanwhile
-    cont, cat, opts = await read_windows(request, model, batch, keys)
+    batcher = request.app.state.batcher
+    if batcher is None:
+        cont, cat, opts = await read_windows(request, model, batch, keys)
+    else:
+        with batcher.arriving():  # the batcher may wait (briefly) for this request to join a call
+            cont, cat, opts = await read_windows(request, model, batch, keys)
+    if _batchable(opts):
+        method, max_length = opts.method, opts.max_length
 
-    def infer():
+        def infer(m, c, k):  # normalised windows (the batch's, as one block) -> one row each
+            return m.predictor.predict(c, k, method=method, max_length=max_length)
+
+        rows, ms = await run_windows(request, model, endpoint, ("predict", method, max_length), infer, cont, cat,
+                                     prepare=normalise)
+        monitoring.observe_windows(model, endpoint, cont, rows)
+        return model, rows, ms, opts
+
+    def infer_alone():
         c, k = inputs.model_inputs(model.spec, cont, cat)
         return model.predictor.predict(c, k, method=opts.method, beam_width=opts.beam_width,
                                        temperature=opts.temperature, max_length=opts.max_length, seed=opts.seed)
 
-    rows, ms = await run_model(model, endpoint, infer, len(cont), inline=len(cont) == 1 and opts.method in (None, "line", "greedy"))
+    rows, ms = await run_model(model, endpoint, infer_alone, len(cont), inline=False)
     monitoring.observe_windows(model, endpoint, cont, rows)
     return model, rows, ms, opts
 

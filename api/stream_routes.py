@@ -6,7 +6,7 @@ import time
 from fastapi import APIRouter, Request
 
 from . import inputs, metrics, monitoring, streams
-from .common import current, respond, run_model
+from .common import current, respond, run_windows
 from .schemas import OPENAPI_STREAM, STREAM_END_RESPONSES, STREAM_POST_RESPONSES, STREAM_STATE_RESPONSES
 
 router = APIRouter()
@@ -17,7 +17,8 @@ STREAM_KEYS = {"sensor_data", "start"}
 async def stream_post(request: Request, machine_id: str):
     streams.check_machine_id(machine_id)
     streams.require_line_head(current(request))  # before anything else, so that a 409 holds no session
-    doc = inputs.parse_json_object(await inputs.read_body(request), STREAM_KEYS)
+    body = await inputs.read_body(request)
+    doc = inputs.parse_json_object(body, STREAM_KEYS)
     start = doc.get("start", False)
     if not isinstance(start, bool):
         raise inputs.InputError("start", "must be true or false")
@@ -30,11 +31,12 @@ async def stream_post(request: Request, machine_id: str):
             model = current(request)  # taken under the lock: a request queued across a swap uses the new model
             streams.require_line_head(model)
             t0 = time.perf_counter()
-            cont, cat = inputs.parse_rows(doc["sensor_data"], model.spec, inputs.MAX_STREAM_ROWS)
+            cont, cat = inputs.parse_rows(doc["sensor_data"], model.spec, inputs.MAX_STREAM_ROWS,
+                                          plain=inputs.plain_numbers(body, doc))
             metrics.PARSE_LATENCY.labels("json").observe(time.perf_counter() - t0)
 
-            async def run(fn, n, inline):
-                return await run_model(model, "/stream", fn, n, inline)
+            async def run(wc, wk):  # micro-batched with other machines' windows (api/batcher.py)
+                return await run_windows(request, model, "/stream", ("stream",), streams.predict, wc, wk)
 
             result = await streams.post_rows(session, model, cont, cat, start, run)
             monitoring.observe_stream(model, cont, result)

@@ -265,8 +265,8 @@ def test_client_stream_methods(api_server, package_meta, run_rows):
 # ---- the registry itself (no server) ------------------------------------------------------------------
 def feed(registry, model, machine_id, cont, cat, start=False) -> dict:
     """What POST /stream/{machine_id} does with parsed rows."""
-    async def run(fn, n, inline):
-        return fn(), 0.0
+    async def run(wc, wk):
+        return streams.predict(model, wc, wk), 0.0
 
     async def go():
         session = registry.acquire(machine_id)

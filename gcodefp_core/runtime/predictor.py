@@ -74,6 +74,7 @@ class OnnxPredictor:
         for i, line in enumerate(self.lines):
             ids = self.tokenizer.encode(line)[1:self.max_tokens + 1]  # drop BOS
             self._line_tokens[i, :len(ids)] = ids
+        self._line_answers: dict[int, tuple] = {}  # line index -> (gcode, tokens, token ids), filled on first use
         self.default_method = "line" if "predict" in self.sessions else "greedy"
         self.program_clock = self.bundle.program_clock        # streaming mode; None for older exports
         # Snapping onto the program's tool path: models with positions only. The lookup grid is built now,
@@ -210,21 +211,31 @@ class OnnxPredictor:
         probs /= probs.sum(axis=1, keepdims=True)
         best = probs.argmax(axis=1)
         out = []
-        tok = self.tokenizer
+        whole_lines = line is not None and max_length is None
         for i, (row, op, p, f) in enumerate(zip(tokens.tolist(), best.tolist(), probs, fp.tolist())):
-            ids = []
-            for t in row:
-                if t == decoding.EOS:
-                    break
-                if t not in self._skip:
-                    ids.append(t)
-            item = {"gcode": tok.decode(ids), "tokens": tok.tokens(ids), "token_ids": ids, "method": method,
+            gcode, toks, ids = self._line_answer(int(line[0][i])) if whole_lines else self._decoded(row)
+            item = {"gcode": gcode, "tokens": list(toks), "token_ids": list(ids), "method": method,
                     "operation": self.operations[op], "operation_confidence": float(p[op]), "fingerprint": f}
             if line is not None:  # the table's text itself (identical to decoding its tokens unless truncated)
                 item["line_confidence"] = float(line[1][i])
                 # "path": the position lies on the program's tool path, which named the line; "model": the line head.
                 item["line_source"] = "path" if line[2][i] else "model"
-                if max_length is None:
-                    item["gcode"] = self.lines[int(line[0][i])]
             out.append(item)
         return out
+
+    def _decoded(self, row: list[int]) -> tuple[str, list[str], list[int]]:
+        ids = []
+        for t in row:
+            if t == decoding.EOS:
+                break
+            if t not in self._skip:
+                ids.append(t)
+        return self.tokenizer.decode(ids), self.tokenizer.tokens(ids), ids
+
+    def _line_answer(self, line: int) -> tuple[str, tuple, tuple]:
+        """A line-head answer (the table's text itself, its tokens), decoded once per line, not per request."""
+        hit = self._line_answers.get(line)
+        if hit is None:
+            _, toks, ids = self._decoded(self._line_tokens[line].tolist())
+            hit = self._line_answers[line] = (self.lines[line], tuple(toks), tuple(ids))
+        return hit

@@ -1,0 +1,265 @@
+"""What a caller of `gcodefp serve` gets, measured end to end on loopback.
+
+    python benchmarks/serving.py --registry artifacts/registry [--workers 1 2] [--quick]
+
+It copies the registry, starts `gcodefp serve` itself (for each --workers value) and measures:
+- open-loop rate sweeps (latency counted from each request's due time) for /predict with the JSON
+  body (the package's sample_request.json), /predict with the binary body, /batch_predict (JSON,
+  --batch windows) and /stream (machines posting --stream-rows rows once a second, each on its own
+  connection); a sweep stops at the first rate the server cannot keep up with;
+- a closed-loop concurrency sweep for the JSON and binary bodies;
+- a hot swap (a promotion to the same graphs under a new version) in the middle of --swap-rate;
+- per step: p50/p90/p95/p99, errors, the server-side split (parse, normalise, queue, inference, per
+  request, from /metrics), windows per graph call; per run: resident memory of each worker;
+- the bare graph at batch 1 in this process, beside the server's inference time at low load.
+Writes results/serving.json (+ one file per worker count) and results/serving.png, prints a table.
+The load generator (benchmarks/http_load.py) runs on the same cores as the server. Bounded: every
+step lasts --duration seconds (default 6), sweeps have fixed lists of rates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import http_load  # noqa: E402
+import serving_report  # noqa: E402
+
+RATES = {"json": [100, 200, 300, 400, 600, 800, 1000, 1200], "binary": [200, 400, 800, 1200, 1600, 2000],
+         "batch": [25, 50, 100, 200], "stream": [100, 250, 500, 1000, 1500]}
+QUICK = {"json": [50, 100], "binary": [100], "batch": [20], "stream": [20]}
+CONCURRENCY, QUICK_CONCURRENCY = [1, 4, 16, 64], [2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, registry: Path, workers: int, log_path: Path):
+        self.port = free_port()
+        self.log = open(log_path, "wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GCODEFP_", "PROMETHEUS_"))}
+        env.update(PYTHONPATH=str(REPO), GCODEFP_LOG_LEVEL="WARNING")
+        env.update({k: v for k, v in os.environ.items() if k.startswith("GCODEFP_BATCH")})
+        self.proc = subprocess.Popen([sys.executable, "-m", "gcodefp_core.cli", "serve", "--registry", str(registry),
+                                      "--workers", str(workers), "--port", str(self.port), "--poll-seconds", "0.5"],
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.workers = workers
+        import httpx
+
+        for _ in range(1200):
+            try:
+                if httpx.get(self.url("/ready"), timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {log_path}")
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"server not ready in 120 s; see {log_path}")
+        time.sleep(0.5 * workers)  # every worker loads its own copy; /ready answered by one
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def worker_pids(self) -> list[int]:
+        if self.workers == 1:
+            return [self.proc.pid]
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()
+                if "onnxruntime" in Path(f"/proc/{p}/maps").read_text(errors="ignore")]
+
+    def rss_mb(self) -> list[float]:
+        out = []
+        for pid in self.worker_pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out.append(round(int(line.split()[1]) / 1024, 1))
+        return out
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the workers so far (a measure less sensitive to a busy machine)."""
+        total = 0
+        for pid in self.worker_pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of proc(5))
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def metrics(self) -> str:
+        import httpx
+
+        return httpx.get(self.url("/metrics"), timeout=10).text
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def bodies(package: Path, batch: int, stream_rows: int) -> dict:
+    """The request bytes of each mode, from the package's own sample request."""
+    sample = json.loads((package / "sample_request.json").read_text())["sensor_data"]
+    cont, cat = np.asarray(sample["continuous"], np.float64), np.asarray(sample["categorical"], np.float64)
+    binary = np.concatenate([cont, cat], axis=1).astype("<f4").tobytes()
+    out = {"json": http_load.request_bytes("/predict", json.dumps({"sensor_data": sample}).encode()),
+           "binary": http_load.request_bytes("/predict", binary, "application/octet-stream"),
+           "batch": http_load.request_bytes("/batch_predict", json.dumps({"windows": [sample] * batch}).encode())}
+    w = len(cont)
+
+    def rows(a: int, b: int, start: bool = False) -> bytes:
+        idx = np.arange(a, b) % w
+        return json.dumps({"sensor_data": {"continuous": cont[idx].tolist(), "categorical": cat[idx].tolist()},
+                           "start": start}).encode()
+
+    chunks = [rows(k * stream_rows, (k + 1) * stream_rows) for k in range(w)]  # cycle through the sample's rows
+    out["stream_first"] = lambda i: http_load.request_bytes(f"/stream/m{i}", rows(0, w - 1, True))
+    out["stream_chunk"] = lambda i, k: http_load.request_bytes(f"/stream/m{i}", chunks[k % w])
+    return out
+
+
+def bare_graph(package: Path, iterations: int = 300) -> dict:
+    """Batch-1 timings in this process: the predict graph alone, and what the server's model call does."""
+    from api.inputs import model_inputs, parse_sensor_data
+    from gcodefp_core.runtime import OnnxPredictor
+
+    pred = OnnxPredictor.load(package)
+    sample = json.loads((package / "sample_request.json").read_text())["sensor_data"]
+    cont, cat = parse_sensor_data(sample, pred.features, pred.window)
+    c, k = model_inputs(pred.features, cont[None], cat[None])
+    sess = pred.sessions["predict"] if "predict" in pred.sessions else pred.sessions["encoder"]
+    feeds = {i.name: (c if i.name == "continuous" else k) for i in sess.get_inputs()}
+
+    def p50(fn) -> float:
+        for _ in range(20):
+            fn()
+        ts = []
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return round(float(np.median(ts)) * 1000, 4)
+
+    return {"graph_run_ms": p50(lambda: sess.run(None, feeds)), "predict_ms": p50(lambda: pred.predict(c, k)),
+            "normalise_ms": p50(lambda: model_inputs(pred.features, cont[None], cat[None])),
+            "variant": pred.variant}
+
+
+def measure(server: Server, name: str, fn) -> dict:
+    before, cpu = serving_report.scrape(server.metrics()), server.cpu_seconds()
+    summary, tally = http_load.run(fn())
+    summary["server_cpu_ms_per_request"] = round((server.cpu_seconds() - cpu) * 1000 / max(summary["requests"], 1), 3)
+    summary["server"] = serving_report.split(before, serving_report.scrape(server.metrics()))
+    times = [json.loads(b).get("inference_time_ms") for b in tally.bodies[:500]]
+    times = [t for t in times if t is not None]
+    if times:
+        summary["response_inference_ms_p50"] = round(float(np.median(times)), 4)
+    print(serving_report.line(name, summary), flush=True)
+    return summary
+
+
+def sweep(server: Server, mode: str, rates: list, duration: float, req: dict) -> list[dict]:
+    steps = []
+    for rate in rates:
+        if mode == "stream":
+            fn = lambda r=rate: http_load.stream_machines(server.port, r, req["stream_first"], req["stream_chunk"],
+                                                          duration)
+        else:
+            fn = lambda r=rate: http_load.open_loop(server.port, req[mode], r, duration)
+        s = measure(server, f"{mode} @{rate}", fn)
+        s["load_average"] = os.getloadavg()[0]
+        steps.append(s)
+        if s["achieved_rate"] < 0.9 * rate or s["p99_ms"] > 1000:
+            break  # saturated: higher rates only queue longer
+    return steps
+
+
+def run_workers(reg: Path, workers: int, args, req: dict, work: Path) -> dict:
+    from gcodefp_core import package as pkg
+
+    server = Server(reg, workers, work / f"server-w{workers}.log")
+    out: dict = {"workers": workers, "sweeps": {}, "concurrency": {}}
+    try:
+        http_load.run(http_load.open_loop(server.port, req["json"], 50, 2))  # warm-up
+        for mode in args.modes:
+            out["sweeps"][mode] = sweep(server, mode, (QUICK if args.quick else RATES)[mode], args.duration, req)
+        for mode in [m for m in ("json", "binary") if m in args.modes]:
+            out["concurrency"][mode] = [measure(server, f"{mode} c={c}", lambda c=c: http_load.closed_loop(
+                server.port, req[mode], c, args.duration)) for c in (QUICK_CONCURRENCY if args.quick else CONCURRENCY)]
+        # one request at a time, back to back: every call is batch 1 and the server stays warm (as the
+        # bare loop does; on a shared machine, a call after an idle gap can take 2-3x longer, cold caches)
+        out["low_load"] = measure(server, "json c=1 (inference at batch 1)",
+                                  lambda: http_load.closed_loop(server.port, req["json"], 1, min(args.duration, 3)))
+        if args.swap_rate:
+            current = pkg.current_version(reg)
+            new = f"{current}-swap{workers}"
+            pkg.build_package(reg / "packages" / current / "model.json", reg, version=new)
+            s = measure(server, f"json @{args.swap_rate} + hot swap", lambda: http_load.open_loop(
+                server.port, req["json"], args.swap_rate, max(args.duration, 8), at_half=lambda: pkg.promote(reg, new)))
+            out["swap"] = s | {"to": new, "load_average": os.getloadavg()[0]}
+        out["rss_mb_per_worker"] = server.rss_mb()
+    finally:
+        server.stop()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--registry", type=Path, required=True, help="the pipeline's registry (copied, not modified)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--modes", nargs="+", default=["json", "binary", "batch", "stream"],
+                    choices=["json", "binary", "batch", "stream"])
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds per step (<= 60)")
+    ap.add_argument("--batch", type=int, default=8, help="windows per /batch_predict request")
+    ap.add_argument("--stream-rows", type=int, default=4, help="rows per /stream chunk, one chunk per second")
+    ap.add_argument("--swap-rate", type=float, default=800.0, help="rate of the hot-swap run (0: none)")
+    ap.add_argument("--quick", action="store_true", help="a few low rates only (a smoke run)")
+    ap.add_argument("--output", type=Path, default=REPO / "results" / "serving.json")
+    args = ap.parse_args()
+    if not 0 < args.duration <= 60:
+        ap.error("--duration: 0 < seconds <= 60")
+    from gcodefp_core import package as pkg
+
+    work = Path(tempfile.mkdtemp(prefix="gcodefp-serving-"))
+    try:
+        reg = shutil.copytree(args.registry, work / "registry")
+        package = pkg.current_package(reg)
+        req = bodies(package, args.batch, args.stream_rows)
+        result = {"registry": str(args.registry), "package": package.name, "date": time.strftime("%Y-%m-%d %H:%M"),
+                  "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()[0],
+                  "bare": bare_graph(package), "runs": []}
+        print(f"package {package.name}: bare graph {result['bare']}", flush=True)
+        for workers in args.workers:
+            run = run_workers(reg, workers, args, req, work)
+            result["runs"].append(run)
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            serving_report.write_json(args.output.with_name(f"{args.output.stem}_w{workers}.json"), run)
+        result["bars"] = serving_report.bars(result)
+        serving_report.write_json(args.output, result)
+        serving_report.plot(result, args.output.with_suffix(".png"))
+        print(serving_report.table(result))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

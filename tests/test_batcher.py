@@ -1,0 +1,105 @@
+"""The micro-batcher (api/batcher.py) over the real tiny package: requests that arrive together share a
+graph call, each gets its own answer (the same as alone), errors stay per request, models never mix."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from api import inputs
+from api.batcher import Batcher
+from api.model_store import LoadedModel
+
+
+@pytest.fixture(scope="module")
+def windows(api_registry, predictor):
+    """Five different raw windows (the sample request, shifted) in the package's feature order."""
+    doc = json.loads((api_registry / "packages" / "v1" / "sample_request.json").read_text())
+    cont, cat = inputs.parse_sensor_data(doc["sensor_data"], predictor.features, predictor.window)
+    rng = np.random.default_rng(0)
+    return [(cont[None] + rng.normal(0, 0.5 * (i + 1), cont.shape), cat[None]) for i in range(5)]
+
+
+def loaded(predictor, version: str) -> LoadedModel:
+    return LoadedModel(predictor, version, predictor.variant, None, {}, 0.0)
+
+
+class CountingPredict:
+    """The predict routes' batched function, counting its calls and the windows of each."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, model, cont, cat):
+        self.calls.append((model.version, len(cont)))
+        return model.predictor.predict(*inputs.model_inputs(model.spec, cont, cat))
+
+
+def alone(model, cont, cat) -> dict:
+    return model.predictor.predict(*inputs.model_inputs(model.spec, cont, cat))[0]
+
+
+async def submit_all(batcher: Batcher, items) -> list:
+    """Submit every item before the batcher runs (requests that arrived together)."""
+    batcher.start()
+    futures = [batcher.submit(m, key, fn, c, k) for m, key, fn, c, k in items]
+    out = await asyncio.gather(*futures, return_exceptions=True)
+    await batcher.stop()
+    return out
+
+
+def test_requests_arriving_together_share_one_call_and_get_their_own_answer(predictor, windows):
+    model, fn = loaded(predictor, "v1"), CountingPredict()
+    answers = asyncio.run(submit_all(Batcher(max_windows=64, max_delay_ms=0),
+                                     [(model, ("predict",), fn, c, k) for c, k in windows]))
+    assert fn.calls == [("v1", 5)]
+    for (c, k), answer in zip(windows, answers):
+        assert answer.batch_windows == 5 and len(answer.result) == 1
+        mine, ref = answer.result[0], alone(model, c, k)
+        assert mine["gcode"] == ref["gcode"] and mine["operation"] == ref["operation"]
+        assert np.allclose(mine["fingerprint"], ref["fingerprint"], atol=1e-4)
+    assert len({a.result[0]["operation_confidence"] for a in answers}) > 1  # not five copies of one answer
+
+
+def test_a_call_never_mixes_models_keys_or_exceeds_max_windows(predictor, windows):
+    old, new, fn = loaded(predictor, "old"), loaded(predictor, "new"), CountingPredict()
+    items = [(old, ("predict",), fn, *windows[0]), (new, ("predict",), fn, *windows[1]),
+             (old, ("predict",), fn, *windows[2]), (old, ("other",), fn, *windows[3]),
+             (old, ("predict",), fn, *windows[4])]
+    answers = asyncio.run(submit_all(Batcher(max_windows=2, max_delay_ms=0), items))
+    assert all(not isinstance(a, BaseException) for a in answers)
+    assert sorted(fn.calls) == sorted([("old", 2), ("new", 1), ("old", 1), ("old", 1)])
+    assert all(n <= 2 for _, n in fn.calls)
+
+
+def test_a_failing_request_fails_alone(predictor, windows):
+    model, fn = loaded(predictor, "v1"), CountingPredict()
+    c, k = windows[0]
+    bad = (c[:, :, :-1], k)  # one continuous column short: its batch cannot be built, nor its own call run
+    answers = asyncio.run(submit_all(Batcher(), [(model, ("predict",), fn, c, k), (model, ("predict",), fn, *bad),
+                                                 (model, ("predict",), fn, *windows[1])]))
+    assert isinstance(answers[1], Exception)
+    assert answers[0].result[0]["gcode"] == alone(model, c, k)["gcode"]
+    assert answers[2].result[0]["gcode"] == alone(model, *windows[1])["gcode"]
+
+
+def test_stream_answers_are_sliced_per_request(predictor, windows):
+    """/stream's batched function returns arrays by name; each request gets its own rows of them."""
+    from api import streams
+
+    model = loaded(predictor, "v1")
+    normalised = [inputs.model_inputs(model.spec, np.repeat(c, n, 0), np.repeat(k, n, 0))
+                  for (c, k), n in zip(windows[:3], (1, 3, 2))]
+    answers = asyncio.run(submit_all(Batcher(), [(model, ("stream",), streams.predict, c, k) for c, k in normalised]))
+    for (c, k), answer in zip(normalised, answers):
+        ref = streams.predict(model, c, k)
+        assert answer.batch_windows == 6 and len(answer.result["line"]) == len(c)
+        assert np.array_equal(answer.result["line"], ref["line"])
+        assert np.allclose(answer.result["op_logits"], ref["op_logits"], atol=1e-4)
+
+
+def test_settings_refuse_a_bad_batcher():
+    with pytest.raises(ValueError):
+        Batcher(max_windows=0)

@@ -1,0 +1,32 @@
+"""benchmarks/serving.py end to end on the tiny package: a very short run (no speed is asserted)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from api_fixtures import REPO, server_env
+
+
+@pytest.mark.slow
+def test_serving_benchmark_tiny_run(api_registry, tmp_path):
+    out = tmp_path / "serving.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving.py"), "--registry", str(api_registry),
+                        "--workers", "1", "--quick", "--duration", "1", "--swap-rate", "20", "--output", str(out)],
+                       env=server_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    run = result["runs"][0]
+    assert run["workers"] == 1 and set(run["sweeps"]) == {"json", "binary", "batch", "stream"}
+    for mode, steps in run["sweeps"].items():
+        for s in steps:
+            assert s["errors"] == 0 and s["requests"] > 0, (mode, s)
+            assert s["p50_ms"] <= s["p99_ms"]
+    assert run["sweeps"]["json"][0]["server"]["parse"]["count"] > 0   # the split was read from /metrics
+    assert run["swap"]["errors"] == 0 and run["swap"]["versions"].get(run["swap"]["to"], 0) > 0
+    assert len(run["rss_mb_per_worker"]) == 1 and run["rss_mb_per_worker"][0] > 0
+    assert result["bare"]["graph_run_ms"] > 0 and "inference_w1_ratio_to_bare_predict" in result["bars"]
+    assert out.with_suffix(".png").stat().st_size > 0 and (tmp_path / "serving_w1.json").exists()
+    assert "| 1 | json |" in r.stdout
