@@ -11,7 +11,7 @@
 | GCODEFP_MAX_STREAM_ROWS   | 4096      | rows per POST /stream/{machine_id}                                |
 | GCODEFP_MAX_STREAMS       | 1000      | stream sessions a worker keeps (least recently used evicted)      |
 | GCODEFP_ADMIN_TOKEN       | -         | bearer token of POST /admin/reload (the endpoint is off without)  |
-| GCODEFP_BATCHING          | 1         | 0: no micro-batching (each request runs its own graph call inline) |
+| GCODEFP_BATCHING          | 0         | 1: micro-batching (api/batcher.py); 0: each request's own call   |
 | GCODEFP_BATCH_MAX_WINDOWS | 32        | windows per micro-batched graph call                              |
 | GCODEFP_BATCH_MAX_DELAY_MS| 1.0       | how long a call waits for requests already being parsed to join   |
 | GCODEFP_LOG_LEVEL         | INFO      | log level of the JSON logs                                        |
@@ -64,7 +64,7 @@ class Settings:
                    max_stream_rows=_get("GCODEFP_MAX_STREAM_ROWS", 4096, int, 1),
                    max_streams=_get("GCODEFP_MAX_STREAMS", 1000, int, 1),
                    admin_token=_get("GCODEFP_ADMIN_TOKEN", None),
-                   batching=_get("GCODEFP_BATCHING", 1, int, 0) != 0,
+                   batching=_get("GCODEFP_BATCHING", 0, int, 0) != 0,
                    batch_max_windows=_get("GCODEFP_BATCH_MAX_WINDOWS", 32, int, 1),
                    batch_max_delay_ms=_get("GCODEFP_BATCH_MAX_DELAY_MS", 1.0, float, 0.0),
                    log_level=_get("GCODEFP_LOG_LEVEL", "INFO").upper(),
