@@ -5,7 +5,7 @@ one. Requests submit their windows and await their own slice of the answer; one 
 drains the queue, one call at a time:
 
 - adaptive: while a call runs, new requests queue up and become the next call, so the batch
-  grows with the load; an idle server runs a lone request at once (no added latency);
+  grows with the load; on an idle worker a lone request runs at once, in its own task (run_now);
 - before a call, it waits up to GCODEFP_BATCH_MAX_DELAY_MS for requests that have started but
   not yet submitted (the route marks them with `arriving()`), never for requests that may come;
 - one call holds up to GCODEFP_BATCH_MAX_WINDOWS windows of one group: the same model object and
@@ -15,7 +15,14 @@ drains the queue, one call at a time:
   gets its own answer or its own error.
 Calls run on the event loop, not in a thread: measured under load, an inference thread fighting
 the event loop for the GIL (the interpreter hands it over every 5 ms) made calls 10-40x slower
-than the graph. Several workers use several cores. GCODEFP_BATCHING=0 turns batching off.
+than the graph. Several workers use several cores.
+
+Off by default (GCODEFP_BATCHING=1 turns it on). Measured on the 2-core machine with a production-
+sized int8 graph (0.3-0.5 ms at batch 1, ~0.15 ms per window at batch 8-32), a request's cost is
+mostly HTTP and JSON parsing, so sharing the graph call saves little, and the queued path cost more
+CPU per request than it saved: JSON /predict at 300 req/s on 2 workers held p50 7 ms unbatched but
+fell behind batched. Worth measuring again on a model whose graph dominates (benchmarks/serving.py
+with GCODEFP_BATCHING=1).
 """
 from __future__ import annotations
 
@@ -78,6 +85,17 @@ class Batcher:
     def arriving(self) -> "_Arrival":
         """`with batcher.arriving():` around reading and parsing a request that will submit."""
         return _Arrival(self)
+
+    def run_now(self, model, key: tuple, fn, cont: np.ndarray, cat: np.ndarray, prepare=None) -> Answer | None:
+        """A lone request on an idle worker (nothing queued, nobody being parsed) runs at once, in the
+        caller's task: no hand-over to the batch task. -> its Answer, or None when it must queue (submit)."""
+        if self._queue or self._arriving:
+            return None
+        metrics.BATCH_WINDOWS.observe(len(cont))
+        answer = self._call([Item(model, key, fn, cont, cat, None, prepare)])[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     def submit(self, model, key: tuple, fn, cont: np.ndarray, cat: np.ndarray, prepare=None) -> asyncio.Future:
         """Queue windows [n, W, .] for model; await the future for this request's Answer. Items of one

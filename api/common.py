@@ -53,7 +53,8 @@ async def run_windows(request: Request, model: LoadedModel, endpoint: str, key: 
             metrics.NORMALISE_LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
         # a few windows inline (a thread hop costs as much), more in a thread
         return await run_model(model, endpoint, lambda: fn(model, cont, cat), len(cont), inline=len(cont) <= 8)
-    answer = await batcher.submit(model, key, fn, cont, cat, prepare)
+    answer = batcher.run_now(model, key, fn, cont, cat, prepare) or await batcher.submit(model, key, fn, cont, cat,
+                                                                                          prepare)
     metrics.QUEUE_LATENCY.labels(endpoint).observe(answer.queue_ms / 1000)
     if prepare is not None:
         metrics.NORMALISE_LATENCY.labels(endpoint).observe(answer.prepare_ms / 1000)

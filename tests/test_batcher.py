@@ -103,3 +103,53 @@ def test_stream_answers_are_sliced_per_request(predictor, windows):
 def test_settings_refuse_a_bad_batcher():
     with pytest.raises(ValueError):
         Batcher(max_windows=0)
+
+
+def test_a_lone_request_on_an_idle_worker_runs_at_once(predictor, windows):
+    model, fn = loaded(predictor, "v1"), CountingPredict()
+    batcher = Batcher()
+    c, k = windows[0]
+    answer = batcher.run_now(model, ("predict",), fn, c, k)  # no batch task running: nothing queued, none arriving
+    assert fn.calls == [("v1", 1)] and answer.result[0]["gcode"] == alone(model, c, k)["gcode"]
+    with batcher.arriving():  # another request is being parsed: this one must queue to share its call
+        assert batcher.run_now(model, ("predict",), fn, c, k) is None
+    with pytest.raises(ValueError):  # its own error, raised in its own request
+        batcher.run_now(model, ("predict",), fn, c[:, :, :-1], k)
+
+
+@pytest.mark.slow
+def test_server_with_batching_answers_each_request_as_alone(api_registry, sample_request, predictor, tmp_path):
+    """GCODEFP_BATCHING=1 end to end: concurrent /predict requests and a /stream machine, each answered as alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from api_fixtures import start_uvicorn
+
+    server = start_uvicorn(tmp_path, GCODEFP_PACKAGE=api_registry / "packages" / "v1", GCODEFP_BATCHING=1,
+                           GCODEFP_BATCH_MAX_DELAY_MS=5)
+    try:
+        base = httpx.post(f"{server.url}/predict", json=sample_request, timeout=60).json()
+        sd = sample_request["sensor_data"]
+        docs = [{"sensor_data": {"continuous": (np.asarray(sd["continuous"], float) * (1 + 0.1 * i)).tolist(),
+                                 "categorical": sd["categorical"]}} for i in range(8)]
+
+        def post(doc):
+            return httpx.post(f"{server.url}/predict", json=doc, timeout=60).json()
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, docs * 3))
+        for doc, got in zip(docs * 3, answers):
+            cont, cat = inputs.parse_sensor_data(doc["sensor_data"], predictor.features, predictor.window)
+            ref = predictor.predict(*inputs.model_inputs(predictor.features, cont[None], cat[None]))[0]
+            assert got["gcode_sequence"] == ref["gcode"] and got["operation"]["name"] == ref["operation"]
+        assert base["model_version"] == "v1"
+        w = predictor.window
+        r = httpx.post(f"{server.url}/stream/m1", json={"sensor_data": {"continuous": sd["continuous"][:w],
+                                                                        "categorical": sd["categorical"][:w]},
+                                                        "start": True}, timeout=60).json()
+        assert r["rows_since_start"] == w and len(r["predictions"]) == 1
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert "gcodefp_batched_call_windows_count" in text and "gcodefp_queue_duration_seconds" in text
+    finally:
+        server.stop()
