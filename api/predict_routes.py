@@ -11,7 +11,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from . import inputs, metrics, monitoring
+from . import inputs, metrics, monitoring, options
 from .common import current, respond, run_model, run_windows
 from .model_store import LoadedModel
 from .schemas import (BATCH_RESPONSES, FINGERPRINT_RESPONSES, OPENAPI_BATCH, OPENAPI_FINGERPRINT, OPENAPI_PREDICT,
@@ -42,10 +42,10 @@ async def read_windows(request: Request, model: LoadedModel, batch: bool, keys: 
         cont, cat = inputs.parse_binary(body, model.spec, model.window, inputs.MAX_BATCH)
         if not batch and len(cont) != 1:
             raise inputs.InputError("body", f"{len(cont)} windows; /predict takes one (use /batch_predict)")
-        opts, fmt = inputs.query_options(request.query_params, max_tokens), "binary"
+        opts, fmt = options.query_options(request.query_params, max_tokens), "binary"
     else:
         doc = inputs.parse_json_object(body, keys)
-        opts, fmt, plain = inputs.parse_options(doc, max_tokens), "json", inputs.plain_numbers(body, doc)
+        opts, fmt, plain = options.parse_options(doc, max_tokens), "json", inputs.plain_numbers(body, doc)
         if batch:
             windows = doc.get("windows")
             if not isinstance(windows, list) or not windows:
@@ -71,7 +71,7 @@ def normalise(model, cont, cat):
     return inputs.model_inputs(model.spec, cont, cat)
 
 
-def _batchable(opts: inputs.Options) -> bool:
+def _batchable(opts: options.Options) -> bool:
     """Deterministic one-pass methods share graph calls; beam search and sampling run alone."""
     return opts.method in (None, "line", "greedy")
 

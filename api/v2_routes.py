@@ -26,7 +26,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from . import inputs, monitoring
+from . import inputs, monitoring, options
 from .common import respond, run_model
 from .model_store import LoadedModel, ModelStore
 from .schemas import V2_RESPONSES as R
@@ -38,7 +38,7 @@ DTYPES = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "INT8": "i1", "INT16": "<
           "INT64": "<i8", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8"}
 OUTPUT_TYPES = {"gcode": "BYTES", "operation": "BYTES", "operation_confidence": "FP32",
                 "line_confidence": "FP32", "line_source": "BYTES", "fingerprint": "FP32"}
-PARAMETER_KEYS = inputs.CONFIG_KEYS | {"binary_data_output"}
+PARAMETER_KEYS = options.CONFIG_KEYS | {"binary_data_output"}
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
@@ -222,7 +222,7 @@ def _parse(doc: dict, binary: bytes, model: LoadedModel):
     extra = sorted(set(params) - PARAMETER_KEYS)
     if extra:
         raise V2Error(f"parameters.{extra[0]}: unknown parameter; allowed: {', '.join(sorted(PARAMETER_KEYS))}")
-    opts = inputs.parse_options({"inference_config": {k: v for k, v in params.items() if k in inputs.CONFIG_KEYS}},
+    opts = options.parse_options({"inference_config": {k: v for k, v in params.items() if k in options.CONFIG_KEYS}},
                                 model.predictor.max_tokens)
     if opts.method is not None and opts.method not in model.predictor.methods():
         raise V2Error(f"parameters.method: {opts.method!r} is not offered by this model; "

@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 
-import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
