@@ -1,9 +1,12 @@
 """The benchmark of every variant and the choice of the variant to ship (gcodefp_core.release),
 with the blocking latency check of the shipped one."""
 
+import json
+
 import dagster as dg
 
 from gcodefp_core.fileio import write_json
+from gcodefp_core.paths import REPO_ROOT
 from gcodefp_core.variants import VARIANTS
 
 from ...automation import DOWNSTREAM
@@ -47,6 +50,22 @@ def variant_rows(result: dict, artifacts: ArtifactStore, gates: QualityGates) ->
     return rows
 
 
+def served_figures(results=REPO_ROOT / "results") -> dict:
+    """Links to what callers of the server got (benchmarks/serving.py), when it has been run: the
+    graph table above times the model alone, these time the whole request."""
+    path = results / "serving.json"
+    if not path.is_file():
+        return {}
+    try:
+        bars = json.loads(path.read_text()).get("bars", {})
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    out = {"served_figures": dg.MetadataValue.path(str(path)), "served_bars": dg.MetadataValue.json(bars)}
+    if (results / "serving.png").is_file():
+        out["served_plot"] = dg.MetadataValue.path(str(results / "serving.png"))
+    return out
+
+
 @dg.asset(group_name=GROUP, kinds={"onnx", "json"}, deps=["onnx_model", *(f"model_{v}" for v in VARIANTS if VARIANTS[v].builder)],
           automation_condition=DOWNSTREAM,
           description="Latency/throughput of every variant (gcodefp_core.benchmark, batch 1 first) and the variant to "
@@ -72,7 +91,8 @@ def benchmark_report(context: dg.AssetExecutionContext, config: BenchmarkConfig,
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(out)), "table": dg.MetadataValue.md(table), "shipped_variant": shipped,
         "why": why, "shipped_p95_ms": r["p95_ms"], "shipped_p99_ms": r["p99_ms"], "shipped_median_ms": r["median_ms"],
-        "iterations": config.iterations, "threads": config.threads, "batch_sizes": dg.MetadataValue.json(batch_sizes)})
+        "iterations": config.iterations, "threads": config.threads, "batch_sizes": dg.MetadataValue.json(batch_sizes),
+        **served_figures()})
 
 
 @dg.asset_check(asset=benchmark_report, blocking=True,
