@@ -57,7 +57,6 @@ class DatasetConfig:
     exclude_columns: list[str] = field(default_factory=list)   # single columns, e.g. ["mpox", "mpoy", "mpoz"]
     skip_bad_files: bool = False
     clip: float = 8.0
-    min_token_freq: int = 1
     synthetic_runs_per_operation: int = 4
     synthetic_seed: int = 0
 
@@ -151,7 +150,7 @@ def _write_arrays(runs: list[RunLog], cfg: DatasetConfig, dest: Path) -> dict:
     train = [r for r in runs if split_of[r.name] == "train"]
     spec = FeatureSpec.for_columns(cfg.feature_set, cfg.columns(), cfg.clip)
     spec.fit([r.frame for r in train])
-    tokenizer = GCodeTokenizer.build([canonicalize(g) for r in train for g in r.frame[TARGET_COLUMN]], cfg.min_token_freq)
+    tokenizer = GCodeTokenizer.build([canonicalize(g) for r in train for g in r.frame[TARGET_COLUMN]])
 
     canon = [[canonicalize(g) for g in r.frame[TARGET_COLUMN]] for r in runs]
     lines = sorted({g for c in canon for g in c})
