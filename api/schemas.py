@@ -50,10 +50,13 @@ OPENAPI_BATCH = _body({"windows": {"type": "array", "minItems": 1, "maxItems": S
 OPENAPI_STREAM = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["sensor_data"], "additionalProperties": False, "properties": {
         "sensor_data": {**SENSOR_DATA, "description": (
-            "The machine's next rows (1..GCODEFP_MAX_STREAM_ROWS, in order from its program's start), in either "
-            "sensor_data form: continuous (n x F) + categorical (n x C), or columns {name: [n values]}.")},
+            "The machine's next rows (1..GCODEFP_MAX_STREAM_ROWS, in order), in either sensor_data form: "
+            "continuous (n x F) + categorical (n x C), or columns {name: [n values]}. With a program tracker "
+            "(mode \"tracker\") the rows may start anywhere in a program and rows may be lost; with the "
+            "row-count clock (older packages, mode \"clock\") post every row from the program's start.")},
         "start": {"type": "boolean", "default": False,
-                  "description": "a new program run begins with these rows (rows_since_start = 0)"}}}}}}}
+                  "description": "optional: a new program run begins with these rows (rows_since_start = 0; "
+                                 "the tracker starts at the program's first row instead of anywhere)"}}}}}}}
 
 # ---- responses ---------------------------------------------------------------------------------
 _ERROR = {"type": "object", "required": ["error"], "properties": {
@@ -83,8 +86,21 @@ _PREDICTION = _obj(["gcode_sequence", "tokens", "method", "operation"], gcode_se
                    tokens={"type": "array", "items": _STR}, method=_STR, operation=_OPERATION,
                    line_confidence=_NUM, line_source=_STR, fingerprint=_NUMS)
 _TIMED = {"inference_time_ms": _NUM, "model_version": _STR}
+_MODE = {"type": "string", "enum": ["tracker", "clock"], "description": (
+    "tracker: where in which program, inferred from the windows (no row counter); clock: rows counted from "
+    "the program's start (older packages)")}
 _STREAM_STATE = _obj(["machine_id", "rows_since_start", "windows"], machine_id=_STR, rows_since_start=_INT,
-                     windows=_INT, model_version={"type": ["string", "null"]})
+                     windows=_INT, model_version={"type": ["string", "null"]}, mode=_MODE)
+_STREAM_PREDICTION = _obj(
+    ["row", "gcode_sequence", "operation", "line_confidence", "line_source", "window"],
+    row={**_INT, "description": "the row (counted from the session's start) whose window this answers"},
+    gcode_sequence=_STR, operation={**_OPERATION, "description": "the streamed operation and its posterior"},
+    line_confidence=_NUM, line_source={"type": "string", "enum": ["tracker", "clock", "window"]},
+    paused={**_NUM, "description": "tracker: probability that the machine stands still"},
+    program_offset={**_INT, "description": "tracker: most probable row offset since the program started"},
+    entropy={**_NUM, "description": "tracker: of its posterior over program positions, nats (0 = certain)"},
+    evidence_weight={**_NUM, "description": "tracker: the window's share of real rows (padded until W rows)"},
+    window=_obj(["operation", "gcode_sequence"], operation=_OPERATION, gcode_sequence=_STR))
 _ANY = {"type": "object"}
 
 PREDICT_RESPONSES = {200: _json({**_PREDICTION, "required": _PREDICTION["required"] + list(_TIMED),
@@ -98,8 +114,9 @@ FINGERPRINT_RESPONSES = {200: _json(_obj(["fingerprint", "embedding_dim", "norm"
                          **_errors(413, 422, 503)}
 STREAM_POST_RESPONSES = {200: _json(_obj(["machine_id", "rows_since_start", "windows", "predictions", "model_version"],
                                          machine_id=_STR, rows_since_start=_INT, windows=_INT, model_version=_STR,
-                                         predictions={"type": "array", "items": _ANY}), "predictions of the "
-                                    "windows these rows complete"), **_errors(409, 413, 422, 503)}
+                                         mode=_MODE, started={"type": "boolean"}, model_changed={"type": "boolean"},
+                                         predictions={"type": "array", "items": _STREAM_PREDICTION}),
+                                    "predictions of the windows these rows complete"), **_errors(409, 413, 422, 503)}
 STREAM_STATE_RESPONSES = {200: _json(_STREAM_STATE, "the session"), **_errors(404, 422)}
 STREAM_END_RESPONSES = {200: _json(_obj(["machine_id", "ended"], machine_id=_STR, ended={"type": "boolean"}),
                                    "the session ended"), **_errors(404, 422)}
@@ -232,7 +249,7 @@ def contract(doc: dict, model, max_batch: int, max_stream_rows: int) -> dict:
     for path in [p for p in paths if p.startswith("/stream/")]:
         if "post" in paths[path]:
             body(path)["sensor_data"] = {**_window_schema(spec, {"minItems": 1, "maxItems": 1}), "description": (
-                "The machine's next rows, in order from its program's start (documented here as one row per "
+                "The machine's next rows, in order (documented here as one row per "
                 f"request; the server takes 1..{max_stream_rows} rows, continuous and categorical of equal length).")}
     outputs = [n for n in ("gcode", "operation", "operation_confidence", "line_confidence", "line_source",
                            "fingerprint") if model.predictor.default_method == "line" or not n.startswith("line_")]

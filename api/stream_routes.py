@@ -64,4 +64,4 @@ async def stream_delete(request: Request, machine_id: str):
     async with session.lock:  # after the machine's requests already queued, not in the middle of one
         request.app.state.streams.end(session)
     return respond({"machine_id": machine_id, "ended": True, "rows_since_start": session.rows_since_start,
-                    "windows": session.tracker.windows})
+                    "windows": session.windows})

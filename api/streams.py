@@ -1,16 +1,27 @@
 """Streaming mode over HTTP (POST/GET/DELETE /stream/{machine_id}): one session per machine.
 
-A window model judges 64 rows alone; gcodefp_core.runtime.clock follows a machine from the start of its
-program (row offset -> the program clock; operation evidence adds up over windows). That needs
-state between requests, so a session lives in this worker's memory: with several workers, a
-machine must always reach the same worker (or run one worker). The client posts the rows in
-order from the program's start, in chunks of any size; windows may span chunks, so a session
-keeps the last W-1 rows, already normalised (gcodefp_core.runtime.windows cuts and batches them).
+A window model judges 64 rows alone; a stream session follows one machine, which needs state
+between requests, so a session lives in this worker's memory: with several workers, a machine must
+always reach the same worker (or run one worker). The client posts the machine's rows in order, in
+chunks of any size; windows may span chunks, so a session keeps the last W-1 rows, already
+normalised (gcodefp_core.runtime.windows cuts and batches them). Two ways to follow a machine:
+
+- **tracker** (models whose package has a program tracker and whose predict graph gives
+  line_logits): gcodefp_core.runtime.program_tracker infers where in which program the machine is
+  from the windows themselves, so no row counter is needed: a monitor may attach mid-run, lose rows
+  or see a paused machine. Every row gets an answer from the first one on: until W rows have
+  arrived, the window is padded with the first row and its evidence weighs the share of real rows;
+  a row equal to the previous one is evidence of a pause. `start` is optional information: true
+  says a program starts with these rows (the filter starts at offset 0 of any program), otherwise
+  it starts from "anywhere in any program".
+- **clock** (older packages): gcodefp_core.runtime.clock counts rows from the program's start, so the
+  client must post every row from the start (start=true); answers begin at row W-1.
 
 Bounded: at most GCODEFP_MAX_STREAMS sessions; a new machine evicts the least recently used one.
 A hot swap (the session's model version is not the served one) keeps rows_since_start (a property
 of the machine, not of the model) but drops the buffer and the evidence: the new model may read
-other features or normalise them differently. Its predictions resume once W new rows have arrived.
+other features or normalise them differently. Its predictions resume once W new rows have arrived
+(clock), or at once from padded windows, its tracker starting from "anywhere" (tracker).
 """
 from __future__ import annotations
 
@@ -33,6 +44,7 @@ MAX_STREAMS = SETTINGS.max_streams
 MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 INLINE_ROWS = 256      # a chunk this small is normalised on the event loop (~0.5 ms at most): cheaper than a
                        # thread hop, and worker threads each grow their own malloc arena (RSS)
+INLINE_TRACKED = 16    # rows a tracker session follows on the event loop (~0.1 ms each); more go to a thread
 
 
 def check_machine_id(machine_id: str) -> str:
@@ -53,9 +65,12 @@ class Session:
     machine_id: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request of this machine at a time, FIFO
     version: str | None = None    # the model version it follows; None: not started yet (first request running)
-    tracker: object = None        # gcodefp_core.runtime.clock.StreamTracker
+    mode: str = "clock"           # "tracker" (ProgramTracker) or "clock" (row-count clock), set per model
+    tracker: object = None        # runtime.program_tracker.TrackerSession or runtime.clock.StreamTracker
     clock: bool = False           # whether that model has a program clock
     rows_since_start: int = 0
+    windows: int = 0              # windows answered since the (re)start
+    real_rows: int = 0            # rows since the (re)start, up to W: a padded window's share of real rows
     cont: np.ndarray | None = None  # the last <= W-1 rows, normalised: float32 [n, F]
     cat: np.ndarray | None = None   # int64 [n, C]
     started_at: float = 0.0
@@ -122,11 +137,20 @@ class StreamRegistry:
 
 
 # ---- one chunk --------------------------------------------------------------------------------------
-def cut(model, buf_cont, buf_cat, raw_cont: np.ndarray, raw_cat: np.ndarray):
-    """Normalise the chunk and cut every window that ends in it.
-    -> (windows cont [m, W, F] or None, windows cat, new buffer cont, new buffer cat)."""
+def cut(model, buf_cont, buf_cat, raw_cont: np.ndarray, raw_cat: np.ndarray, pad: bool = False):
+    """Normalise the chunk and cut every window that ends in it. pad (a tracker session's first
+    chunk): the buffer is the first row W-1 times, so every row ends a window.
+    -> (windows cont [m, W, F] or None, windows cat, new buffer cont, new buffer cat, repeated [n] bool:
+    a row's readings equal the previous row's)."""
     c, k = inputs.model_inputs(model.spec, raw_cont[None], raw_cat[None])
-    return windows.slide(buf_cont, buf_cat, c[0], k[0], model.window)
+    c, k = c[0], k[0]
+    repeated = np.zeros(len(c), bool)
+    repeated[1:] = (c[1:] == c[:-1]).all(axis=1)
+    if buf_cont is not None and len(buf_cont):
+        repeated[0] = bool((c[0] == buf_cont[-1]).all())
+    elif pad:
+        buf_cont, buf_cat = np.repeat(c[:1], model.window - 1, axis=0), np.repeat(k[:1], model.window - 1, axis=0)
+    return (*windows.slide(buf_cont, buf_cat, c, k, model.window), repeated)
 
 
 def predict(model, wc: np.ndarray, wk: np.ndarray) -> dict[str, np.ndarray]:
@@ -140,43 +164,90 @@ def _op(operations: list[str], logits: np.ndarray) -> dict:
     return {"name": operations[i], "confidence": round(float(z[i] / z.sum()), 6)}
 
 
-async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run) -> dict:
-    """Apply one chunk to a session (hold session.lock). run(windows cont, windows cat) runs the model
-    (predict) and records metrics -> (result, ms). The session changes only after the model has answered."""
-    fresh = session.version is None or start
-    changed = not fresh and session.version != model.version
-    rows_before = 0 if fresh else session.rows_since_start
-    buf = (None, None) if fresh or changed else (session.cont, session.cat)
-    n = len(raw_cont)
-    if n <= INLINE_ROWS:
-        wc, wk, cont, cat = cut(model, *buf, raw_cont, raw_cat)
+def _restart(session: Session, model, start: bool) -> None:
+    """Fresh evidence: a new run, or the same run under another model."""
+    p = model.predictor
+    if p.program_tracker is not None:
+        session.mode, session.tracker = "tracker", p.program_tracker.start(at_program_start=start)
     else:
-        wc, wk, cont, cat = await asyncio.to_thread(cut, model, *buf, raw_cont, raw_cat)
-    n_windows = 0 if wc is None else len(wc)
-    out, ms = await run(wc, wk) if n_windows else (None, 0.0)
+        session.mode, session.tracker = "clock", p.stream_tracker()
+    session.version, session.clock, session.operation = model.version, p.program_clock is not None, None
+    session.windows = session.real_rows = 0
 
-    if fresh or changed:  # a new run, or the same run under another model: fresh evidence
-        session.tracker, session.version = model.predictor.stream_tracker(), model.version
-        session.clock, session.operation = model.predictor.program_clock is not None, None
-        if fresh:
-            session.started_at = time.time()
+
+def _tracked(session: Session, model, out: dict, first: int, repeated: np.ndarray) -> list[dict]:
+    """The tracker's answer after each window (window j ends at the chunk's row j)."""
+    p, w, track = model.predictor, model.window, session.tracker
+    predictions = []
+    for j in range(len(out["line"])):
+        logits, line = out["op_logits"][j], int(out["line"][j])
+        weight = min(session.real_rows + j + 1, w) / w
+        step = track.update(logits, out["line_logits"][j], weight, bool(repeated[j]))
+        source, answer, conf = step.line_source, step.line, step.line_confidence
+        if answer < 0:  # the tracked program's timeline holds no line here: the window's own answer
+            source, answer, conf = "window", line, float(out["line_confidence"][j])
+        session.operation = {"name": p.operations[step.operation], "confidence": round(step.operation_confidence, 6)}
+        predictions.append({"row": first + j, "gcode_sequence": p.lines[answer], "operation": session.operation,
+                            "line_confidence": round(conf, 6), "line_source": source,
+                            "paused": round(step.paused, 6), "program_offset": step.offset,
+                            "entropy": round(step.entropy, 4), "evidence_weight": round(weight, 4),
+                            "window": {"operation": _op(p.operations, logits), "gcode_sequence": p.lines[line]}})
+    return predictions
+
+
+def _clocked(session: Session, model, out: dict, first: int) -> list[dict]:
+    """The clock's answer after each window (window j's newest row is `first + j` rows after the start)."""
     p = model.predictor
     predictions = []
-    first = rows_before + n - n_windows  # the offset of the first window's newest row
-    for j in range(n_windows):
+    for j in range(len(out["line"])):
         logits, line, conf = out["op_logits"][j], int(out["line"][j]), float(out["line_confidence"][j])
         step = session.tracker.update(first + j, logits, line, conf)
         session.operation = {"name": p.operations[step.operation], "confidence": round(step.operation_confidence, 6)}
         predictions.append({"row": first + j, "gcode_sequence": p.lines[step.line], "operation": session.operation,
                             "line_confidence": round(step.line_confidence, 6), "line_source": step.line_source,
                             "window": {"operation": _op(p.operations, logits), "gcode_sequence": p.lines[line]}})
+    return predictions
+
+
+async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run) -> dict:
+    """Apply one chunk to a session (hold session.lock). run(windows cont, windows cat) runs the model
+    (predict) and records metrics -> (result, ms). The session changes only after the model has answered."""
+    fresh = session.version is None or start
+    changed = not fresh and session.version != model.version
+    rows_before = 0 if fresh else session.rows_since_start
+    tracking = model.predictor.program_tracker is not None
+    buf = (None, None) if fresh or changed else (session.cont, session.cat)
+    n = len(raw_cont)
+    pad = tracking and buf[0] is None
+    if n <= INLINE_ROWS:
+        wc, wk, cont, cat, repeated = cut(model, *buf, raw_cont, raw_cat, pad)
+    else:
+        wc, wk, cont, cat, repeated = await asyncio.to_thread(cut, model, *buf, raw_cont, raw_cat, pad)
+    n_windows = 0 if wc is None else len(wc)
+    out, ms = await run(wc, wk) if n_windows else (None, 0.0)
+
+    if fresh or changed:
+        _restart(session, model, bool(start))
+        if fresh:
+            session.started_at = time.time()
+    first = rows_before + n - n_windows  # the row (since the start) that the first window ends at
+    if not n_windows:
+        predictions = []
+    elif session.mode == "tracker":  # ~0.1 ms a row: a long chunk is tracked off the event loop
+        track = (lambda: _tracked(session, model, out, first, repeated[n - n_windows:]))
+        predictions = track() if n_windows <= INLINE_TRACKED else await asyncio.to_thread(track)
+    else:
+        predictions = _clocked(session, model, out, first)
+    session.windows += n_windows
+    session.real_rows = min(session.real_rows + n, model.window)
     session.rows_since_start, session.cont, session.cat = rows_before + n, cont, cat
-    return {"machine_id": session.machine_id, "rows_since_start": session.rows_since_start,
-            "windows": session.tracker.windows, "model_version": model.version, "started": fresh,
+    return {"machine_id": session.machine_id, "rows_since_start": session.rows_since_start, "mode": session.mode,
+            "windows": session.windows, "model_version": model.version, "started": fresh,
             "model_changed": changed, "predictions": predictions, "inference_time_ms": ms}
 
 
 def state(session: Session) -> dict:
     return {"machine_id": session.machine_id, "rows_since_start": session.rows_since_start,
-            "windows": session.tracker.windows, "operation": session.operation, "model_version": session.version,
-            "started_at": session.started_at, "last_used": session.last_used, "clock": session.clock}
+            "windows": session.windows, "operation": session.operation, "model_version": session.version,
+            "started_at": session.started_at, "last_used": session.last_used, "clock": session.clock,
+            "mode": session.mode}

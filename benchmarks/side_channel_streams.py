@@ -1,4 +1,4 @@
-"""The program tracker (gcodefp_core.program_tracker) against window mode, under the conditions a
+"""The program tracker (gcodefp_core.runtime.program_tracker) against window mode, under the conditions a
 monitor has, on the test split (unseen runs), per operation, mean [min-max] over checkpoints (seeds).
 
 Conditions (each test run streamed once per condition; random choices seeded per checkpoint):
@@ -100,7 +100,7 @@ def run_one(tracker, s: dict) -> dict:
 def calibration(ds, table, models, classes, temps: dict) -> dict:
     """ECE of the window model's op and line confidence on test windows, before/after temperature."""
     from gcodefp_core import fit_program_tracker as fit
-    from gcodefp_core.program_tracker import log_softmax
+    from gcodefp_core.runtime.program_tracker import log_softmax
 
     ids = ds.split_windows("test")
     out = fit.stream_outputs(models, ds, ids[:, None] + np.arange(-ds.window + 1, 1))

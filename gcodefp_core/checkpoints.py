@@ -4,11 +4,12 @@ A checkpoint is a dict saved with torch.save and read with weights_only=True (no
     format, model_config, state_dict        the network
     dataset                                  the data reference: path, content hash, features, tokenizer,
                                              operations (the bundle's inputs and outputs)
-    line_table, program_path, program_clock  the bundle's attachments (plain dicts; None when absent)
+    line_table, program_path, program_clock, program_tracker   the bundle's attachments (plain dicts;
+                                             None when absent)
     config, seed, parameters, epoch, metrics the training record
 `load_checkpoint` returns the model, its ModelBundle and that dict; the bundle is never hung on
-the nn.Module. Fitting the program path and clock after training (attach_*) rewrites the file
-atomically.
+the nn.Module. Fitting the program path, clock and tracker after training (attach_*) rewrites the
+file atomically.
 """
 from __future__ import annotations
 
@@ -108,4 +109,25 @@ def attach_program_clock(best_path: Path, ds, val_ids: np.ndarray) -> dict:
     log.info("program clock: weight %g, streamed validation op %.4f exact %.4f (per window: op %.4f exact %.4f)",
              clock.weight, metrics["val_stream_op_acc"], metrics["val_stream_exact_match"],
              ckpt["metrics"].get("val_op_acc", float("nan")), ckpt["metrics"].get("val_exact_match", float("nan")))
+    return metrics
+
+
+def attach_program_tracker(best_path: Path, ds, seed: int = 0, max_streams: int = 8) -> dict:
+    """Streaming mode's program tracker: built from the training runs, its temperatures fitted on the
+    validation windows, its weights tuned on a few validation streams (from the program start, and
+    attached late with rows lost), saved into the checkpoint with the figures it reached there."""
+    from .fit_program_tracker import fit_program_tracker
+
+    model, bundle, ckpt = load_checkpoint(best_path)
+    tracker, report = fit_program_tracker([model], ds, bundle.line_table, seed=seed, max_streams=max_streams)
+    best = max(report["tuning"], key=lambda r: (r[1], r[2]))
+    metrics = {"val_tracker_exact_match": best[1], "val_tracker_op_acc": best[2], "val_tracker_streams": report["streams"]}
+    for condition, scores in report["conditions"].items():
+        metrics |= {f"val_tracker_{condition}_{k}": v for k, v in scores.items() if k != "streams"}
+    ckpt["program_tracker"] = tracker.to_dict()
+    ckpt["metrics"] = ckpt.get("metrics", {}) | metrics
+    save_checkpoint(best_path, ckpt)
+    log.info("program tracker: %d states, line weight %g, op weight %g, window weight %g; validation streams: "
+             "exact %.4f op %.4f", tracker.n_states, tracker.params["line_weight"], tracker.params["op_weight"],
+             tracker.params["window_weight"], best[1], best[2])
     return metrics

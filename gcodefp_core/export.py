@@ -4,7 +4,8 @@ Files: `--output DIR/model.onnx` names the *stem* "model"; the export writes, si
     DIR/model.encoder.onnx       encoder      (continuous, categorical -> memory, op_logits, fingerprint, h0)
     DIR/model.decoder.onnx       decoder step (tokens, h, memory -> logits, h_next)
     DIR/model.encoder_only.onnx  op_logits + fingerprint only (what --encoder-only writes alone)
-    DIR/model.predict.onnx       line head: the whole answer in one call (models with a line head)
+    DIR/model.predict.onnx       line head: the whole answer in one call (models with a line head),
+                                 and the line head's unrestricted line_logits (the program tracker's evidence)
     DIR/model.json               the ModelBundle + this export's description (gcodefp_core.runtime.bundle)
 Quantized variants use their own stem (model_int8_dynamic.*), so variants can share a folder.
 
@@ -34,7 +35,7 @@ GRAPH_IO = {
     "encoder": (["continuous", "categorical"], ["memory", "op_logits", "fingerprint", "h0"]),
     "decoder": (["tokens", "h", "memory"], ["logits", "h_next"]),
     "encoder_only": (["continuous", "categorical"], ["op_logits", "fingerprint"]),
-    "predict": (["continuous", "categorical"], ["line", "line_confidence", "op_logits", "fingerprint"]),
+    "predict": (["continuous", "categorical"], ["line", "line_confidence", "op_logits", "fingerprint", "line_logits"]),
 }
 # fp32 parity bars: onnxruntime fuses and reorders float ops, so ~1e-5 is normal; 1e-3 means a real bug.
 MAX_ABS_DIFF = 1e-3
@@ -165,8 +166,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, encoder_only: 
         if bundle.line_table is None:
             raise ValueError(f"{checkpoint}: the model has a line head but the checkpoint has no line_table")
         graphs.append("predict")
-    else:  # the line table, path and clock serve the predict graph only
-        bundle = bundle.replace(line_table=None, program_path=None, program_clock=None)
+    else:  # the line table, path, clock and tracker serve the predict graph only
+        bundle = bundle.replace(line_table=None, program_path=None, program_clock=None, program_tracker=None)
     modules = _wrappers(model)
     files, signatures = {}, {}
     t0 = time.perf_counter()
@@ -249,10 +250,13 @@ def verify(model_json: str | Path, model=None, checkpoint: str | Path | None = N
             diff("op_logits", got["op_logits"], op_ref)
             diff("fingerprint", got["fingerprint"], fp_ref)
             if has_lines:
-                line_ref, conf_ref, _, _ = (t.numpy() for t in model.predict_line(torch.as_tensor(c), torch.as_tensor(k)))
+                line_ref, conf_ref, _, _, logits_ref = (t.numpy() for t in model.predict_line(torch.as_tensor(c),
+                                                                                               torch.as_tensor(k)))
                 lines = pred.predict_lines(c, k, snap=False)  # the graph against PyTorch's; snapping is numpy on both sides
                 same["line"] = same.get("line", 0) + int((lines["line"] == line_ref).sum())
                 diff("line_confidence", lines["line_confidence"], conf_ref)
+                if "line_logits" in lines:  # exports before the program tracker lack it
+                    diff("line_logits", lines["line_logits"], logits_ref)
                 diff("predict_op_logits", lines["op_logits"], op_ref)
             if "decoder" not in pred.sessions:
                 continue

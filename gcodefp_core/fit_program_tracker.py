@@ -1,4 +1,4 @@
-"""Fitting the program tracker (gcodefp_core.program_tracker) from training runs, and the streamed
+"""Fitting the program tracker (gcodefp_core.runtime.program_tracker) from training runs, and the streamed
 conditions it is tuned and evaluated under. Training-side code: torch is allowed here.
 
 - `build_program_tracker`: per program, the lines the training runs execute at each row offset
@@ -17,7 +17,7 @@ import itertools
 
 import numpy as np
 
-from .program_tracker import PARAMS, ProgramTracker, log_softmax
+from .runtime.program_tracker import PARAMS, ProgramTracker, log_softmax
 from .programs import LineTable, row_classes
 
 
@@ -161,7 +161,25 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
     if max_streams and len(streams) > max_streams:
         streams = streams[::len(streams) // max_streams + 1]
     params, results = tune_tracker(tracker, streams, grid or DEFAULT_GRID)
-    return tracker, {"temperatures": temps, "params": params, "tuning": results, "streams": len(streams)}
+    return tracker, {"temperatures": temps, "params": params, "tuning": results, "streams": len(streams),
+                     "conditions": score_streams(tracker, streams)}
+
+
+def score_streams(tracker: ProgramTracker, streams: list[dict]) -> dict:
+    """Exact line and operation accuracy of the tracker as it stands, per condition: "start" (streams
+    from the program start) and "attached" (attached late, rows lost); scored rows only."""
+    out = {}
+    for name, from_start in (("start", True), ("attached", False)):
+        mine = [s for s in streams if bool(s.get("from_start", False)) == from_start]
+        exact, op = [], []
+        for s in mine:
+            r = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"], from_start)
+            sel, y = s["scored"], s["line_target"]
+            exact.append(np.mean((r["line"][sel] == y[sel]) & (y[sel] >= 0)))
+            op.append(np.mean(r["operation"][sel] == s["op_target"]))
+        if mine:
+            out[name] = {"streams": len(mine), "exact_match": float(np.mean(exact)), "op_acc": float(np.mean(op))}
+    return out
 
 
 def run_tracker(tracker: ProgramTracker, op_logits, line_logits, weights=None, repeated=None,

@@ -187,14 +187,16 @@ class GCodeFingerprintModel(nn.Module):
     def predict_line(self, continuous: torch.Tensor, categorical: torch.Tensor):
         """The whole prediction without a decoding loop: the active line as a class of the line table,
         among the lines of the predicted operation's program ->
-        line [B] int64, line_confidence [B] (softmax within the program), op_logits, fingerprint."""
+        line [B] int64, line_confidence [B] (softmax within the program), op_logits, fingerprint, and
+        line_logits [B, n_lines]: the line head's own scores over every line, unrestricted (the
+        program tracker weighs every line against every program position itself)."""
         enc = self.summarise(continuous, categorical)
         op_logits, line_logits = self.heads(enc)
         allowed = self.allowed_lines(op_logits.argmax(dim=-1))
         scores = torch.where(allowed, line_logits, torch.full_like(allowed, MASKED, dtype=line_logits.dtype))
         probs = torch.softmax(scores, dim=-1)
         confidence, line = probs.max(dim=-1)
-        return line, confidence, op_logits, F.normalize(self.fp_head(enc.summary), dim=-1)
+        return line, confidence, op_logits, F.normalize(self.fp_head(enc.summary), dim=-1), line_logits
 
     def decode_step(self, tokens: torch.Tensor, h: torch.Tensor, memory: torch.Tensor):
         """tokens [B] int64 (previous token), h [B,D], memory [B,T,D] -> logits [B,V], new h [B,D]."""

@@ -80,9 +80,13 @@ def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
     augmentation = ", ".join(f"{k} {train[k]}" for k in AUGMENTATION if train.get(k))
     answers = (f"the line head (a lookup among the {len(table['lines'])} program lines of the training runs); "
                "the token decoder on request" if table.get("lines") else "the token decoder")
-    clock = meta.get("program_clock") or {}
+    clock, tracker = meta.get("program_clock") or {}, meta.get("program_tracker") or {}
+    outputs = {o["name"] for o in (meta.get("graphs") or {}).get("predict", {}).get("outputs", [])}
     streaming = (f"program clock over {len(clock['programs'])} programs, clock weight {clock['weight']:g} "
                  "(chosen on validation)" if clock.get("programs") else "operation evidence only (no program clock)")
+    if tracker.get("programs") and "line_logits" in outputs:
+        streaming = (f"program tracker (a forward filter over the row offsets of {len(tracker['programs'])} programs; "
+                     "no row counter needed)")
     path = meta.get("program_path") or {}
     snapping = (f"onto the programs' tool paths ({sum(len(e) for e in path['ends'])} segments) within "
                 f"{path['tolerance_mm']:g} mm (chosen on validation)" if path.get("tolerance_mm") else "off")

@@ -65,13 +65,15 @@ def test_onnx_matches_pytorch_at_dynamic_batch_sizes(exported, batch):
     ref = decoding.greedy(TorchStep(model), state, batch, exported["meta"]["max_tokens"])
     np.testing.assert_array_equal(pred.predict_arrays(cont, cat, method="greedy")[0], ref)
     # The default answer is the line head's: one graph call, the same line as PyTorch's.
-    line_ref, conf_ref, op_logits, _ = (t.detach().numpy() for t in model.predict_line(torch.as_tensor(cont), torch.as_tensor(cat)))
+    line_ref, conf_ref, op_logits, _, logits_ref = (t.detach().numpy() for t in model.predict_line(torch.as_tensor(cont), torch.as_tensor(cat)))
     # ... snapped onto the program path where the position lies on it, as evaluate.predict does.
     assert bundle.program_path is not None and pred.program_path is not None
     program = model.op_program.numpy()[op_logits.argmax(1)]
     line_ref, _, _ = bundle.program_path.snap(program, cont[:, -1], line_ref, conf_ref)
     rows = pred.predict(cont, cat)
     assert [r["gcode"] for r in rows] == [bundle.line_table.lines[i] for i in line_ref]
+    # The line head's unrestricted scores (the program tracker's evidence) come out of the same call.
+    np.testing.assert_allclose(pred.predict_lines(cont, cat)["line_logits"], logits_ref, atol=1e-4)
     assert all(r["method"] == "line" and 0 < r["line_confidence"] <= 1 for r in rows)
 
 

@@ -175,12 +175,13 @@ def test_predict_line_only_picks_lines_of_the_predicted_program():
     model.set_line_mask(mask)
     cont, cat = inputs(model, batch=16, seed=3)
     with torch.no_grad():
-        line, confidence, op_logits, fp = model.predict_line(cont, cat)
+        line, confidence, op_logits, fp, raw = model.predict_line(cont, cat)
         _, op_ref, fp_ref, line_logits = model(cont, cat, torch.ones(16, 2, dtype=torch.long))
     program = torch.as_tensor(PROGRAMS)[op_logits.argmax(-1)]
     assert torch.equal(line // 2, program)
     torch.testing.assert_close(op_logits, op_ref)
     torch.testing.assert_close(fp, fp_ref)
+    torch.testing.assert_close(raw, line_logits)  # the unrestricted scores, as training sees them
     # Within the program, the better scored of its two lines wins, with its softmax share as confidence.
     pair = line_logits.gather(1, torch.stack([2 * program, 2 * program + 1], 1))
     torch.testing.assert_close(line, 2 * program + pair.argmax(1))
@@ -204,7 +205,7 @@ def test_controller_line_head_with_and_without_fourier_features(fourier_features
     model.set_line_mask(np.repeat(np.eye(6, dtype=bool), 2, axis=1))
     cont, cat = inputs(model, batch=5)
     with torch.no_grad():
-        line, confidence, op_logits, _ = model.predict_line(cont, cat)
+        line, confidence, op_logits, _, _ = model.predict_line(cont, cat)
     assert torch.equal(line // 2, torch.as_tensor(PROGRAMS)[op_logits.argmax(-1)])
     cont2 = cont.clone()
     cont2[:, :-9, 1] += 3.0  # a non-controller column, outside the last rows: the line scores ignore it

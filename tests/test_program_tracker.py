@@ -1,4 +1,4 @@
-"""gcodefp_core.program_tracker: the online forward filter over (operation, row offset in the
+"""gcodefp_core.runtime.program_tracker: the online forward filter over (operation, row offset in the
 program), on tiny hand-made programs whose window evidence is clear, and its fitting from a dataset."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gcodefp_core.program_tracker import PARAMS, ProgramTracker
+from gcodefp_core.runtime.program_tracker import PARAMS, ProgramTracker
 
 N_LINES = 12
 

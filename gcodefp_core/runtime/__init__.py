@@ -4,7 +4,9 @@
 - predictor.py     OnnxPredictor: window arrays -> line, operation, confidences, fingerprint
 - decoding.py      greedy / beam / sampling over a decoder step (also used by the PyTorch side)
 - program_path.py  snapping a window's last position onto its program's tool path
-- clock.py         streaming mode: the program clock and the per-machine tracker
+- program_tracker.py  streaming mode: where in which program a machine is (a forward filter; no row counter)
+- clock.py         streaming mode of older models: the row-count program clock and its per-machine tracker
+- windows.py       cutting a machine's stream of rows into windows, running them in batches
 
 import-linter holds this by contract (pyproject.toml, [tool.importlinter]).
 """

@@ -2,8 +2,8 @@
 
 A trained model is weights plus the facts needed to use them: how raw readings become inputs (the
 feature spec), how tokens become G-code (the tokenizer), the operations, the window length, the
-decode limit, and, for models with a line head, the line table, the program path and the program
-clock. Checkpoints (gcodefp_core.checkpoints) and exports (model.json) carry the same bundle, so
+decode limit, and, for models with a line head, the line table, the program path, the program
+clock and the program tracker. Checkpoints (gcodefp_core.checkpoints) and exports (model.json) carry the same bundle, so
 export, quantize, package and the runtime all read it through here: a field added to the bundle is
 added in one place.
 
@@ -25,11 +25,12 @@ from ..tokenizer import GCodeTokenizer
 from ..variants import VARIANTS
 from .clock import ProgramClock
 from .program_path import ProgramPath
+from .program_tracker import ProgramTracker
 
 FORMAT = "gcodefp-onnx"
 FORMAT_VERSION = 1
 REQUIRED = ("variant", "files", "features", "tokenizer", "operations", "window", "max_tokens")
-ATTACHMENTS = ("line_table", "program_path", "program_clock")   # optional parts, None when absent
+ATTACHMENTS = ("line_table", "program_path", "program_clock", "program_tracker")   # optional parts, None when absent
 
 
 @dataclass
@@ -41,7 +42,8 @@ class ModelBundle:
     max_tokens: int                          # decode limit (tokens after BOS)
     line_table: LineTable | None = None      # the line head's classes (the training runs' lines)
     program_path: ProgramPath | None = None  # snapping onto the program's tool path (positions only)
-    program_clock: ProgramClock | None = None   # streaming mode
+    program_clock: ProgramClock | None = None   # streaming mode, older models: the row-count clock
+    program_tracker: ProgramTracker | None = None   # streaming mode: where in which program, inferred
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model") -> "ModelBundle":
@@ -55,7 +57,8 @@ class ModelBundle:
                    int(d["window"]), int(d["max_tokens"]),
                    LineTable.from_dict(d["line_table"]) if d.get("line_table") else None,
                    ProgramPath.from_dict(d["program_path"]) if d.get("program_path") else None,
-                   ProgramClock.from_dict(d["program_clock"]) if d.get("program_clock") else None)
+                   ProgramClock.from_dict(d["program_clock"]) if d.get("program_clock") else None,
+                   ProgramTracker.from_dict(d["program_tracker"]) if d.get("program_tracker") else None)
 
     def to_dict(self) -> dict:
         tokenizer = self.tokenizer.to_dict() | {"vocab_size": self.tokenizer.vocab_size}

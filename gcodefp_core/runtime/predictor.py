@@ -2,6 +2,8 @@
 
 An export is a `model.json` (gcodefp_core.runtime.bundle) beside its graph files:
     predict       continuous, categorical -> line [B] i64, line_confidence [B], op_logits, fingerprint
+                  (+ line_logits [B, n_lines], the unrestricted line scores the program tracker reads;
+                  exports made before the tracker lack them)
     encoder       continuous [B,W,F] f32, categorical [B,W,C] i64 -> memory, op_logits, fingerprint, h0
     decoder       tokens [B] i64, h [B,H] f32, memory [B,T,D] f32  -> logits [B,V], h_next [B,H]
     encoder_only  continuous, categorical -> op_logits, fingerprint
@@ -77,6 +79,10 @@ class OnnxPredictor:
         self._line_answers: dict[int, tuple] = {}  # line index -> (gcode, tokens, token ids), filled on first use
         self.default_method = "line" if "predict" in self.sessions else "greedy"
         self.program_clock = self.bundle.program_clock        # streaming mode; None for older exports
+        # The program tracker weighs the predict graph's line_logits: a package whose graph lacks them
+        # (exported before the tracker) streams with the clock.
+        outputs = {o.name for o in self.sessions["predict"].get_outputs()} if "predict" in self.sessions else set()
+        self.program_tracker = self.bundle.program_tracker if "line_logits" in outputs else None
         # Snapping onto the program's tool path: models with positions only. The lookup grid is built now,
         # at load, not on the first request.
         self.program_path = self.bundle.program_path.prepare() if self.bundle.program_path else None
@@ -107,7 +113,8 @@ class OnnxPredictor:
 
     def predict_lines(self, continuous: np.ndarray, categorical: np.ndarray | None = None,
                       snap: bool = True) -> dict[str, np.ndarray]:
-        """The predict graph -> line [B] (index into self.lines), line_confidence, op_logits, fingerprint.
+        """The predict graph -> line [B] (index into self.lines), line_confidence, op_logits, fingerprint
+        (+ line_logits when the graph has them, unchanged by snapping).
         With a program path (and snap), the line is snapped onto the predicted program's tool path where
         the last row's position lies on it (confidence 1.0 there, and `on_path` [B] says where);
         snap=False gives the graph's own."""
