@@ -57,16 +57,18 @@ def post(http, machine_id, sensor_data, start=False, status=200) -> dict:
 
 
 def reference(predictor, cont, cat):
-    """What streaming must give: OnnxPredictor.predict_lines on every window of the normalised rows,
-    fed in row order through a fresh StreamTracker."""
+    """What streaming must give for rows posted from a program's start (start=true):
+    OnnxPredictor.predict_lines on each row's window (padded with the first row until W rows have
+    arrived), fed in row order through a fresh program tracker session."""
     c, k = predictor.features.transform_arrays(cont, cat.astype(object))
     w = predictor.window
-    wc = np.stack([c[i:i + w] for i in range(len(c) - w + 1)])
-    wk = np.stack([k[i:i + w] for i in range(len(k) - w + 1)])
-    out = predictor.predict_lines(wc, wk)
-    tracker = predictor.stream_tracker()
-    steps = [tracker.update(w - 1 + j, out["op_logits"][j], int(out["line"][j]), float(out["line_confidence"][j]))
-             for j in range(len(wc))]
+    pc, pk = np.concatenate([np.repeat(c[:1], w - 1, 0), c]), np.concatenate([np.repeat(k[:1], w - 1, 0), k])
+    out = predictor.predict_lines(np.stack([pc[i:i + w] for i in range(len(c))]),
+                                  np.stack([pk[i:i + w] for i in range(len(c))]))
+    session = predictor.program_tracker.start(at_program_start=True)
+    repeated = np.concatenate([[False], (c[1:] == c[:-1]).all(axis=1)])
+    steps = [session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w, bool(repeated[j]))
+             for j in range(len(c))]
     return out, steps
 
 
@@ -93,14 +95,14 @@ def test_chunked_stream_equals_one_post_and_the_runtime(http, predictor, package
         body = post(http, "mill-chunks", sd, start=i == 0)
         lo += n
         assert body["machine_id"] == "mill-chunks" and body["rows_since_start"] == lo
-        assert body["windows"] == max(lo - w + 1, 0) and body["started"] is (i == 0) and body["model_changed"] is False
-        assert [p["row"] for p in body["predictions"]] == list(range(max(lo - n, w - 1), lo))
+        assert body["windows"] == lo and body["started"] is (i == 0) and body["model_changed"] is False
+        assert body["mode"] == "tracker" and [p["row"] for p in body["predictions"]] == list(range(lo - n, lo))
         assert body["model_version"] in ("v1", "v2") and body["inference_time_ms"] >= 0
         chunked += body["predictions"]
-    assert [p["row"] for p in chunked] == list(range(w - 1, N_ROWS))  # one per row from row W-1 on
+    assert [p["row"] for p in chunked] == list(range(N_ROWS))  # one per row from the first on
 
     whole = post(http, "mill-whole", matrix(cont, cat), start=True)
-    assert whole["windows"] == N_ROWS - w + 1 and len(whole["predictions"]) == len(chunked)
+    assert whole["windows"] == N_ROWS and len(whole["predictions"]) == len(chunked)
     for a, b in zip(chunked, whole["predictions"]):  # streaming does not depend on chunking
         same_prediction(a, b)
 
@@ -112,9 +114,11 @@ def test_chunked_stream_equals_one_post_and_the_runtime(http, predictor, package
         assert p["window"]["gcode_sequence"] == predictor.lines[int(out["line"][j])]
         assert p["window"]["operation"]["name"] == predictor.operations[int(probs[j].argmax())]
         assert p["window"]["operation"]["confidence"] == pytest.approx(float(probs[j].max()), abs=1e-5)
-        # the streamed part is the tracker's answer at this row offset
+        # the streamed part is the program tracker's answer after this row
         s = steps[j]
         assert p["gcode_sequence"] == predictor.lines[s.line] and p["line_source"] == s.line_source
+        assert p["program_offset"] == s.offset and p["paused"] == pytest.approx(s.paused, abs=1e-5)
+        assert p["evidence_weight"] == pytest.approx(min(j + 1, w) / w, abs=1e-4)
         assert p["operation"]["name"] == predictor.operations[s.operation]
         assert p["operation"]["confidence"] == pytest.approx(s.operation_confidence, abs=1e-5)
         assert p["line_confidence"] == pytest.approx(s.line_confidence, abs=1e-5)
@@ -127,20 +131,20 @@ def test_start_resets_and_state_get_delete(http, package_meta, run_rows):
     t0 = time.time()
     first = post(http, "mill-state", matrix(cont, cat, 0, 40), start=True)
     state = http.get("/stream/mill-state").json()
-    assert state["machine_id"] == "mill-state" and state["rows_since_start"] == 40 and state["windows"] == 41 - w
+    assert state["machine_id"] == "mill-state" and state["rows_since_start"] == 40 and state["windows"] == 40
     assert state["operation"] == first["predictions"][-1]["operation"]
     assert state["model_version"] == first["model_version"]
     assert state["clock"] is bool(package_meta.get("program_clock")) and t0 - 1 <= state["started_at"] <= time.time()
     again = post(http, "mill-state", matrix(cont, cat, 0, 10), start=True)  # a new program run
-    assert again["rows_since_start"] == 10 and again["windows"] == 0 and again["predictions"] == []
+    assert again["rows_since_start"] == 10 and again["windows"] == 10 and len(again["predictions"]) == 10
     assert again["started"] is True
     more = post(http, "mill-state", matrix(cont, cat, 10, 40))
-    assert more["rows_since_start"] == 40 and [p["row"] for p in more["predictions"]] == list(range(w - 1, 40))
+    assert more["rows_since_start"] == 40 and [p["row"] for p in more["predictions"]] == list(range(10, 40))
     restarted = http.get("/stream/mill-state").json()
-    assert restarted["started_at"] >= state["started_at"] and restarted["windows"] == 41 - w
+    assert restarted["started_at"] >= state["started_at"] and restarted["windows"] == 40
     r = http.delete("/stream/mill-state")
     assert r.status_code == 200 and r.json() == {"machine_id": "mill-state", "ended": True, "rows_since_start": 40,
-                                                 "windows": 41 - w}
+                                                 "windows": 40}
     for r in (http.get("/stream/mill-state"), http.delete("/stream/mill-state")):
         assert r.status_code == 404 and r.json()["error"].startswith("machine_id")
         assert r.json()["detail"][0]["loc"] == ["path", "machine_id"]
@@ -170,10 +174,10 @@ def test_concurrent_chunks_of_one_machine_apply_one_at_a_time(http, package_meta
     assert not errors and len(results) == 6
     assert sorted(r["rows_since_start"] for r in results) == list(range(30, 131, 20))  # each saw the one before
     rows = sorted(p["row"] for r in results for p in r["predictions"])
-    assert rows == list(range(w - 1, N_ROWS))  # no window twice, none lost
+    assert rows == list(range(10, N_ROWS))  # no window twice, none lost
 
 
-def test_a_model_swap_keeps_the_row_count_and_restarts_the_windows(http, package_meta, run_rows):
+def test_a_model_swap_keeps_the_row_count_and_restarts_the_evidence(http, package_meta, run_rows):
     cont, cat = run_rows
     w = package_meta["window"]
     auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -184,11 +188,13 @@ def test_a_model_swap_keeps_the_row_count_and_restarts_the_windows(http, package
         assert http.post("/admin/reload", json={"version": other}, headers=auth).status_code == 200
         body = post(http, "mill-swap", matrix(cont, cat, 40, 60))
         assert body["model_changed"] is True and body["model_version"] == other and body["started"] is False
-        assert body["rows_since_start"] == 60 and body["windows"] == 0 and body["predictions"] == []
+        # the evidence starts over: the tracker from anywhere, on windows padded until W new rows arrive
+        assert body["rows_since_start"] == 60 and body["windows"] == 20 and len(body["predictions"]) == 20
+        assert body["predictions"][0]["evidence_weight"] == pytest.approx(1 / w, abs=1e-4)
         body = post(http, "mill-swap", matrix(cont, cat, 60, 80))
         assert body["model_changed"] is False and body["rows_since_start"] == 80
-        # W rows since the swap are needed again; the row offsets still count from the program start
-        assert [p["row"] for p in body["predictions"]] == list(range(40 + w - 1, 80))
+        # the rows still count from the session's start
+        assert [p["row"] for p in body["predictions"]] == list(range(60, 80))
         assert http.get("/stream/mill-swap").json()["model_version"] == other
     finally:
         assert http.post("/admin/reload", json={"version": serving}, headers=auth).status_code == 200
@@ -247,11 +253,11 @@ def test_client_stream_methods(api_server, package_meta, run_rows):
     w = package_meta["window"]
     with GCodeAPIClient(api_server.url, timeout=60) as api:
         r = api.stream("mill-client", cont[:w], cat[:w], start=True)  # numpy, NaN for absent boards
-        assert r["rows_since_start"] == w and [p["row"] for p in r["predictions"]] == [w - 1]
+        assert r["rows_since_start"] == w and [p["row"] for p in r["predictions"]] == list(range(w))
         r = api.stream("mill-client", columns=columns(package_meta, cont, cat, w, w + 3)["columns"])
         assert r["rows_since_start"] == w + 3 and len(r["predictions"]) == 3
         state = api.stream_state("mill-client")
-        assert state["windows"] == 4 and state["operation"] == r["predictions"][-1]["operation"]
+        assert state["windows"] == w + 3 and state["operation"] == r["predictions"][-1]["operation"]
         assert api.end_stream("mill-client")["ended"] is True
         with pytest.raises(APINotFoundError) as err:
             api.stream_state("mill-client")

@@ -1,0 +1,204 @@
+"""/stream served by the program tracker (a real uvicorn server): a monitor attached mid-run, lost
+and repeated rows, the row-count clock kept for packages whose predict graph lacks line_logits, a
+hot swap between the two, and the tracker's trip from the checkpoint through model.json."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from api_fixtures import ADMIN_TOKEN, start_uvicorn
+from gcodefp_core import package as pkg
+from gcodefp_core.runtime import OnnxPredictor
+from gcodefp_core.runtime.program_tracker import ProgramTracker
+from gcodefp_core.synthetic import generate_run
+
+pytestmark = pytest.mark.slow
+N_ROWS = 140
+
+
+def copy_export(src, dst, edit_meta=None, drop_line_logits=False):
+    """A copy of an export; drop_line_logits: its predict graph as exported before the tracker."""
+    import onnx
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "model.json").read_text())
+    if drop_line_logits:
+        path = dst / meta["files"]["predict"]
+        graph = onnx.load(str(path))
+        keep = [o for o in graph.graph.output if o.name != "line_logits"]
+        del graph.graph.output[:]
+        graph.graph.output.extend(keep)
+        onnx.save(graph, str(path))
+        outputs = meta["graphs"]["predict"]["outputs"]
+        meta["graphs"]["predict"]["outputs"] = [o for o in outputs if o["name"] != "line_logits"]
+    if edit_meta:
+        edit_meta(meta)
+    (dst / "model.json").write_text(json.dumps(meta))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export, tmp_path_factory):
+    """A server whose registry holds `tracked` (CURRENT: the tiny model with its tracker, the window's
+    own line never preferred, so every line is the tracker's) and `old` (the same model exported
+    before the tracker: no line_logits, so it streams with the clock)."""
+    tmp = tmp_path_factory.mktemp("tracker_server")
+
+    def tracker_only(meta):
+        meta["program_tracker"]["params"]["window_weight"] = 0.0
+
+    pkg.build_package(copy_export(tiny_export, tmp / "tracked", tracker_only), tmp / "reg", version="tracked")
+    pkg.build_package(copy_export(tiny_export, tmp / "old", drop_line_logits=True), tmp / "reg", version="old")
+    pkg.promote(tmp / "reg", "tracked")
+    srv = start_uvicorn(tmp, GCODEFP_REGISTRY=tmp / "reg", GCODEFP_ADMIN_TOKEN=ADMIN_TOKEN)
+    srv.registry = tmp / "reg"
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_export):
+    """N_ROWS raw rows of an unseen synthetic run, in feature order (NaN: a board it lacks)."""
+    f = json.loads((tiny_export / "model.json").read_text())["features"]
+    frame = generate_run("adaptive", run_index=5, seed=13, machine_id=2).iloc[:N_ROWS]
+    cont = np.stack([frame[c].to_numpy(float) if c in frame else np.full(len(frame), np.nan)
+                     for c in f["continuous"]], axis=1)
+    return cont, np.stack([frame[c].to_numpy() for c in f["categorical"]], axis=1).astype(float)
+
+
+def body(cont, cat, start=None) -> dict:
+    c = cont.astype(object)
+    c[np.isnan(cont)] = None
+    doc = {"sensor_data": {"continuous": c.tolist(), "categorical": cat.tolist()}}
+    return doc if start is None else doc | {"start": start}
+
+
+def post(client, machine, cont, cat, start=None) -> dict:
+    r = client.post(f"/stream/{machine}", json=body(cont, cat, start))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def tracked_reference(predictor, cont, cat, at_program_start=False):
+    """The tracker's answers to these received rows, computed in-process: each row's window padded
+    with the first row until W rows have arrived, weighed by its share of real rows; a row equal to
+    the previous one (normalised) is passed as repeated."""
+    c, k = predictor.features.transform_arrays(cont, cat.astype(object))
+    w = predictor.window
+    pc, pk = np.concatenate([np.repeat(c[:1], w - 1, 0), c]), np.concatenate([np.repeat(k[:1], w - 1, 0), k])
+    out = predictor.predict_lines(np.stack([pc[i:i + w] for i in range(len(c))]),
+                                  np.stack([pk[i:i + w] for i in range(len(c))]))
+    session = predictor.program_tracker.start(at_program_start=at_program_start)
+    repeated = np.concatenate([[False], (c[1:] == c[:-1]).all(axis=1)])
+    return [session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w, bool(repeated[j]))
+            for j in range(len(c))], repeated
+
+
+def matches(predictor, predictions, steps) -> None:
+    for p, s in zip(predictions, steps, strict=True):
+        assert p["line_source"] == "tracker" and p["gcode_sequence"] == predictor.lines[s.line]
+        assert p["operation"]["name"] == predictor.operations[s.operation]
+        assert p["operation"]["confidence"] == pytest.approx(s.operation_confidence, abs=1e-5)
+        assert p["line_confidence"] == pytest.approx(s.line_confidence, abs=1e-5)
+        assert p["paused"] == pytest.approx(s.paused, abs=1e-5) and p["program_offset"] == s.offset
+        assert p["entropy"] == pytest.approx(s.entropy, abs=1e-3)
+
+
+def test_a_monitor_attached_mid_run_gets_tracker_answers_without_start(server, client, rows):
+    cont, cat = rows
+    predictor = OnnxPredictor.load(server.registry / "packages" / "tracked")
+    first = post(client, "late-mill", cont[60:63], cat[60:63])   # no start, no row counter: rows 60.. of a run
+    rest = post(client, "late-mill", cont[63:100], cat[63:100])
+    assert first["mode"] == "tracker" and first["started"] is True and rest["started"] is False
+    assert [p["row"] for p in first["predictions"] + rest["predictions"]] == list(range(40))
+    steps, _ = tracked_reference(predictor, cont[60:100], cat[60:100])
+    matches(predictor, first["predictions"] + rest["predictions"], steps)
+    state = client.get("/stream/late-mill").json()
+    assert state["mode"] == "tracker" and state["windows"] == 40 and state["clock"] is True
+    # start=true is optional information: the filter starts at a program's first row instead of anywhere
+    started = post(client, "late-mill", cont[:20], cat[:20], start=True)
+    assert started["started"] is True and [p["row"] for p in started["predictions"]] == list(range(20))
+    matches(predictor, started["predictions"], tracked_reference(predictor, cont[:20], cat[:20], True)[0])
+
+
+def test_lost_and_repeated_rows_are_taken_and_the_session_keeps_going(server, client, rows):
+    cont, cat = rows
+    predictor = OnnxPredictor.load(server.registry / "packages" / "tracked")
+    received = [i for i in range(30, 90) if i % 5]                     # every 5th row lost in transit
+    received = received[:20] + [received[19]] * 8 + received[20:]      # then a stall: one row 8 more times
+    c, k = cont[received], cat[received]
+    got = []
+    for lo in range(0, len(received), 13):                             # chunks that split windows and the stall
+        got += post(client, "lossy-mill", c[lo:lo + 13], k[lo:lo + 13])["predictions"]
+    steps, repeated = tracked_reference(predictor, c, k)
+    assert repeated[20:28].all() and repeated.sum() >= 8               # the stall reached the tracker as repeats
+    matches(predictor, got, steps)
+    assert [p["row"] for p in got] == list(range(len(received)))
+    state = client.get("/stream/lossy-mill").json()
+    assert state["rows_since_start"] == state["windows"] == len(received)
+    assert client.delete("/stream/lossy-mill").json()["ended"] is True
+
+
+def test_a_package_without_line_logits_streams_with_the_clock_and_a_swap_drops_the_evidence(server, client, rows):
+    cont, cat = rows
+    old = OnnxPredictor.load(server.registry / "packages" / "old")
+    assert old.bundle.program_tracker is not None and old.program_tracker is None   # the graph lacks line_logits
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    w = old.window
+    post(client, "swap-mill", cont[:40], cat[:40], start=True)
+    try:
+        assert client.post("/admin/reload", json={"version": "old"}, headers=auth).status_code == 200
+        swapped = post(client, "swap-mill", cont[40:50], cat[40:50])
+        assert swapped["model_changed"] is True and swapped["mode"] == "clock" and swapped["predictions"] == []
+        clocked = post(client, "clock-mill", cont[:w + 4], cat[:w + 4], start=True)
+        assert clocked["mode"] == "clock" and [p["row"] for p in clocked["predictions"]] == list(range(w - 1, w + 4))
+        assert {p["line_source"] for p in clocked["predictions"]} <= {"clock", "window"}
+        assert all("program_offset" not in p for p in clocked["predictions"])
+        assert client.get("/stream/clock-mill").json()["mode"] == "clock"
+        r = client.post("/stream/clock-mill", json=body(cont[:2], cat[:2], start="yes"))
+        assert r.status_code == 422 and r.json()["error"].startswith("start")
+    finally:
+        assert client.post("/admin/reload", json={"version": "tracked"}, headers=auth).status_code == 200
+    back = post(client, "swap-mill", cont[50:55], cat[50:55])
+    assert back["model_changed"] is True and back["mode"] == "tracker" and len(back["predictions"]) == 5
+
+
+def test_garbage_gives_422_naming_the_field_and_holds_no_session(client, rows):
+    cont, cat = rows
+    good = body(cont[:3], cat[:3])
+    cases = [({"sensor_data": good["sensor_data"] | {"continuous": [["x"] * cont.shape[1]] * 3}},
+              "sensor_data.continuous"),
+             ({"sensor_data": good["sensor_data"] | {"categorical": good["sensor_data"]["categorical"][:2]}},
+              "sensor_data.categorical"),
+             (good | {"start": 1}, "start"), ({"start": True}, "sensor_data"), (good | {"offset": 3}, "offset")]
+    for doc, field in cases:
+        r = client.post("/stream/garbage-mill", json=doc)
+        assert r.status_code == 422 and r.json()["error"].startswith(field), (field, r.text)
+    assert client.get("/stream/garbage-mill").status_code == 404
+
+
+def test_the_tracker_travels_from_the_checkpoint_through_model_json(tiny_export, server):
+    import torch
+
+    meta = json.loads((tiny_export / "model.json").read_text())
+    ckpt = torch.load(meta["source_checkpoint"]["path"], weights_only=True)
+    assert ckpt["program_tracker"] == meta["program_tracker"]
+    assert {"val_tracker_exact_match", "val_tracker_start_exact_match", "val_tracker_attached_exact_match",
+            "val_tracker_attached_op_acc"} <= set(ckpt["metrics"])
+    served = OnnxPredictor.load(server.registry / "packages" / "tracked").program_tracker
+    again = ProgramTracker.from_dict(json.loads(json.dumps(served.to_dict())))
+    assert again.to_dict() == served.to_dict() and again.n_states == served.n_states
+    rng = np.random.default_rng(0)
+    op, line = rng.normal(size=len(again.operations)), rng.normal(size=again.n_lines)
+    np.testing.assert_allclose(again.emission(op, line), served.emission(op, line))
