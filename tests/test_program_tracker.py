@@ -102,6 +102,34 @@ def test_a_sure_window_answers_until_the_filter_locks_on():
     assert line[0] == 9 and conf[0] == pytest.approx(first.line_confidence)
 
 
+def test_the_banded_transition_and_the_shared_row_emission_equal_their_dense_definitions():
+    """advance() (shifted multiply-adds) and emission() (per distinct (lines, shares) row) against the
+    plain definitions: a dense transition matrix and sum_k share_k * ratio[line_k] per state."""
+    rng = np.random.default_rng(1)
+    lines = [rng.integers(0, N_LINES + 1, (n, 4)) for n in (9, 14)]
+    shares = [rng.dirichlet(np.full(4, 0.4), len(a)) * (rng.random((len(a), 4)) > 0.3) + 1e-9 * (np.arange(4) == 0)
+              for a in lines]
+    lines[1][::3] = lines[1][0]          # repeated rows, as when the training runs agree for a while
+    shares[1][::3] = shares[1][0]
+    tempo = [np.array([0.1, 0.8, 0.1]), np.array([0.05, 0.9, 0.04, 0.01])]
+    tracker = ProgramTracker(["a", "b", "c"], ["p0", "p1"], [0, 1, 1], lines, shares, tempo,
+                             np.log(rng.dirichlet(np.ones(N_LINES))), PARAMS | {"skip": 0.1, "line_weight": 0.7})
+    dense = np.zeros((tracker.n_states, tracker.n_states))
+    for o, p in enumerate([0, 1, 1]):
+        t, size, first = tempo[p], len(lines[p]), tracker.block_start[o]
+        step = 0.9 * np.pad(t, (0, len(t) - 1)) + 0.1 * np.convolve(t, t)
+        for i in range(size):
+            for d, prob in enumerate(step):
+                dense[first + i, first + min(i + d, size - 1)] += prob
+    a = rng.dirichlet(np.ones(tracker.n_states))
+    np.testing.assert_allclose(tracker.advance(a), a @ dense, rtol=1e-12, atol=1e-15)
+    op_logits, line_logits = rng.normal(size=3), rng.normal(size=N_LINES) * 3
+    idx, share = np.concatenate([lines[p] for p in (0, 1, 1)]), np.concatenate([shares[p] for p in (0, 1, 1)])
+    expected = (0.3 * np.log(np.exp(op_logits) / np.exp(op_logits).sum())[tracker.state_op]
+                + np.log((tracker.line_ratios(line_logits)[idx] * share).sum(axis=1) + 1e-300))
+    np.testing.assert_allclose(tracker.emission(op_logits, line_logits), expected, rtol=1e-10)
+
+
 def test_serialisation_round_trip_gives_the_same_answers():
     tracker = tiny_tracker()
     again = ProgramTracker.from_dict(json.loads(json.dumps(tracker.to_dict())))

@@ -76,6 +76,16 @@ class ProgramTracker:
         self.state_offset = np.concatenate([np.arange(n) for n in sizes])
         self._idx = np.concatenate([self.timeline_line[p] for p in blocks]).astype(np.int64)
         self._share = np.concatenate([self.timeline_share[p] for p in blocks])
+        # The line evidence depends on a state's (lines, shares) row only, and few rows differ (the real
+        # tables: 1,311 distinct of 5,337; a damaged variant repeats its program's): the emission is
+        # computed per distinct row, over the columns holding a share anywhere, then spread to the states.
+        k = self._idx.shape[1]
+        rows, self._row_of_state = np.unique(np.concatenate([self._idx, self._share], axis=1), axis=0,
+                                             return_inverse=True)
+        held = (rows[:, k:] > 0).any(axis=0) | (np.arange(k) == 0)
+        self._row_idx, self._row_share = rows[:, :k][:, held].astype(np.int64), np.ascontiguousarray(rows[:, k:][:, held])
+        self._row_of_state = self._row_of_state.ravel()
+        self._sizes = np.asarray(sizes, np.int64)
         starts = np.cumsum([0] + sizes)
         self.block_start, self.block_end = starts[:-1], starts[1:]
         self._last = self.block_end - 1
@@ -103,9 +113,7 @@ class ProgramTracker:
             for d, prob in enumerate(st):
                 j = np.minimum(i + d, sizes[o] - 1)
                 np.add.at(into, (self.block_start[o] + j, self._width - 1 - (j - i)), prob)
-        self._into = into
-        self._pad = np.zeros(self.n_states + self._width - 1)
-        self._view = np.lib.stride_tricks.sliding_window_view(self._pad, self._width)   # its shape and strides
+        self._into = [np.ascontiguousarray(into[:, j]) for j in range(self._width)]   # per shift, contiguous
 
     def set_params(self, **params) -> None:
         """Change params (e.g. tuned emission weights); the transition is rebuilt."""
@@ -122,11 +130,15 @@ class ProgramTracker:
         return TrackerSession(self, moving, np.zeros(self.n_states))
 
     def advance(self, a: np.ndarray) -> np.ndarray:
-        """One row of program progress applied to a distribution over states."""
-        pad = self._pad.copy()           # a private buffer: one model serves concurrent sessions
-        pad[self._width - 1:] = a
-        view = np.lib.stride_tricks.as_strided(pad, self._view.shape, self._view.strides, writeable=False)
-        return np.einsum("ij,ij->i", view, self._into)
+        """One row of program progress applied to a distribution over states: the banded transition
+        as `width` shifted multiply-adds (a strided einsum over the band cost twice as much)."""
+        w, n = self._width, self.n_states
+        pad = np.zeros(n + w - 1)        # a private buffer: one model serves concurrent sessions
+        pad[w - 1:] = a
+        out = self._into[w - 1] * a
+        for j in range(w - 1):
+            out += self._into[j] * pad[j:j + n]
+        return out
 
     def line_ratios(self, line_logits: np.ndarray) -> np.ndarray:
         """exp(line_weight * (log p(line) - log prior(line))) per line class, and 1 for a line the
@@ -142,8 +154,8 @@ class ProgramTracker:
         prm = self.params
         op = log_softmax(np.asarray(op_logits, np.float64) / prm["op_temperature"])
         ratio = self.line_ratios(line_logits)
-        line = np.einsum("ij,ij->i", ratio[self._idx], self._share)
-        return prm["op_weight"] * op[self.state_op] + np.log(line + 1e-300)
+        line = np.einsum("ij,ij->i", ratio[self._row_idx], self._row_share)
+        return np.repeat(prm["op_weight"] * op, self._sizes) + np.log(line + 1e-300)[self._row_of_state]
 
     # ---- serialisation (model.json) ----
     def to_dict(self) -> dict:
@@ -209,31 +221,39 @@ class TrackerSession:
         window ending at it. weight in [0, 1] scales the window's evidence; repeated: the row equals
         the previous one (stale readings)."""
         m, prm = self.model, self.model.params
-        a, b = self.moving, self.paused
+        a, b, n_ops = self.moving, self.paused, len(m.operations)
         # The first row of a session is where the start distribution is; later rows move on.
-        step = m.advance(a) if self.rows else a.copy()
-        # Past a program's last offset: the next run may start (any program).
-        ended = float(a[m._last].sum()) * prm["restart"]
-        step[m._last] -= a[m._last] * prm["restart"]
-        moving = (1 - prm["pause_in"]) * step + (1 - prm["pause_stay"]) * b + ended * m._start
-        paused = prm["pause_in"] * a + prm["pause_stay"] * b
+        moving = m.advance(a) if self.rows else a.copy()
+        # Past a program's last offset: the next run may start (any program, offset 0).
+        ended = a[m._last] * prm["restart"]
+        moving[m._last] -= ended
+        moving *= 1 - prm["pause_in"]
+        moving += (1 - prm["pause_stay"]) * b
+        moving[m.block_start] += ended.sum() / n_ops
+        paused = prm["pause_in"] * a
+        paused += prm["pause_stay"] * b
         # Jumps anywhere: within the operation (recovery after a gap) or to any operation.
-        per_op = np.bincount(m.state_op, moving, minlength=len(m.operations)) + np.bincount(m.state_op, paused, minlength=len(m.operations))
+        per_op = np.add.reduceat(moving, m.block_start) + np.add.reduceat(paused, m.block_start)
         keep = 1 - prm["teleport"] - prm["switch"]
-        moving = keep * moving + (prm["teleport"] * per_op + prm["switch"] / len(m.operations))[m.state_op] * m._uniform_in_op
-        paused = keep * paused
+        moving *= keep
+        moving += np.repeat((prm["teleport"] * per_op + prm["switch"] / n_ops) / m._sizes, m._sizes)
+        paused *= keep
         e = m.emission(op_logits, line_logits)
-        e = np.exp(np.maximum(weight * (e - e.max()), -60.0))
+        e -= e.max()
+        e *= weight
+        e = np.exp(np.maximum(e, -60.0, out=e), out=e)
         rep = (prm["repeat_moving"], prm["repeat_paused"]) if repeated else (1 - prm["repeat_moving"], 1 - prm["repeat_paused"])
-        moving, paused = moving * e * rep[0], paused * e * rep[1]
-        total = moving.sum() + paused.sum()
+        moving *= e
+        paused *= e
+        total = rep[0] * moving.sum() + rep[1] * paused.sum()
         if not np.isfinite(total) or total <= 0:   # evidence contradicts everything: start over
             fresh = m.start()
-            moving, paused = fresh.moving, fresh.paused
-            total = 1.0
+            moving, paused, rep, total = fresh.moving, fresh.paused, (1.0, 1.0), 1.0
         # A floor keeps every state reachable and the arithmetic off subnormal floats.
-        self.moving = np.maximum(moving / total, 1e-30)
-        self.paused = np.maximum(paused / total, 1e-30)
+        moving *= rep[0] / total
+        paused *= rep[1] / total
+        self.moving = np.maximum(moving, 1e-30, out=moving)
+        self.paused = np.maximum(paused, 1e-30, out=paused)
         self.rows += 1
         step = self.answer()
         # The window's own line (among the lines of the tracker's operation), calibrated: while
@@ -250,15 +270,15 @@ class TrackerSession:
     def answer(self) -> TrackStep:
         m = self.model
         post = self.moving + self.paused
-        ops = np.bincount(m.state_op, post, minlength=len(m.operations))
+        ops = np.add.reduceat(post, m.block_start)
         op = int(ops.argmax())
-        mine = slice(m.block_start[op], m.block_end[op])
-        mass = (post[mine, None] * m._share[mine]).ravel()
-        lines = np.bincount(m._idx[mine].ravel(), mass, minlength=m.n_lines + 1)[:m.n_lines]
+        lo, hi = m.block_start[op], m.block_end[op]
+        mass = (post[lo:hi, None] * m._share[lo:hi]).ravel()
+        lines = np.bincount(m._idx[lo:hi].ravel(), mass, minlength=m.n_lines + 1)[:m.n_lines]
         line = int(lines.argmax()) if lines.any() else -1
         nz = post[post > 1e-12]
         return TrackStep(op, float(ops[op]), line, float(lines[line] / ops[op]) if line >= 0 else 0.0, "tracker",
-                         int(post[mine].argmax()), float(self.paused.sum()), float(-(nz * np.log(nz)).sum()))
+                         int(post[lo:hi].argmax()), float(self.paused.sum()), float(-(nz * np.log(nz)).sum()))
 
     def to_dict(self) -> dict:
         """The filter state (sparse: states above 1e-9), to keep a session across restarts."""
