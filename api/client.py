@@ -165,8 +165,9 @@ class GCodeAPIClient:
 
     def stream(self, machine_id: str, continuous=None, categorical=None, *, columns: dict | None = None,
                start: bool = False) -> dict:
-        """Post a machine's next rows (n x F / n x C, or columns of n values), in order from its program's
-        start; start=True begins a new run. -> predictions for every window the rows complete."""
+        """Post a machine's next rows (n x F / n x C, or columns of n values), in order (from its program's
+        start when the served package streams with the row-count clock); start=True begins a new run.
+        -> predictions for every window the rows complete."""
         doc = {"sensor_data": self._sensor_data(continuous, categorical, columns), "start": start}
         return self._post_json(self._stream_path(machine_id), doc)
 

@@ -155,3 +155,14 @@ def test_sample_request_and_card_follow_the_models_answer(export_dir, tmp_path):
     card = (pkg.build_package(export_dir, tmp_path / "reg", version="v3") / "model_card.md").read_text()
     assert "training augmentation: board_dropout 0.25\n" in card
     assert "program clock over 1 programs, clock weight 2 (chosen on validation)" in card
+    # A program tracker is what /stream serves, once the predict graph gives the line_logits it reads.
+    meta["program_tracker"] = {"operations": ["face"], "programs": ["face"], "operation_program": [0],
+                               "timeline_line": [[[0], [1]]], "timeline_share": [[[1.0], [1.0]]],
+                               "tempo": [[0.01, 0.98, 0.01]], "line_log_prior": [-0.7, -0.7], "params": {}}
+    (export_dir / "model.json").write_text(json.dumps(meta))
+    card = (pkg.build_package(export_dir, tmp_path / "reg", version="v4") / "model_card.md").read_text()
+    assert "program clock over 1 programs" in card   # an export without line_logits streams with the clock
+    meta["graphs"] = meta.get("graphs", {}) | {"predict": {"outputs": [{"name": "line_logits"}]}}
+    (export_dir / "model.json").write_text(json.dumps(meta))
+    card = (pkg.build_package(export_dir, tmp_path / "reg", version="v5") / "model_card.md").read_text()
+    assert "program tracker (a forward filter over the row offsets of 1 programs; no row counter needed)" in card
