@@ -116,12 +116,13 @@ def attach_program_tracker(best_path: Path, ds, seed: int = 0, max_streams: int 
     """Streaming mode's program tracker: built from the training runs, its temperatures fitted on the
     validation windows, its weights tuned on a few validation streams (from the program start, and
     attached late with rows lost), saved into the checkpoint with the figures it reached there."""
-    from .fit_program_tracker import fit_program_tracker
+    from .fit_program_tracker import TRAINING_GRID, fit_program_tracker
 
     model, bundle, ckpt = load_checkpoint(best_path)
-    tracker, report = fit_program_tracker([model], ds, bundle.line_table, seed=seed, max_streams=max_streams)
-    best = max(report["tuning"], key=lambda r: (r[1], r[2]))
-    metrics = {"val_tracker_exact_match": best[1], "val_tracker_op_acc": best[2], "val_tracker_streams": report["streams"]}
+    tracker, report = fit_program_tracker([model], ds, bundle.line_table, seed=seed, max_streams=max_streams,
+                                          grid=TRAINING_GRID)
+    metrics = {"val_tracker_exact_match": report["exact_match"], "val_tracker_op_acc": report["op_acc"],
+               "val_tracker_streams": report["streams"]}
     for condition, scores in report["conditions"].items():
         metrics |= {f"val_tracker_{condition}_{k}": v for k, v in scores.items() if k != "streams"}
     ckpt["program_tracker"] = tracker.to_dict()
@@ -129,5 +130,5 @@ def attach_program_tracker(best_path: Path, ds, seed: int = 0, max_streams: int 
     save_checkpoint(best_path, ckpt)
     log.info("program tracker: %d states, line weight %g, op weight %g, window weight %g; validation streams: "
              "exact %.4f op %.4f", tracker.n_states, tracker.params["line_weight"], tracker.params["op_weight"],
-             tracker.params["window_weight"], best[1], best[2])
+             tracker.params["window_weight"], report["exact_match"], report["op_acc"])
     return metrics

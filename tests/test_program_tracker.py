@@ -224,6 +224,7 @@ def test_fit_program_tracker_end_to_end_with_a_window_model(synthetic_dataset):
     tracker, report = fit.fit_program_tracker([model], ds, table, max_streams=2,
                                               grid={"line_weight": [0.0, 0.1], "op_weight": [0.05]})
     assert report["streams"] == 2 and len(report["tuning"]) == 2 * 5
+    assert set(report["conditions"]) == {"start", "attached"} and report["exact_match"] == max(r[1] for r in report["tuning"])
     assert tracker.params["line_weight"] in (0.0, 0.1) and tracker.params["op_temperature"] > 0
     again = ProgramTracker.from_dict(json.loads(json.dumps(tracker.to_dict())))
     assert again.params == tracker.params and again.n_states == tracker.n_states
