@@ -21,7 +21,9 @@ Past the end of the longest training run of the program (a paused or hand-jogged
 clock has nothing to say and the window model answers alone.
 
 What the client must supply: the rows in order, from the start of the program (a new session per
-program run). The clock is wrong if rows are dropped or the session starts mid-program.
+program run). The clock is wrong if rows are dropped or the session starts mid-program. That is why
+/stream serves the program tracker (runtime/program_tracker.py) instead wherever a package has one;
+the clock remains for packages exported before it.
 """
 from __future__ import annotations
 
