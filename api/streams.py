@@ -44,7 +44,8 @@ MAX_STREAMS = SETTINGS.max_streams
 MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 INLINE_ROWS = 256      # a chunk this small is normalised on the event loop (~0.5 ms at most): cheaper than a
                        # thread hop, and worker threads each grow their own malloc arena (RSS)
-INLINE_TRACKED = 16    # rows a tracker session follows on the event loop (~0.1 ms each); more go to a thread
+INLINE_TRACKED = 8     # rows a tracker session follows on the event loop (~0.25 ms each: the usual 4-row
+                       # chunk holds it ~1 ms); a longer chunk goes to a thread, as the normalisation does
 
 
 def check_machine_id(machine_id: str) -> str:
@@ -233,7 +234,7 @@ async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run
     first = rows_before + n - n_windows  # the row (since the start) that the first window ends at
     if not n_windows:
         predictions = []
-    elif session.mode == "tracker":  # ~0.1 ms a row: a long chunk is tracked off the event loop
+    elif session.mode == "tracker":  # ~0.25 ms a row: a long chunk is tracked off the event loop
         track = (lambda: _tracked(session, model, out, first, repeated[n - n_windows:]))
         predictions = track() if n_windows <= INLINE_TRACKED else await asyncio.to_thread(track)
     else:

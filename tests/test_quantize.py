@@ -33,6 +33,10 @@ def test_each_method_gives_a_loadable_model_close_to_fp32(exported, tmp_path, me
     assert cosine.mean() >= 0.98 and cosine.min() >= 0.9
     same = (ref.predict_arrays(cont, cat)[0] == pred.predict_arrays(cont, cat)[0]).all(1).mean()
     assert same >= (0.97 if method == "fp16" else 0.8)
+    # The program tracker's evidence survives quantization: float32 line_logits of every line class.
+    logits = pred.predict_lines(cont, cat)["line_logits"]
+    assert pred.program_tracker is not None and logits.dtype == np.float32
+    assert logits.shape == (len(cont), len(pred.lines)) and np.isfinite(logits).all()
     par = meta["parity"]
     assert par["reference"] == "fp32 ONNX" and par["op_agreement"] >= 0.9
     if variant == "int8_static":
