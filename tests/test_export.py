@@ -47,7 +47,7 @@ def test_export_writes_every_graph_and_a_complete_model_json(exported):
     assert [o["name"] for o in pr["outputs"]] == ["line", "line_confidence", "op_logits", "fingerprint", "line_logits"]
     table = meta["line_table"]
     assert len(table["lines"]) == meta["model_config"]["n_lines"] > 10
-    assert pr["outputs"][-1]["shape"] == ["batch", len(table["lines"])] and "line_logits" in par["max_abs_diff"]
+    assert pr["outputs"][-1]["shape"] == ["batch", len(table["lines"])] and "line_probabilities" in par["max_abs_diff"]
     # The program tracker fitted after training travels with the export, over the same line classes.
     assert len(meta["program_tracker"]["line_log_prior"]) == len(table["lines"])
     assert len(table["programs"]) == 6 and table["operation_program"][6:] == [1, 3, 5]  # damage* -> *150025
