@@ -11,7 +11,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from . import inputs, metrics, monitoring, options
+from . import inputs, json_windows, metrics, monitoring, options
 from .common import current, respond, run_model, run_windows
 from .model_store import LoadedModel
 from .schemas import (BATCH_RESPONSES, FINGERPRINT_RESPONSES, OPENAPI_BATCH, OPENAPI_FINGERPRINT, OPENAPI_PREDICT,
@@ -43,7 +43,12 @@ async def read_windows(request: Request, model: LoadedModel, batch: bool, keys: 
         if not batch and len(cont) != 1:
             raise inputs.InputError("body", f"{len(cont)} windows; /predict takes one (use /batch_predict)")
         opts, fmt = options.query_options(request.query_params, max_tokens), "binary"
-    else:
+    elif (fast := json_windows.read_windows(body, keys, model.window, len(model.spec.continuous),
+                                            len(model.spec.categorical), "windows" if batch else None,
+                                            max_windows)) is not None:
+        doc, cont, cat = fast
+        opts, fmt = options.parse_options(doc, max_tokens), "json"
+    else:  # the exact path: anything the fast path does not take, and every error message
         doc = inputs.parse_json_object(body, keys)
         opts, fmt, plain = options.parse_options(doc, max_tokens), "json", inputs.plain_numbers(body, doc)
         if batch:
