@@ -7,6 +7,7 @@ Beam search and sampling (tens of ms) run alone in a thread.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -89,6 +90,10 @@ async def predict_windows(request: Request, endpoint: str, batch: bool, keys: se
     else:
         with batcher.arriving():  # the batcher may wait (briefly) for this request to join a call
             cont, cat, opts = await read_windows(request, model, batch, keys)
+            # A body that has fully arrived is read without suspending, so requests run one after the other
+            # and each would find the batcher idle. One turn of the loop lets the requests already received
+            # parse up to here too: then this one, finding them arriving, queues, and they share its call.
+            await asyncio.sleep(0)
     if _batchable(opts):
         method, max_length = opts.method, opts.max_length
 
