@@ -57,7 +57,8 @@ class InputTransform:
                 rows = np.ix_(inches, self.pos_idx)
                 z[rows] = flat_c[rows] * schema.MM_PER_INCH - self.mean[self.pos_idx]
         np.divide(z, self.std, out=z)
-        np.nan_to_num(z, copy=False, nan=0.0)
+        np.copyto(z, 0.0, where=np.isnan(z))  # an absent reading -> the mean (nan_to_num: 5x slower per window;
+        # it also maps infinities to the float range, which the clip below does here)
         np.clip(z, -self.clip, self.clip, out=z)
         z = z.astype(np.float32)
         codes = np.zeros(flat_k.shape, np.int64)

@@ -7,11 +7,12 @@ Beam search and sampling (tens of ms) run alone in a thread.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
 
-from . import inputs, metrics, monitoring, options
+from . import inputs, json_windows, metrics, monitoring, options
 from .common import current, respond, run_model, run_windows
 from .model_store import LoadedModel
 from .schemas import (BATCH_RESPONSES, FINGERPRINT_RESPONSES, OPENAPI_BATCH, OPENAPI_FINGERPRINT, OPENAPI_PREDICT,
@@ -43,7 +44,12 @@ async def read_windows(request: Request, model: LoadedModel, batch: bool, keys: 
         if not batch and len(cont) != 1:
             raise inputs.InputError("body", f"{len(cont)} windows; /predict takes one (use /batch_predict)")
         opts, fmt = options.query_options(request.query_params, max_tokens), "binary"
-    else:
+    elif (fast := json_windows.read_windows(body, keys, model.window, len(model.spec.continuous),
+                                            len(model.spec.categorical), "windows" if batch else None,
+                                            max_windows)) is not None:
+        doc, cont, cat = fast
+        opts, fmt = options.parse_options(doc, max_tokens), "json"
+    else:  # the exact path: anything the fast path does not take, and every error message
         doc = inputs.parse_json_object(body, keys)
         opts, fmt, plain = options.parse_options(doc, max_tokens), "json", inputs.plain_numbers(body, doc)
         if batch:
@@ -84,6 +90,10 @@ async def predict_windows(request: Request, endpoint: str, batch: bool, keys: se
     else:
         with batcher.arriving():  # the batcher may wait (briefly) for this request to join a call
             cont, cat, opts = await read_windows(request, model, batch, keys)
+            # A body that has fully arrived is read without suspending, so requests run one after the other
+            # and each would find the batcher idle. One turn of the loop lets the requests already received
+            # parse up to here too: then this one, finding them arriving, queues, and they share its call.
+            await asyncio.sleep(0)
     if _batchable(opts):
         method, max_length = opts.method, opts.max_length
 

@@ -1,7 +1,9 @@
 """Streaming endpoints: POST/GET/DELETE /stream/{machine_id} (sessions live in api/streams.py)."""
 from __future__ import annotations
 
+import asyncio
 import time
+from contextlib import nullcontext
 
 from fastapi import APIRouter, Request
 
@@ -31,9 +33,13 @@ async def stream_post(request: Request, machine_id: str):
             model = current(request)  # taken under the lock: a request queued across a swap uses the new model
             streams.require_line_head(model)
             t0 = time.perf_counter()
-            cont, cat = inputs.parse_rows(doc["sensor_data"], model.spec, inputs.MAX_STREAM_ROWS,
-                                          plain=inputs.plain_numbers(body, doc))
-            metrics.PARSE_LATENCY.labels("json").observe(time.perf_counter() - t0)
+            batcher = request.app.state.batcher
+            with batcher.arriving() if batcher is not None else nullcontext():
+                cont, cat = inputs.parse_rows(doc["sensor_data"], model.spec, inputs.MAX_STREAM_ROWS,
+                                              plain=inputs.plain_numbers(body, doc))
+                metrics.PARSE_LATENCY.labels("json").observe(time.perf_counter() - t0)
+                if batcher is not None:  # let other machines' chunks already received join this call
+                    await asyncio.sleep(0)  # (see predict_routes.predict_windows)
 
             async def run(wc, wk):  # micro-batched with other machines' windows (api/batcher.py)
                 return await run_windows(request, model, "/stream", ("stream",), streams.predict, wc, wk)

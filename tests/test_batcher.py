@@ -117,6 +117,46 @@ def test_a_lone_request_on_an_idle_worker_runs_at_once(predictor, windows):
         batcher.run_now(model, ("predict",), fn, c[:, :, :-1], k)
 
 
+def test_requests_received_together_are_batched_by_the_routes(api_registry, sample_request, predictor):
+    """Through the real app (in process, one event loop): requests whose bodies have all arrived are parsed
+    one after another without suspending, so each would find the batcher idle and run alone; the route
+    gives the loop one turn after parsing, so the others arrive meanwhile and share one call."""
+    import httpx
+
+    from api import streams
+    from api.app import app
+    from api.model_store import ModelStore
+
+    sd = sample_request["sensor_data"]
+    docs = [{"sensor_data": {"continuous": (np.asarray(sd["continuous"], float) * (1 + 0.1 * i)).tolist(),
+                             "categorical": sd["categorical"]}} for i in range(6)]
+    sizes: list[int] = []
+
+    async def scenario():
+        store = ModelStore(package=api_registry / "packages" / "v1")
+        await store.reload(trigger="test")
+        batcher = Batcher(max_windows=32, max_delay_ms=200)
+        call = batcher._call
+        batcher._call = lambda group: (sizes.append(sum(len(i.cont) for i in group)), call(group))[1]
+        app.state.store, app.state.streams, app.state.batcher = store, streams.StreamRegistry(), batcher
+        batcher.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gcodefp") as client:
+                return await asyncio.gather(*(client.post("/predict", json=doc) for doc in docs))
+        finally:
+            await batcher.stop()
+            for name in ("store", "streams", "batcher"):  # the module's app, left as imported
+                delattr(app.state, name)
+
+    answers = asyncio.run(scenario())
+    assert max(sizes) > 1 and sum(sizes) == len(docs)
+    for doc, got in zip(docs, answers):
+        cont, cat = inputs.parse_sensor_data(doc["sensor_data"], predictor.features, predictor.window)
+        ref = predictor.predict(*inputs.model_inputs(predictor.features, cont[None], cat[None]))[0]
+        assert got.status_code == 200
+        assert got.json()["gcode_sequence"] == ref["gcode"] and got.json()["operation"]["name"] == ref["operation"]
+
+
 @pytest.mark.slow
 def test_server_with_batching_answers_each_request_as_alone(api_registry, sample_request, predictor, tmp_path):
     """GCODEFP_BATCHING=1 end to end: concurrent /predict requests and a /stream machine, each answered as alone."""

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import orjson
 
-from api import inputs
+from api import inputs, json_windows
 from api.normalise import InputTransform
 from gcodefp_core import schema
 
@@ -47,3 +47,64 @@ def test_plain_json_parses_like_the_checked_path(predictor, sample_request):
     assert not inputs.plain_numbers(body, orjson.loads(body))  # so the string is refused, naming the field
     assert orjson.dumps({"windows": [sd, sd]}) and inputs.plain_numbers(*(lambda b: (b, orjson.loads(b)))(
         orjson.dumps({"windows": [sd, sd]})))
+
+
+KEYS = {"sensor_data", "return_fingerprint", "inference_config"}
+
+
+def _exact(body: bytes, predictor):
+    doc = orjson.loads(body)
+    return inputs.parse_sensor_data(doc["sensor_data"], predictor.features, predictor.window,
+                                    plain=inputs.plain_numbers(body, doc))
+
+
+def test_simdjson_windows_equal_the_exact_path(predictor, sample_request):
+    shape = (predictor.window, len(predictor.features.continuous), len(predictor.features.categorical))
+    for body in (orjson.dumps(sample_request), json.dumps(sample_request, indent=1).encode()):
+        doc, cont, cat = json_windows.read_windows(body, KEYS, *shape)
+        ref_c, ref_k = _exact(body, predictor)
+        assert cont.shape == (1, *ref_c.shape) and np.array_equal(cont[0], ref_c)
+        assert np.array_equal(cat[0], np.asarray(ref_k, np.float64))
+        assert doc == {k: v for k, v in orjson.loads(body).items() if k != "sensor_data"}
+    sd = sample_request["sensor_data"]
+    doc, cont, cat = json_windows.read_windows(orjson.dumps({"windows": [sd, sd, sd]}), {"windows"}, *shape,
+                                               batch_key="windows", max_windows=4)
+    assert cont.shape == (3, *shape[:2]) and doc == {}
+    assert json_windows.read_windows(orjson.dumps({"windows": [sd] * 5}), {"windows"}, *shape, batch_key="windows",
+                                     max_windows=4) is None  # too many: the exact path answers 413
+
+
+def test_simdjson_path_leaves_every_doubtful_body_to_the_exact_path(predictor, sample_request):
+    """Anything the fast path cannot fully check goes to the exact path, which names the field."""
+    shape = (predictor.window, len(predictor.features.continuous), len(predictor.features.categorical))
+    sd = sample_request["sensor_data"]
+
+    def edited(edit):
+        doc = json.loads(json.dumps(sample_request))
+        edit(doc["sensor_data"])
+        return orjson.dumps(doc)
+
+    ragged = edited(lambda s: (s["continuous"][0].append(1.0), s["continuous"][1].pop()))  # same count, wrong rows
+    bodies = {
+        "null reading": edited(lambda s: s["continuous"][3].__setitem__(2, None)),
+        "boolean": edited(lambda s: s["continuous"][3].__setitem__(2, True)),
+        "string code": edited(lambda s: s["categorical"][0].__setitem__(0, "3")),
+        "ragged rows": ragged,
+        "too few rows": edited(lambda s: s["continuous"].pop()),
+        "nested value": edited(lambda s: s["continuous"][0].__setitem__(0, [1.0])),
+        "columns form": orjson.dumps({"sensor_data": {"columns": {"x": [1.0]}}}),
+        "unknown key": orjson.dumps({"sensor_data": sd, "extra": 1}),
+        "duplicate key": orjson.dumps({"sensor_data": sd})[:-1] + b', "sensor_data": {}}',
+        "not an object": b"[1, 2]",
+        "invalid JSON": orjson.dumps({"sensor_data": sd})[:-1],
+        "number beyond float range": b'{"sensor_data": {"continuous": [[1e400]]}}',
+    }
+    for what, body in bodies.items():
+        assert json_windows.read_windows(body, KEYS, *shape) is None, what
+    doc = orjson.loads(ragged)
+    try:
+        inputs.parse_sensor_data(doc["sensor_data"], predictor.features, predictor.window)
+    except inputs.InputError as exc:
+        assert exc.field == "sensor_data.continuous"
+    else:
+        raise AssertionError("the exact path accepted ragged rows")
