@@ -95,7 +95,7 @@ _STREAM_PREDICTION = _obj(
     ["row", "gcode_sequence", "operation", "line_confidence", "line_source", "window"],
     row={**_INT, "description": "the row (counted from the session's start) whose window this answers"},
     gcode_sequence=_STR, operation={**_OPERATION, "description": "the streamed operation and its posterior"},
-    line_confidence=_NUM, line_source={"type": "string", "enum": ["tracker", "clock", "window"]},
+    line_confidence=_NUM, line_source={"type": "string", "enum": ["tracker", "path", "clock", "window"]},
     paused={**_NUM, "description": "tracker: probability that the machine stands still"},
     program_offset={**_INT, "description": "tracker: most probable row offset since the program started"},
     entropy={**_NUM, "description": "tracker: of its posterior over program positions, nats (0 = certain)"},

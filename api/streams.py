@@ -185,7 +185,10 @@ def _tracked(session: Session, model, out: dict, first: int, repeated: np.ndarra
         weight = min(session.real_rows + j + 1, w) / w
         step = track.update(logits, out["line_logits"][j], weight, bool(repeated[j]))
         source, answer, conf = step.line_source, step.line, step.line_confidence
-        if answer < 0:  # the tracked program's timeline holds no line here: the window's own answer
+        if out["on_path"][j]:  # the position lies on the program's tool path: that names the line exactly
+            # (models that read positions); the tracker still gives the operation
+            source, answer, conf = "path", line, float(out["line_confidence"][j])
+        elif answer < 0:  # the tracked program's timeline holds no line here: the window's own answer
             source, answer, conf = "window", line, float(out["line_confidence"][j])
         session.operation = {"name": p.operations[step.operation], "confidence": round(step.operation_confidence, 6)}
         predictions.append({"row": first + j, "gcode_sequence": p.lines[answer], "operation": session.operation,

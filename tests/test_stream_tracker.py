@@ -101,16 +101,21 @@ def tracked_reference(predictor, cont, cat, at_program_start=False):
                                   np.stack([pk[i:i + w] for i in range(len(c))]))
     session = predictor.program_tracker.start(at_program_start=at_program_start)
     repeated = np.concatenate([[False], (c[1:] == c[:-1]).all(axis=1)])
-    return [session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w, bool(repeated[j]))
-            for j in range(len(c))], repeated
+    steps = [session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w, bool(repeated[j]))
+             for j in range(len(c))]
+    # where the position lies on the tool path, the path names the line (the window's snapped answer)
+    path = [(int(out["line"][j]), float(out["line_confidence"][j])) if out["on_path"][j] else None
+            for j in range(len(c))]
+    return list(zip(steps, path)), repeated
 
 
 def matches(predictor, predictions, steps) -> None:
-    for p, s in zip(predictions, steps, strict=True):
-        assert p["line_source"] == "tracker" and p["gcode_sequence"] == predictor.lines[s.line]
+    for p, (s, path) in zip(predictions, steps, strict=True):
+        line, conf, source = (s.line, s.line_confidence, "tracker") if path is None else (*path, "path")
+        assert p["line_source"] == source and p["gcode_sequence"] == predictor.lines[line]
         assert p["operation"]["name"] == predictor.operations[s.operation]
         assert p["operation"]["confidence"] == pytest.approx(s.operation_confidence, abs=1e-5)
-        assert p["line_confidence"] == pytest.approx(s.line_confidence, abs=1e-5)
+        assert p["line_confidence"] == pytest.approx(conf, abs=1e-5)
         assert p["paused"] == pytest.approx(s.paused, abs=1e-5) and p["program_offset"] == s.offset
         assert p["entropy"] == pytest.approx(s.entropy, abs=1e-3)
 

@@ -33,9 +33,10 @@ def slide(buf_cont: np.ndarray | None, buf_cat: np.ndarray | None, cont: np.ndar
 def predict_windows(predictor, cont: np.ndarray, cat: np.ndarray, keys=None) -> dict[str, np.ndarray]:
     """predictor.predict_lines over [m, W, .] windows in calls of BATCH_WINDOWS (or the graph's fixed
     batch, padded by repeating the last window; the padding's answers are dropped). keys: the outputs
-    kept (default: op_logits, line, line_confidence, and line_logits when the model has a program tracker)."""
+    kept (default: op_logits, line, line_confidence, on_path, and line_logits when the model has a program tracker)."""
     if keys is None:
-        keys = ("op_logits", "line", "line_confidence") + (("line_logits",) if getattr(predictor, "program_tracker", None) else ())
+        keys = ("op_logits", "line", "line_confidence", "on_path") + (
+            ("line_logits",) if getattr(predictor, "program_tracker", None) else ())
     fixed = predictor.metadata.get("batch_size")
     step = int(fixed) if fixed else BATCH_WINDOWS
     parts = []
