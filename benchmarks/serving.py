@@ -131,7 +131,11 @@ def bodies(package: Path, batch: int, stream_rows: int) -> dict:
                            "start": start}).encode()
 
     chunks = [rows(k * stream_rows, (k + 1) * stream_rows) for k in range(w)]  # cycle through the sample's rows
-    out["stream_first"] = lambda i: http_load.request_bytes(f"/stream/m{i}", rows(0, w - 1, True))
+    # A machine's first chunk: with a program tracker every row is answered from the first, so a monitor
+    # just starts posting; the row clock answers from row W-1 on, so the machine primes a window first.
+    tracked = bool(json.loads((package / "model.json").read_text()).get("program_tracker"))
+    first = rows(0, stream_rows, True) if tracked else rows(0, w - 1, True)
+    out["stream_first"] = lambda i: http_load.request_bytes(f"/stream/m{i}", first)
     out["stream_chunk"] = lambda i, k: http_load.request_bytes(f"/stream/m{i}", chunks[k % w])
     return out
 
