@@ -17,12 +17,15 @@ Calls run on the event loop, not in a thread: measured under load, an inference 
 the event loop for the GIL (the interpreter hands it over every 5 ms) made calls 10-40x slower
 than the graph. Several workers use several cores.
 
-Off by default (GCODEFP_BATCHING=1 turns it on). Measured on the 2-core machine with a production-
-sized int8 graph (0.3-0.5 ms at batch 1, ~0.15 ms per window at batch 8-32), a request's cost is
-mostly HTTP and JSON parsing, so sharing the graph call saves little, and the queued path cost more
-CPU per request than it saved: JSON /predict at 300 req/s on 2 workers held p50 7 ms unbatched but
-fell behind batched. Worth measuring again on a model whose graph dominates (benchmarks/serving.py
-with GCODEFP_BATCHING=1).
+On by default (GCODEFP_BATCHING=0 turns it off). A request whose body has fully arrived is read and
+parsed without suspending, so the routes give the loop one turn after parsing (`await sleep(0)` inside
+`arriving()`): requests received meanwhile parse too and join the call. Without that turn every
+request found the batcher idle and ran alone, even at 64 concurrent clients. Measured on the 2-core
+machine (benchmarks/serving.py, package v20261202-025329-7c3b16a0, int8_static; the predict graph
+costs ~0.6 ms at batch 1 and ~0.19 ms per window at batch 16): closed-loop JSON /predict with 16
+clients on 2 workers 1,031 req/s on against ~390 off; the highest open-loop rate held at p99 <= 10 ms
+rose from 200 to 300 req/s (JSON, 1 worker) and from 200 to 400 (binary, 1 worker). Per-window cost
+hardly falls past 16 windows while a call's time keeps growing, hence GCODEFP_BATCH_MAX_WINDOWS=16.
 """
 from __future__ import annotations
 

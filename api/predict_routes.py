@@ -1,8 +1,9 @@
 """The guide's inference endpoints: POST /predict, /batch_predict, /fingerprint (JSON or binary bodies).
 
-Line-head and greedy answers run inline on the event loop (a thread hop per request would cost as
-much as the model; more than 8 windows go to a thread), or, with GCODEFP_BATCHING=1, through the
-micro-batcher (api/batcher.py): concurrent requests' windows run as one graph call.
+Line-head and greedy answers go through the micro-batcher (api/batcher.py; on by default): windows of
+requests received together run as one graph call, on the event loop. With GCODEFP_BATCHING=0 each
+request runs its own call inline (a thread hop would cost as much as the model; more than 8 windows
+go to a thread).
 Beam search and sampling (tens of ms) run alone in a thread.
 """
 from __future__ import annotations

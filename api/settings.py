@@ -15,8 +15,8 @@
 | GCODEFP_MONITOR_EVERY     | 1         | input monitoring looks at one window in N (1 = all, 0 = off; api/monitoring.py) |
 | GCODEFP_DRIFT_HALF_LIFE   | 256       | windows after which a window's weight in the rolling drift score halves |
 | GCODEFP_ADMIN_TOKEN       | -         | bearer token of POST /admin/reload (the endpoint is off without)  |
-| GCODEFP_BATCHING          | 0         | 1: micro-batching (api/batcher.py); 0: each request's own call   |
-| GCODEFP_BATCH_MAX_WINDOWS | 32        | windows per micro-batched graph call                              |
+| GCODEFP_BATCHING          | 1         | 1: micro-batching (api/batcher.py); 0: each request's own call   |
+| GCODEFP_BATCH_MAX_WINDOWS | 16        | windows per micro-batched graph call                              |
 | GCODEFP_BATCH_MAX_DELAY_MS| 1.0       | how long a call waits for requests already being parsed to join   |
 | GCODEFP_LOG_LEVEL         | INFO      | log level of the JSON logs                                        |
 | PROMETHEUS_MULTIPROC_DIR  | -         | set by `gcodefp serve`: several workers' metrics summed from files |
@@ -76,8 +76,8 @@ class Settings:
                    keep_previous_min_free_mb=_get("GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB", 512, int, 0),
                    monitor_every=_get("GCODEFP_MONITOR_EVERY", 1, int, 0),
                    drift_half_life=_get("GCODEFP_DRIFT_HALF_LIFE", 256.0, float, 1.0),
-                   batching=_get("GCODEFP_BATCHING", 0, int, 0) != 0,
-                   batch_max_windows=_get("GCODEFP_BATCH_MAX_WINDOWS", 32, int, 1),
+                   batching=_get("GCODEFP_BATCHING", 1, int, 0) != 0,
+                   batch_max_windows=_get("GCODEFP_BATCH_MAX_WINDOWS", 16, int, 1),
                    batch_max_delay_ms=_get("GCODEFP_BATCH_MAX_DELAY_MS", 1.0, float, 0.0),
                    log_level=_get("GCODEFP_LOG_LEVEL", "INFO").upper(),
                    metrics_dir=_get("PROMETHEUS_MULTIPROC_DIR", None))
