@@ -22,10 +22,11 @@ parsed without suspending, so the routes give the loop one turn after parsing (`
 `arriving()`): requests received meanwhile parse too and join the call. Without that turn every
 request found the batcher idle and ran alone, even at 64 concurrent clients. Measured on the 2-core
 machine (benchmarks/serving.py, package v20261202-025329-7c3b16a0, int8_static; the predict graph
-costs ~0.6 ms at batch 1 and ~0.19 ms per window at batch 16): closed-loop JSON /predict with 16
-clients on 2 workers 1,031 req/s on against ~390 off; the highest open-loop rate held at p99 <= 10 ms
-rose from 200 to 300 req/s (JSON, 1 worker) and from 200 to 400 (binary, 1 worker). Per-window cost
-hardly falls past 16 windows while a call's time keeps growing, hence GCODEFP_BATCH_MAX_WINDOWS=16.
+costs ~0.6 ms at batch 1 and ~0.19 ms per window at batch 16), 16 closed-loop clients on 2 workers:
+JSON /predict 813-873 req/s on against 634 off, binary 1,235-1,329 against 872; the highest
+open-loop rate held at p99 <= 10 ms on 1 worker rose from 200 to 300 req/s (JSON) and from 200 to
+400 (binary, one of two runs). Per-window cost hardly falls past 16 windows while a call's time
+keeps growing, hence GCODEFP_BATCH_MAX_WINDOWS=16.
 """
 from __future__ import annotations
 
