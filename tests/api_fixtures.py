@@ -157,3 +157,22 @@ def predictor(api_registry):
     from gcodefp_core.runtime import OnnxPredictor
 
     return OnnxPredictor.load(api_registry / "packages" / "v1")
+
+
+def tracked_windows(predictor, cont, cat, at_program_start: bool = False):
+    """What /stream's tracker mode must give for these received rows, computed in process: each row's
+    window (padded with the first row until W rows have arrived) through OnnxPredictor.predict_lines,
+    then a fresh tracker session fed in row order, each window weighed by its share of real rows and a
+    row equal to the previous one (normalised) passed as repeated. -> (graph outputs, steps, repeated)."""
+    import numpy as np
+
+    c, k = predictor.features.transform_arrays(cont, cat.astype(object))
+    w = predictor.window
+    pc, pk = np.concatenate([np.repeat(c[:1], w - 1, 0), c]), np.concatenate([np.repeat(k[:1], w - 1, 0), k])
+    out = predictor.predict_lines(np.stack([pc[i:i + w] for i in range(len(c))]),
+                                  np.stack([pk[i:i + w] for i in range(len(c))]))
+    session = predictor.program_tracker.start(at_program_start=at_program_start)
+    repeated = np.concatenate([[False], (c[1:] == c[:-1]).all(axis=1)])
+    steps = [session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w, bool(repeated[j]))
+             for j in range(len(c))]
+    return out, steps, repeated

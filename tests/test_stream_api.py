@@ -15,7 +15,7 @@ from api import streams
 from api.client import APINotFoundError, APIValidationError, GCodeAPIClient
 from api.inputs import InputError
 from api.model_store import LoadedModel
-from api_fixtures import ADMIN_TOKEN
+from api_fixtures import ADMIN_TOKEN, tracked_windows
 from gcodefp_core.synthetic import generate_run
 
 pytestmark = pytest.mark.slow
@@ -57,18 +57,8 @@ def post(http, machine_id, sensor_data, start=False, status=200) -> dict:
 
 
 def reference(predictor, cont, cat):
-    """What streaming must give for rows posted from a program's start (start=true):
-    OnnxPredictor.predict_lines on each row's window (padded with the first row until W rows have
-    arrived), fed in row order through a fresh program tracker session."""
-    c, k = predictor.features.transform_arrays(cont, cat.astype(object))
-    w = predictor.window
-    pc, pk = np.concatenate([np.repeat(c[:1], w - 1, 0), c]), np.concatenate([np.repeat(k[:1], w - 1, 0), k])
-    out = predictor.predict_lines(np.stack([pc[i:i + w] for i in range(len(c))]),
-                                  np.stack([pk[i:i + w] for i in range(len(c))]))
-    session = predictor.program_tracker.start(at_program_start=True)
-    repeated = np.concatenate([[False], (c[1:] == c[:-1]).all(axis=1)])
-    steps = [session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w, bool(repeated[j]))
-             for j in range(len(c))]
+    """What streaming must give for rows posted from a program's start (start=true)."""
+    out, steps, _ = tracked_windows(predictor, cont, cat, at_program_start=True)
     return out, steps
 
 

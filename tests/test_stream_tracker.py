@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from api_fixtures import ADMIN_TOKEN, start_uvicorn
+from api_fixtures import ADMIN_TOKEN, start_uvicorn, tracked_windows
 from gcodefp_core import package as pkg
 from gcodefp_core.runtime import OnnxPredictor
 from gcodefp_core.runtime.program_tracker import ProgramTracker
@@ -91,21 +91,11 @@ def post(client, machine, cont, cat, start=None) -> dict:
 
 
 def tracked_reference(predictor, cont, cat, at_program_start=False):
-    """The tracker's answers to these received rows, computed in-process: each row's window padded
-    with the first row until W rows have arrived, weighed by its share of real rows; a row equal to
-    the previous one (normalised) is passed as repeated."""
-    c, k = predictor.features.transform_arrays(cont, cat.astype(object))
-    w = predictor.window
-    pc, pk = np.concatenate([np.repeat(c[:1], w - 1, 0), c]), np.concatenate([np.repeat(k[:1], w - 1, 0), k])
-    out = predictor.predict_lines(np.stack([pc[i:i + w] for i in range(len(c))]),
-                                  np.stack([pk[i:i + w] for i in range(len(c))]))
-    session = predictor.program_tracker.start(at_program_start=at_program_start)
-    repeated = np.concatenate([[False], (c[1:] == c[:-1]).all(axis=1)])
-    steps = [session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w, bool(repeated[j]))
-             for j in range(len(c))]
-    # where the position lies on the tool path, the path names the line (the window's snapped answer)
-    path = [(int(out["line"][j]), float(out["line_confidence"][j])) if out["on_path"][j] else None
-            for j in range(len(c))]
+    """The tracker's answers to these received rows (api_fixtures.tracked_windows), each with the
+    window's path-named line where the position lies on the tool path."""
+    out, steps, repeated = tracked_windows(predictor, cont, cat, at_program_start)
+    path = [(int(line), float(conf)) if on else None
+            for line, conf, on in zip(out["line"], out["line_confidence"], out["on_path"])]
     return list(zip(steps, path)), repeated
 
 
