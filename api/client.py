@@ -164,11 +164,14 @@ class GCodeAPIClient:
         return "/stream/" + quote(str(machine_id), safe="")
 
     def stream(self, machine_id: str, continuous=None, categorical=None, *, columns: dict | None = None,
-               start: bool = False) -> dict:
+               start: bool = False, every: int | None = None) -> dict:
         """Post a machine's next rows (n x F / n x C, or columns of n values), in order (from its program's
         start when the served package streams with the row-count clock); start=True begins a new run.
-        -> predictions for every window the rows complete."""
+        every: a tracked machine's rows answered (the last row and every Nth before it; None: the
+        server's GCODEFP_STREAM_EVERY, 1: every row). -> the answers (a clock session: every window)."""
         doc = {"sensor_data": self._sensor_data(continuous, categorical, columns), "start": start}
+        if every is not None:
+            doc["every"] = every
         return self._post_json(self._stream_path(machine_id), doc)
 
     def stream_state(self, machine_id: str) -> dict:

@@ -56,7 +56,13 @@ OPENAPI_STREAM = {"requestBody": {"required": True, "content": {"application/jso
             "row-count clock (older packages, mode \"clock\") post every row from the program's start.")},
         "start": {"type": "boolean", "default": False,
                   "description": "optional: a new program run begins with these rows (rows_since_start = 0; "
-                                 "the tracker starts at the program's first row instead of anywhere)"}}}}}}}
+                                 "the tracker starts at the program's first row instead of anywhere)"},
+        "every": {"type": "integer", "minimum": 1, "maximum": SETTINGS.max_stream_rows,
+                  "default": SETTINGS.stream_every, "description": (
+                      "optional, tracker mode: judge and answer the chunk's last row and every Nth row before it "
+                      "(default GCODEFP_STREAM_EVERY; 1 = every row). The tracker moves over the rows between and "
+                      "weighs each judged window as the skipped overlapping windows would have; a clock session "
+                      "answers every row")}}}}}}}
 
 # ---- responses ---------------------------------------------------------------------------------
 _ERROR = {"type": "object", "required": ["error"], "properties": {
@@ -93,7 +99,8 @@ _STREAM_STATE = _obj(["machine_id", "rows_since_start", "windows"], machine_id=_
                      windows=_INT, model_version={"type": ["string", "null"]}, mode=_MODE)
 _STREAM_PREDICTION = _obj(
     ["row", "gcode_sequence", "operation", "line_confidence", "line_source", "window"],
-    row={**_INT, "description": "the row (counted from the session's start) whose window this answers"},
+    row={**_INT, "description": "the row (counted from the session's start) whose window this answers; a tracker "
+                                "session answers the chunk's last row and every `every`-th row before it"},
     gcode_sequence=_STR, operation={**_OPERATION, "description": "the streamed operation and its posterior"},
     line_confidence=_NUM, line_source={"type": "string", "enum": ["tracker", "path", "clock", "window"]},
     paused={**_NUM, "description": "tracker: probability that the machine stands still"},

@@ -9,10 +9,11 @@ from fastapi import APIRouter, Request
 
 from . import inputs, metrics, monitoring, streams
 from .common import current, respond, run_windows
+from .settings import SETTINGS
 from .schemas import OPENAPI_STREAM, STREAM_END_RESPONSES, STREAM_POST_RESPONSES, STREAM_STATE_RESPONSES
 
 router = APIRouter()
-STREAM_KEYS = {"sensor_data", "start"}
+STREAM_KEYS = {"sensor_data", "start", "every"}
 
 
 @router.post("/stream/{machine_id:path}", openapi_extra=OPENAPI_STREAM, responses=STREAM_POST_RESPONSES)
@@ -24,6 +25,11 @@ async def stream_post(request: Request, machine_id: str):
     start = doc.get("start", False)
     if not isinstance(start, bool):
         raise inputs.InputError("start", "must be true or false")
+    every = doc.get("every", SETTINGS.stream_every)
+    if isinstance(every, float) and every.is_integer():  # 4.0 is the integer 4 in JSON
+        every = int(every)
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= inputs.MAX_STREAM_ROWS:
+        raise inputs.InputError("every", f"must be a whole number of rows, 1..{inputs.MAX_STREAM_ROWS}")
     if "sensor_data" not in doc:
         raise inputs.InputError("sensor_data", "required")
     registry: streams.StreamRegistry = request.app.state.streams
@@ -44,7 +50,7 @@ async def stream_post(request: Request, machine_id: str):
             async def run(wc, wk):  # micro-batched with other machines' windows (api/batcher.py)
                 return await run_windows(request, model, "/stream", ("stream",), streams.predict, wc, wk)
 
-            result = await streams.post_rows(session, model, cont, cat, start, run)
+            result = await streams.post_rows(session, model, cont, cat, start, run, every)
             monitoring.observe_stream(model, cont, result)
             return respond(result)
     finally:

@@ -177,20 +177,31 @@ def _restart(session: Session, model, start: bool) -> None:
     session.windows = session.real_rows = 0
 
 
-def _tracked(session: Session, model, out: dict, first: int, repeated: np.ndarray, lo: int, hi: int) -> list[dict]:
-    """The tracker's answer after windows lo..hi-1 (window j ends at the chunk's row j)."""
+def judged_rows(n: int, every: int, repeated: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A tracker session judges the chunk's last row and every `every`-th row before it (a chunk always
+    gets an answer about its newest row, and the previous chunk's last row was judged) -> (the judged
+    rows' indices in the chunk, rows since the previous judged row, how many of those repeat their row
+    before: pause evidence)."""
+    judged = np.arange(n - 1, -1, -every)[::-1]
+    gaps = np.diff(judged, prepend=-1)
+    repeats = np.add.reduceat(repeated.astype(np.int64), judged - gaps + 1)
+    return judged, gaps, repeats
+
+
+def _tracked(session: Session, model, out: dict, first: int, judged, gaps, repeats, lo: int, hi: int) -> list[dict]:
+    """The tracker's answers at judged rows lo..hi-1 (out[i]: the window ending at the chunk's row judged[i])."""
     p, w, track = model.predictor, model.window, session.tracker
     predictions = []
-    for j in range(lo, hi):
-        logits, line = out["op_logits"][j], int(out["line"][j])
+    for i in range(lo, hi):
+        j, logits, line = int(judged[i]), out["op_logits"][i], int(out["line"][i])
         weight = min(session.real_rows + j + 1, w) / w
-        step = track.update(logits, out["line_logits"][j], weight, bool(repeated[j]))
+        step = track.update(logits, out["line_logits"][i], weight, int(repeats[i]), int(gaps[i]))
         source, answer, conf = step.line_source, step.line, step.line_confidence
-        if out["on_path"][j]:  # the position lies on the program's tool path: that names the line exactly
+        if out["on_path"][i]:  # the position lies on the program's tool path: that names the line exactly
             # (models that read positions); the tracker still gives the operation
-            source, answer, conf = "path", line, float(out["line_confidence"][j])
+            source, answer, conf = "path", line, float(out["line_confidence"][i])
         elif answer < 0:  # the tracked program's timeline holds no line here: the window's own answer
-            source, answer, conf = "window", line, float(out["line_confidence"][j])
+            source, answer, conf = "window", line, float(out["line_confidence"][i])
         session.operation = {"name": p.operations[step.operation], "confidence": round(step.operation_confidence, 6)}
         predictions.append({"row": first + j, "gcode_sequence": p.lines[answer], "operation": session.operation,
                             "line_confidence": round(conf, 6), "line_source": source,
@@ -214,9 +225,10 @@ def _clocked(session: Session, model, out: dict, first: int) -> list[dict]:
     return predictions
 
 
-async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run) -> dict:
+async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run, every: int = 1) -> dict:
     """Apply one chunk to a session (hold session.lock). run(windows cont, windows cat) runs the model
-    (predict) and records metrics -> (result, ms). The session changes only after the model has answered."""
+    (predict) and records metrics -> (result, ms). every: a tracker session judges every `every`-th row
+    (judged_rows); a clock session judges every row. The session changes only after the model has answered."""
     fresh = session.version is None or start
     changed = not fresh and session.version != model.version
     rows_before = 0 if fresh else session.rows_since_start
@@ -229,6 +241,9 @@ async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run
     else:
         wc, wk, cont, cat, repeated = await asyncio.to_thread(cut, model, *buf, raw_cont, raw_cat, pad)
     n_windows = 0 if wc is None else len(wc)
+    if tracking and n_windows:  # padded: window j ends at the chunk's row j
+        judged, gaps, repeats = judged_rows(n, every, repeated)
+        wc, wk = (wc, wk) if every == 1 else (wc[judged], wk[judged])
     out, ms = await run(wc, wk) if n_windows else (None, 0.0)
 
     if fresh or changed:
@@ -239,14 +254,15 @@ async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run
     if not n_windows:
         predictions = []
     elif session.mode == "tracker":  # ~0.25 ms a row: a long chunk lets other requests in between slices
-        predictions, repeated = [], repeated[n - n_windows:]
-        for lo in range(0, n_windows, INLINE_TRACKED):
+        predictions = []
+        for lo in range(0, len(judged), INLINE_TRACKED):
             if lo:
                 await asyncio.sleep(0)
-            predictions += _tracked(session, model, out, first, repeated, lo, min(lo + INLINE_TRACKED, n_windows))
+            predictions += _tracked(session, model, out, first, judged, gaps, repeats, lo,
+                                    min(lo + INLINE_TRACKED, len(judged)))
     else:
         predictions = _clocked(session, model, out, first)
-    session.windows += n_windows
+    session.windows += len(predictions)
     session.real_rows = min(session.real_rows + n, model.window)
     session.rows_since_start, session.cont, session.cat = rows_before + n, cont, cat
     return {"machine_id": session.machine_id, "rows_since_start": session.rows_since_start, "mode": session.mode,

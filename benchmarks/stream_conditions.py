@@ -16,7 +16,8 @@ monitor would (chunks of --chunk rows, JSON bodies, nulls for absent readings):
 The conditions are gcodefp_core.fit_program_tracker.make_stream's, seeded per package and condition.
 Scores per condition and operation: the streamed answer (top level of each prediction) and the window
 model's own answer on the same received rows (its `window` field: what /predict says), operation
-accuracy and exact line (the answer's line equals the row's canonical G-code line). Mean [min-max]
+accuracy and exact line (the answer's line equals the row's canonical G-code line), over the answered
+rows (--every: a tracker answers each chunk's last row and every Nth before it). Mean [min-max]
 over packages; the table is printed and written as JSON.
 """
 from __future__ import annotations
@@ -98,13 +99,17 @@ def test_runs(dataset: Path, data: Path, spec) -> list[dict]:
     return out
 
 
-def stream_run(client, url: str, machine: str, run: dict, offsets: np.ndarray, chunk: int, start: bool) -> list[dict]:
-    """Post the run's rows at `offsets`, in order, in chunks -> one prediction per received row (or per window)."""
+def stream_run(client, url: str, machine: str, run: dict, offsets: np.ndarray, chunk: int, start: bool,
+               every: int | None) -> list[dict]:
+    """Post the run's rows at `offsets`, in order, in chunks -> the predictions (tracker: the rows judged at
+    `every`, None: the server's default; clock: one per window)."""
     answers = []
     for s in range(0, len(offsets), chunk):
         idx = offsets[s:s + chunk]
         body = {"sensor_data": {"continuous": [run["continuous"][i] for i in idx],
                                 "categorical": [run["categorical"][i] for i in idx]}, "start": start and s == 0}
+        if every is not None:
+            body["every"] = every
         r = client.post(f"{url}/stream/{machine}", json=body, timeout=120)
         if r.status_code != 200:
             raise RuntimeError(f"{machine}: HTTP {r.status_code}: {r.text[:300]}")
@@ -113,9 +118,10 @@ def stream_run(client, url: str, machine: str, run: dict, offsets: np.ndarray, c
     return answers
 
 
-def score(run: dict, offsets: np.ndarray, answers: list[dict], first_scored: int) -> dict[str, np.ndarray]:
+def score(run: dict, offsets: np.ndarray, answers: list[dict], first_scored: int, every: int | None) -> dict[str, np.ndarray]:
+    """The answered rows from first_scored on; with every == 1 (or a clock) a row without an answer is wrong."""
     by_row = {a["row"]: a for a in answers}  # "row": the received row's index since the session started
-    got = [(i, by_row.get(i)) for i in range(first_scored, len(offsets))]
+    got = [(i, by_row.get(i)) for i in range(first_scored, len(offsets)) if every == 1 or i in by_row]
     line = [run["lines"][offsets[i]] for i, _ in got]
     missing = {"gcode_sequence": None, "operation": {"name": None}, "window": {"gcode_sequence": None,
                                                                               "operation": {"name": None}}}
@@ -126,13 +132,13 @@ def score(run: dict, offsets: np.ndarray, answers: list[dict], first_scored: int
             "window_exact": np.array([x["window"]["gcode_sequence"] == y for x, y in zip(a, line)])}
 
 
-def measure_package(package: Path, runs: list[dict], seed: int, chunk: int, work: Path) -> dict:
+def measure_package(package: Path, runs: list[dict], seed: int, chunk: int, every: int | None, work: Path) -> dict:
     import httpx
 
     from gcodefp_core.fit_program_tracker import make_stream
 
     proc, url = serve(package, work / f"server-{package.name}.log")
-    result: dict = {"package": str(package), "conditions": {}}
+    result: dict = {"package": str(package), "every": every, "conditions": {}}
     try:
         with httpx.Client() as client:
             info = client.get(f"{url}/info", timeout=30).json()
@@ -141,12 +147,12 @@ def measure_package(package: Path, runs: list[dict], seed: int, chunk: int, work
                 rng = np.random.default_rng([seed, len(name)])
                 pooled: dict[str, list] = {m: [] for m in METRICS}
                 per_op: dict[str, dict[str, list]] = {}
-                t0, rows, mode = time.perf_counter(), 0, None
+                t0, rows = time.perf_counter(), 0
                 for k, run in enumerate(runs):
                     offsets = make_stream(len(run["lines"]), rng, **cond)
-                    answers = stream_run(client, url, f"bench-{name}-{k}", run, offsets, chunk, "attach" not in cond)
-                    mode = mode or (answers[0].get("line_source") if answers else None)
-                    s = score(run, offsets, answers, 30 if "attach" in cond else window - 1)
+                    answers = stream_run(client, url, f"bench-{name}-{k}", run, offsets, chunk, "attach" not in cond,
+                                         every)
+                    s = score(run, offsets, answers, 30 if "attach" in cond else window - 1, every)
                     rows += len(offsets)
                     for m in METRICS:
                         pooled[m].append(s[m])
@@ -193,6 +199,8 @@ def main() -> int:
     ap.add_argument("--packages", type=Path, nargs="+", required=True, help="package folders, one per seed")
     ap.add_argument("--data", type=Path, default=None, help="the raw logs (default: the real data folder)")
     ap.add_argument("--chunk", type=int, default=32, help="rows per POST")
+    ap.add_argument("--every", type=int, default=None,
+                    help="tracker: answer every Nth row of a chunk (1: every row; default: the server's, 4)")
     ap.add_argument("--output", type=Path, default=REPO / "results" / "stream_conditions.json")
     args = ap.parse_args()
     from gcodefp_core.fileio import write_json
@@ -203,11 +211,12 @@ def main() -> int:
     runs = test_runs(args.dataset, args.data or real_data_dir(), bundle.features)
     print(f"{len(runs)} test runs, {sum(len(r['lines']) for r in runs)} rows", flush=True)
     work = Path(tempfile.mkdtemp(prefix="gcodefp-stream-conditions-"))
-    per_package = [measure_package(p, runs, seed, args.chunk, work) for seed, p in enumerate(args.packages)]
+    per_package = [measure_package(p, runs, seed, args.chunk, args.every, work) for seed, p in enumerate(args.packages)]
     summary = summarise(per_package)
     print_table(summary)
     write_json(args.output, {"summary": summary, "per_package": per_package, "conditions": CONDITIONS,
-                             "dataset": str(args.dataset), "date": time.strftime("%Y-%m-%d %H:%M")})
+                             "chunk": args.chunk, "every": args.every, "dataset": str(args.dataset),
+                             "date": time.strftime("%Y-%m-%d %H:%M")})
     print(f"wrote {args.output}")
     return 0
 

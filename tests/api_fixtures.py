@@ -159,11 +159,13 @@ def predictor(api_registry):
     return OnnxPredictor.load(api_registry / "packages" / "v1")
 
 
-def tracked_windows(predictor, cont, cat, at_program_start: bool = False):
+def tracked_windows(predictor, cont, cat, at_program_start: bool = False, judged=None):
     """What /stream's tracker mode must give for these received rows, computed in process: each row's
     window (padded with the first row until W rows have arrived) through OnnxPredictor.predict_lines,
-    then a fresh tracker session fed in row order, each window weighed by its share of real rows and a
-    row equal to the previous one (normalised) passed as repeated. -> (graph outputs, steps, repeated)."""
+    then a fresh tracker session fed the judged rows in order (default: every row), each window weighed
+    by its share of real rows, moving the rows since the previous judged one, with the rows among them
+    equal to their previous one (normalised) counted as repeated. -> (graph outputs of every row,
+    steps of the judged rows, repeated per row)."""
     import numpy as np
 
     c, k = predictor.features.transform_arrays(cont, cat.astype(object))
@@ -173,6 +175,9 @@ def tracked_windows(predictor, cont, cat, at_program_start: bool = False):
                                   np.stack([pk[i:i + w] for i in range(len(c))]))
     session = predictor.program_tracker.start(at_program_start=at_program_start)
     repeated = np.concatenate([[False], (c[1:] == c[:-1]).all(axis=1)])
-    steps = [session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w, bool(repeated[j]))
-             for j in range(len(c))]
+    steps, previous = [], -1
+    for j in range(len(c)) if judged is None else judged:
+        steps.append(session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w,
+                                    int(repeated[previous + 1:j + 1].sum()), rows=j - previous))
+        previous = j
     return out, steps, repeated

@@ -187,7 +187,7 @@ def test_server_with_batching_answers_each_request_as_alone(api_registry, sample
         w = predictor.window
         r = httpx.post(f"{server.url}/stream/m1", json={"sensor_data": {"continuous": sd["continuous"][:w],
                                                                         "categorical": sd["categorical"][:w]},
-                                                        "start": True}, timeout=60).json()
+                                                        "start": True, "every": 1}, timeout=60).json()
         assert r["rows_since_start"] == w and r["mode"] == "tracker" and len(r["predictions"]) == w  # one per row
         text = httpx.get(f"{server.url}/metrics", timeout=10).text
         assert "gcodefp_batched_call_windows_count" in text and "gcodefp_queue_duration_seconds" in text

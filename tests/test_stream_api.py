@@ -51,7 +51,7 @@ def columns(package_meta, cont, cat, lo=0, hi=None) -> dict:
 
 
 def post(http, machine_id, sensor_data, start=False, status=200) -> dict:
-    r = http.post(f"/stream/{machine_id}", json={"sensor_data": sensor_data, "start": start})
+    r = http.post(f"/stream/{machine_id}", json={"sensor_data": sensor_data, "start": start, "every": 1})
     assert r.status_code == status, r.text
     return r.json()
 
@@ -243,11 +243,12 @@ def test_client_stream_methods(api_server, package_meta, run_rows):
     w = package_meta["window"]
     with GCodeAPIClient(api_server.url, timeout=60) as api:
         r = api.stream("mill-client", cont[:w], cat[:w], start=True)  # numpy, NaN for absent boards
-        assert r["rows_since_start"] == w and [p["row"] for p in r["predictions"]] == list(range(w))
-        r = api.stream("mill-client", columns=columns(package_meta, cont, cat, w, w + 3)["columns"])
-        assert r["rows_since_start"] == w + 3 and len(r["predictions"]) == 3
+        # the server's default: the chunk's last row and every 4th before it
+        assert r["rows_since_start"] == w and [p["row"] for p in r["predictions"]] == list(range(3, w, 4))
+        r = api.stream("mill-client", columns=columns(package_meta, cont, cat, w, w + 3)["columns"], every=1)
+        assert r["rows_since_start"] == w + 3 and [p["row"] for p in r["predictions"]] == [w, w + 1, w + 2]
         state = api.stream_state("mill-client")
-        assert state["windows"] == w + 3 and state["operation"] == r["predictions"][-1]["operation"]
+        assert state["windows"] == w // 4 + 3 and state["operation"] == r["predictions"][-1]["operation"]
         assert api.end_stream("mill-client")["ended"] is True
         with pytest.raises(APINotFoundError) as err:
             api.stream_state("mill-client")

@@ -77,25 +77,28 @@ def rows(tiny_export):
     return cont, np.stack([frame[c].to_numpy() for c in f["categorical"]], axis=1).astype(float)
 
 
-def body(cont, cat, start=None) -> dict:
+def body(cont, cat, start=None, every=1) -> dict:
+    """A /stream body; every=1 (every row answered) unless None (the server's default)."""
     c = cont.astype(object)
     c[np.isnan(cont)] = None
     doc = {"sensor_data": {"continuous": c.tolist(), "categorical": cat.tolist()}}
+    doc |= {} if every is None else {"every": every}
     return doc if start is None else doc | {"start": start}
 
 
-def post(client, machine, cont, cat, start=None) -> dict:
-    r = client.post(f"/stream/{machine}", json=body(cont, cat, start))
+def post(client, machine, cont, cat, start=None, every=1) -> dict:
+    r = client.post(f"/stream/{machine}", json=body(cont, cat, start, every))
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def tracked_reference(predictor, cont, cat, at_program_start=False):
-    """The tracker's answers to these received rows (api_fixtures.tracked_windows), each with the
-    window's path-named line where the position lies on the tool path."""
-    out, steps, repeated = tracked_windows(predictor, cont, cat, at_program_start)
-    path = [(int(line), float(conf)) if on else None
-            for line, conf, on in zip(out["line"], out["line_confidence"], out["on_path"])]
+def tracked_reference(predictor, cont, cat, at_program_start=False, judged=None):
+    """The tracker's answers at the judged rows (default: every row) of these received rows
+    (api_fixtures.tracked_windows), each with the window's path-named line where the position lies on
+    the tool path."""
+    out, steps, repeated = tracked_windows(predictor, cont, cat, at_program_start, judged)
+    judged = range(len(cont)) if judged is None else judged
+    path = [(int(out["line"][j]), float(out["line_confidence"][j])) if out["on_path"][j] else None for j in judged]
     return list(zip(steps, path)), repeated
 
 
@@ -145,6 +148,32 @@ def test_lost_and_repeated_rows_are_taken_and_the_session_keeps_going(server, cl
     assert client.delete("/stream/lossy-mill").json()["ended"] is True
 
 
+def test_by_default_a_chunk_is_judged_at_its_last_row_and_every_4th_before_it(server, client, rows):
+    """A monitor posting 4 rows a second gets one answer a second and costs one window: the tracker
+    moves over the rows between judged ones, and counts the stalled rows among them as pause evidence."""
+    cont, cat = rows
+    predictor = OnnxPredictor.load(server.registry / "packages" / "tracked")
+    received = [i for i in range(30, 90) if i % 5]
+    received = (received[:20] + [received[19]] * 8 + received[20:])[:32]   # lost rows, then a stall
+    c, k = cont[received], cat[received]
+    got, lo = [], 0
+    for n in (5, 13, 4, 1, 9):
+        answer = post(client, "sparse-mill", c[lo:lo + n], k[lo:lo + n], every=None)
+        assert answer["predictions"][-1]["row"] == lo + n - 1              # the newest row always answered
+        got += answer["predictions"]
+        lo += n
+    judged = [0, 4, 5, 9, 13, 17, 21, 22, 23, 27, 31]
+    assert [p["row"] for p in got] == judged
+    steps, repeated = tracked_reference(predictor, c, k, judged=judged)
+    assert repeated[20:28].all()                                           # the stall falls between judged rows
+    matches(predictor, got, steps)
+    state = client.get("/stream/sparse-mill").json()
+    assert state["rows_since_start"] == 32 and state["windows"] == len(judged)
+    # every=1 in a request: that chunk's every row
+    tail = post(client, "sparse-mill", cont[90:93], cat[90:93], every=1)["predictions"]
+    assert [p["row"] for p in tail] == [32, 33, 34]
+
+
 def test_a_package_without_line_logits_streams_with_the_clock_and_a_swap_drops_the_evidence(server, client, rows):
     cont, cat = rows
     old = OnnxPredictor.load(server.registry / "packages" / "old")
@@ -176,7 +205,8 @@ def test_garbage_gives_422_naming_the_field_and_holds_no_session(client, rows):
               "sensor_data.continuous"),
              ({"sensor_data": good["sensor_data"] | {"categorical": good["sensor_data"]["categorical"][:2]}},
               "sensor_data.categorical"),
-             (good | {"start": 1}, "start"), ({"start": True}, "sensor_data"), (good | {"offset": 3}, "offset")]
+             (good | {"start": 1}, "start"), (good | {"every": 0}, "every"), (good | {"every": 2.5}, "every"),
+             (good | {"every": True}, "every"), ({"start": True}, "sensor_data"), (good | {"offset": 3}, "offset")]
     for doc, field in cases:
         r = client.post("/stream/garbage-mill", json=doc)
         assert r.status_code == 422 and r.json()["error"].startswith(field), (field, r.text)

@@ -216,14 +216,53 @@ class TrackerSession:
     paused: np.ndarray
     rows: int = 0
 
-    def update(self, op_logits, line_logits, weight: float = 1.0, repeated: bool = False) -> TrackStep:
-        """One streamed row: the window model's op_logits [ops] and line_logits [n_lines] for the
-        window ending at it. weight in [0, 1] scales the window's evidence; repeated: the row equals
-        the previous one (stale readings)."""
+    def update(self, op_logits, line_logits, weight: float = 1.0, repeated: int = 0, rows: int = 1) -> TrackStep:
+        """The window model's op_logits [ops] and line_logits [n_lines] for the window ending at the
+        newest streamed row. weight in [0, 1] scales the window's evidence (a padded window is weaker).
+        rows: streamed rows since the previous update (1: every row is judged). A server that judges
+        only every k-th row passes k: the filter moves k rows and the window's evidence counts k
+        times, as the k skipped windows, which overlap it in all but k of 64 rows, would have.
+        repeated: how many of those rows equal the row before them (stale readings: pause evidence)."""
         m, prm = self.model, self.model.params
-        a, b, n_ops = self.moving, self.paused, len(m.operations)
-        # The first row of a session is where the start distribution is; later rows move on.
-        moving = m.advance(a) if self.rows else a.copy()
+        moving, paused = self.moving, self.paused
+        for i in range(rows):
+            # The first row of a session is where the start distribution is; later rows move on.
+            moving, paused = self._move(moving, paused, advance=bool(self.rows or i))
+        e = m.emission(op_logits, line_logits)
+        e -= e.max()
+        e *= weight * rows
+        e = np.exp(np.maximum(e, -60.0, out=e), out=e)
+        r = int(repeated)
+        rep = (prm["repeat_moving"] ** r * (1 - prm["repeat_moving"]) ** (rows - r),
+               prm["repeat_paused"] ** r * (1 - prm["repeat_paused"]) ** (rows - r))
+        moving *= e
+        paused *= e
+        total = rep[0] * moving.sum() + rep[1] * paused.sum()
+        if not np.isfinite(total) or total <= 0:   # evidence contradicts everything: start over
+            fresh = m.start()
+            moving, paused, rep, total = fresh.moving, fresh.paused, (1.0, 1.0), 1.0
+        # A floor keeps every state reachable and the arithmetic off subnormal floats.
+        moving *= rep[0] / total
+        paused *= rep[1] / total
+        self.moving = np.maximum(moving, 1e-30, out=moving)
+        self.paused = np.maximum(paused, 1e-30, out=paused)
+        self.rows += rows
+        step = self.answer()
+        # The window's own line (among the lines of the tracker's operation), calibrated: while
+        # the filter has not locked on, a window that is sure of its line answers instead.
+        if prm["window_weight"] > 0 and m._op_lines[step.operation].any():
+            z = np.where(m._op_lines[step.operation], np.asarray(line_logits, np.float64) / prm["line_temperature"], -np.inf)
+            p = np.exp(z - z.max())
+            line = int(p.argmax())
+            confidence = float(p[line] / p.sum())
+            if prm["window_weight"] * confidence > step.line_confidence:
+                step.line, step.line_confidence, step.line_source = line, confidence, "window"
+        return step
+
+    def _move(self, a: np.ndarray, b: np.ndarray, advance: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One row of time on the (moving, paused) posterior, before that row's evidence."""
+        m, prm, n_ops = self.model, self.model.params, len(self.model.operations)
+        moving = m.advance(a) if advance else a.copy()
         # Past a program's last offset: the next run may start (any program, offset 0).
         ended = a[m._last] * prm["restart"]
         moving[m._last] -= ended
@@ -238,34 +277,7 @@ class TrackerSession:
         moving *= keep
         moving += np.repeat((prm["teleport"] * per_op + prm["switch"] / n_ops) / m._sizes, m._sizes)
         paused *= keep
-        e = m.emission(op_logits, line_logits)
-        e -= e.max()
-        e *= weight
-        e = np.exp(np.maximum(e, -60.0, out=e), out=e)
-        rep = (prm["repeat_moving"], prm["repeat_paused"]) if repeated else (1 - prm["repeat_moving"], 1 - prm["repeat_paused"])
-        moving *= e
-        paused *= e
-        total = rep[0] * moving.sum() + rep[1] * paused.sum()
-        if not np.isfinite(total) or total <= 0:   # evidence contradicts everything: start over
-            fresh = m.start()
-            moving, paused, rep, total = fresh.moving, fresh.paused, (1.0, 1.0), 1.0
-        # A floor keeps every state reachable and the arithmetic off subnormal floats.
-        moving *= rep[0] / total
-        paused *= rep[1] / total
-        self.moving = np.maximum(moving, 1e-30, out=moving)
-        self.paused = np.maximum(paused, 1e-30, out=paused)
-        self.rows += 1
-        step = self.answer()
-        # The window's own line (among the lines of the tracker's operation), calibrated: while
-        # the filter has not locked on, a window that is sure of its line answers instead.
-        if prm["window_weight"] > 0 and m._op_lines[step.operation].any():
-            z = np.where(m._op_lines[step.operation], np.asarray(line_logits, np.float64) / prm["line_temperature"], -np.inf)
-            p = np.exp(z - z.max())
-            line = int(p.argmax())
-            confidence = float(p[line] / p.sum())
-            if prm["window_weight"] * confidence > step.line_confidence:
-                step.line, step.line_confidence, step.line_source = line, confidence, "window"
-        return step
+        return moving, paused
 
     def answer(self) -> TrackStep:
         m = self.model
