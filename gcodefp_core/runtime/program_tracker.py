@@ -44,6 +44,8 @@ import numpy as np
 PARAMS = {"line_weight": 0.3, "op_weight": 0.3, "line_temperature": 1.0, "op_temperature": 1.0,
           "skip": 0.05, "pause_in": 1e-3, "pause_stay": 0.97, "restart": 0.05, "teleport": 1e-4,
           "switch": 1e-6, "repeat_moving": 0.02, "repeat_paused": 0.9, "window_weight": 0.0}
+STATE = np.float32   # the posterior and the transition: half the memory of float64 per followed machine and
+                     # faster array arithmetic; a posterior floored at 1e-30 needs no more range or precision
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -89,9 +91,9 @@ class ProgramTracker:
         starts = np.cumsum([0] + sizes)
         self.block_start, self.block_end = starts[:-1], starts[1:]
         self._last = self.block_end - 1
-        self._start = np.zeros(self.n_states)
+        self._start = np.zeros(self.n_states, STATE)
         self._start[self.block_start] = 1.0 / len(blocks)
-        self._uniform_in_op = 1.0 / np.asarray(sizes, np.float64)[self.state_op]
+        self._uniform_in_op = (1.0 / np.asarray(sizes, np.float64)[self.state_op]).astype(STATE)
         # Per operation: the line classes its program's timeline holds (the window's own answer
         # competes only among them).
         self._op_lines = np.zeros((len(blocks), self.n_lines), bool)
@@ -113,7 +115,7 @@ class ProgramTracker:
             for d, prob in enumerate(st):
                 j = np.minimum(i + d, sizes[o] - 1)
                 np.add.at(into, (self.block_start[o] + j, self._width - 1 - (j - i)), prob)
-        self._into = [np.ascontiguousarray(into[:, j]) for j in range(self._width)]   # per shift, contiguous
+        self._into = [np.ascontiguousarray(into[:, j], STATE) for j in range(self._width)]   # per shift, contiguous
 
     def set_params(self, **params) -> None:
         """Change params (e.g. tuned emission weights); the transition is rebuilt."""
@@ -127,13 +129,13 @@ class ProgramTracker:
         """A new machine. Attached at an unknown point (default): any row offset of any operation.
         at_program_start: the client knows a program is starting (any program, offset 0)."""
         moving = self._start.copy() if at_program_start else self._uniform_in_op / len(self.operations)
-        return TrackerSession(self, moving, np.zeros(self.n_states))
+        return TrackerSession(self, moving, np.zeros(self.n_states, STATE))
 
     def advance(self, a: np.ndarray) -> np.ndarray:
         """One row of program progress applied to a distribution over states: the banded transition
         as `width` shifted multiply-adds (a strided einsum over the band cost twice as much)."""
         w, n = self._width, self.n_states
-        pad = np.zeros(n + w - 1)        # a private buffer: one model serves concurrent sessions
+        pad = np.zeros(n + w - 1, STATE)   # a private buffer: one model serves concurrent sessions
         pad[w - 1:] = a
         out = self._into[w - 1] * a
         for j in range(w - 1):
@@ -155,7 +157,7 @@ class ProgramTracker:
         op = log_softmax(np.asarray(op_logits, np.float64) / prm["op_temperature"])
         ratio = self.line_ratios(line_logits)
         line = np.einsum("ij,ij->i", ratio[self._row_idx], self._row_share)
-        return np.repeat(prm["op_weight"] * op, self._sizes) + np.log(line + 1e-300)[self._row_of_state]
+        return (np.repeat(prm["op_weight"] * op, self._sizes) + np.log(line + 1e-300)[self._row_of_state]).astype(STATE)
 
     # ---- serialisation (model.json) ----
     def to_dict(self) -> dict:
@@ -306,7 +308,7 @@ class TrackerSession:
         idx = np.asarray(d["states"], np.int64)
         if len(idx) != len(d["moving"]) or len(idx) != len(d["paused"]) or (len(idx) and not 0 <= idx.min() <= idx.max() < model.n_states):
             raise ValueError(f"tracker session: states must be {len(idx)} indices below {model.n_states} with a value each")
-        moving, paused = np.zeros(model.n_states), np.zeros(model.n_states)
+        moving, paused = np.zeros(model.n_states, STATE), np.zeros(model.n_states, STATE)
         moving[idx], paused[idx] = d["moving"], d["paused"]
         total = moving.sum() + paused.sum()
         if total <= 0:
