@@ -55,7 +55,7 @@ class Server:
         self.log = open(log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GCODEFP_", "PROMETHEUS_"))}
         env.update(PYTHONPATH=str(REPO), GCODEFP_LOG_LEVEL="WARNING")
-        env.update({k: v for k, v in os.environ.items() if k.startswith("GCODEFP_BATCH")})
+        env.update({k: v for k, v in os.environ.items() if k.startswith(("GCODEFP_BATCH", "GCODEFP_STREAM"))})
         self.proc = subprocess.Popen([sys.executable, "-m", "gcodefp_core.cli", "serve", "--registry", str(registry),
                                       "--workers", str(workers), "--port", str(self.port), "--poll-seconds", "0.5"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
