@@ -9,9 +9,11 @@ normalised (gcodefp_core.runtime.windows cuts and batches them). Two ways to fol
 - **tracker** (models whose package has a program tracker and whose predict graph gives
   line_logits): gcodefp_core.runtime.program_tracker infers where in which program the machine is
   from the windows themselves, so no row counter is needed: a monitor may attach mid-run, lose rows
-  or see a paused machine. Every row gets an answer from the first one on: until W rows have
-  arrived, the window is padded with the first row and its evidence weighs the share of real rows;
-  a row equal to the previous one is evidence of a pause. `start` is optional information: true
+  or see a paused machine. Answers start with the first row: until W rows have arrived, the window
+  is padded with the first row and its evidence weighs the share of real rows; a row equal to the
+  previous one is evidence of a pause. Only each chunk's last row and every `every`-th row before
+  it are judged (judged_rows; GCODEFP_STREAM_EVERY): consecutive windows share all but a few rows,
+  so judging every row costs a window and a filter update per row for almost no information. `start` is optional information: true
   says a program starts with these rows (the filter starts at offset 0 of any program), otherwise
   it starts from "anywhere in any program".
 - **clock** (older packages): gcodefp_core.runtime.clock counts rows from the program's start, so the

@@ -2,12 +2,13 @@
 its answer) on the tables a dataset's training runs give, fed random window logits.
 
     .venv/bin/python benchmarks/program_tracker_cost.py --dataset DIR [--rows 3000] [--repeats 3]
-        [--output results/program_tracker_cost.json]
+        [--every 1 4] [--output results/program_tracker_cost.json]
 
 DIR is a built dataset (`gcodefp build-dataset`; the real one has 9 operations over 6 programs,
 5,337 states); the cost depends on the tables' size, not on the model, so no model is needed. Each
-repeat times `rows` updates of one session (attached anywhere, every 50th row repeated) in process
-CPU time, so that other processes on a shared machine count less; the median repeat is the figure.
+repeat times `rows` streamed rows of one session (attached anywhere, every 50th row repeated) in
+process CPU time, so that other processes on a shared machine count less; the median repeat is the
+figure. --every N: one update per N rows (rows=N), as /stream judges by default (N = 4).
 The window model's own call (the predict graph) is not included: /stream pays it with or without
 the tracker.
 """
@@ -28,7 +29,7 @@ from gcodefp_core.programs import build_line_table
 PARAMS = {"line_weight": 0.1, "op_weight": 0.05, "window_weight": 1.0}
 
 
-def measure(tracker, rows: int, repeats: int, seed: int = 0) -> dict:
+def measure(tracker, rows: int, repeats: int, every: int = 1, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     ops = rng.normal(size=(rows, len(tracker.operations)))
     lines = rng.normal(size=(rows, tracker.n_lines)) * 3
@@ -36,10 +37,11 @@ def measure(tracker, rows: int, repeats: int, seed: int = 0) -> dict:
     for _ in range(repeats):
         session = tracker.start()
         t0 = time.process_time()
-        for i in range(rows):
-            session.update(ops[i], lines[i], min(i + 1, 64) / 64, i % 50 == 49)
+        for i in range(every - 1, rows, every):
+            session.update(ops[i], lines[i], min(i + 1, 64) / 64, int(i // 50 != (i - every) // 50), rows=every)
         per_row.append((time.process_time() - t0) / rows * 1e6)
-    return {"us_per_row_median": float(np.median(per_row)), "us_per_row": [round(x, 1) for x in per_row]}
+    return {"every": every, "us_per_row_median": float(np.median(per_row)),
+            "us_per_update_median": float(np.median(per_row)) * every, "us_per_row": [round(x, 1) for x in per_row]}
 
 
 def main() -> None:
@@ -47,19 +49,21 @@ def main() -> None:
     ap.add_argument("--dataset", type=Path, required=True, help="a built dataset folder")
     ap.add_argument("--rows", type=int, default=3000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--every", type=int, nargs="+", default=[1, 4], help="rows per update (one window judged per N rows)")
     ap.add_argument("--output", type=Path, default=Path("results/program_tracker_cost.json"))
     args = ap.parse_args()
     ds = load_dataset(args.dataset)
     tracker = build_program_tracker(ds, build_line_table(ds), params=PARAMS)
     result = {"dataset": str(args.dataset), "states": tracker.n_states, "operations": len(tracker.operations),
               "programs": len(tracker.programs), "line_classes": tracker.n_lines,
-              "distinct_timeline_rows": int(len(tracker._row_idx)), "rows": args.rows, **measure(tracker, args.rows, args.repeats)}
+              "distinct_timeline_rows": int(len(tracker._row_idx)), "rows": args.rows,
+              "runs": [measure(tracker, args.rows, args.repeats, every) for every in args.every]}
     print(f"program tracker: {result['states']} states ({result['operations']} operations over {result['programs']} "
           f"programs), {result['line_classes']} line classes, {result['distinct_timeline_rows']} distinct timeline rows")
-    print(f"{'repeat':<8}{'us per row':>12}")
-    for i, x in enumerate(result["us_per_row"]):
-        print(f"{i:<8}{x:>12.1f}")
-    print(f"{'median':<8}{result['us_per_row_median']:>12.1f}")
+    print(f"{'every':<7}{'us per streamed row (repeats)':<34}{'median':>8}{'us per update':>15}")
+    for r in result["runs"]:
+        print(f"{r['every']:<7}{', '.join(f'{x:.1f}' for x in r['us_per_row']):<34}{r['us_per_row_median']:>8.1f}"
+              f"{r['us_per_update_median']:>15.1f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, result)
 
