@@ -10,7 +10,7 @@ It copies the registry, starts `gcodefp serve` itself (for each --workers value)
 - a closed-loop concurrency sweep for the JSON and binary bodies;
 - a hot swap (a promotion to the same graphs under a new version) in the middle of --swap-rate;
 - per step: p50/p90/p95/p99, errors, the server-side split (parse, normalise, queue, inference, per
-  request, from /metrics), windows per graph call; per run: resident memory of each worker;
+  request, from /metrics), windows per graph call, resident memory of each worker after the step;
 - the bare graph at batch 1 in this process, beside the server's inference time at low load.
 Writes results/serving.json (+ one file per worker count) and results/serving.png, prints a table.
 The load generator (benchmarks/http_load.py) runs on the same cores as the server. Bounded: every
@@ -38,7 +38,7 @@ import http_load  # noqa: E402
 import serving_report  # noqa: E402
 
 RATES = {"json": [100, 200, 300, 400, 600, 800, 1000, 1200], "binary": [200, 400, 800, 1200, 1600, 2000],
-         "batch": [25, 50, 100, 200], "stream": [100, 250, 500, 1000, 1500]}
+         "batch": [25, 50, 100, 200], "stream": [100, 250, 500, 750, 1000, 1500]}
 QUICK = {"json": [50, 100], "binary": [100], "batch": [20], "stream": [20]}
 CONCURRENCY, QUICK_CONCURRENCY = [1, 4, 16, 64], [2]
 
@@ -172,6 +172,7 @@ def measure(server: Server, name: str, fn) -> dict:
     summary, tally = http_load.run(fn())
     summary["server_cpu_ms_per_request"] = round((server.cpu_seconds() - cpu) * 1000 / max(summary["requests"], 1), 3)
     summary["server"] = serving_report.split(before, serving_report.scrape(server.metrics()))
+    summary["rss_mb_per_worker"] = server.rss_mb()  # after the step: /stream sessions accumulate over a sweep
     times = [json.loads(b).get("inference_time_ms") for b in tally.bodies[:500]]
     times = [t for t in times if t is not None]
     if times:
