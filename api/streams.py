@@ -46,7 +46,7 @@ MAX_STREAMS = SETTINGS.max_streams
 MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 INLINE_ROWS = 256      # a chunk this small is normalised on the event loop (~0.5 ms at most): cheaper than a
                        # thread hop, and worker threads each grow their own malloc arena (RSS)
-INLINE_TRACKED = 8     # rows a tracker session follows before giving the event loop a turn (~0.25 ms each).
+INLINE_TRACKED = 8     # judged rows a tracker session follows before giving the event loop a turn (~0.2-0.5 ms each).
                        # Not a thread: the filter is numpy on small arrays and holds the GIL, so a thread buys
                        # no parallelism, and each thread grew its own malloc arena (measured: +2 MB RSS a machine)
 
