@@ -21,9 +21,12 @@ normalised (gcodefp_core.runtime.windows cuts and batches them). Two ways to fol
 
 Bounded: at most GCODEFP_MAX_STREAMS sessions; a new machine evicts the least recently used one.
 A hot swap (the session's model version is not the served one) keeps rows_since_start (a property
-of the machine, not of the model) but drops the buffer and the evidence: the new model may read
-other features or normalise them differently. Its predictions resume once W new rows have arrived
-(clock), or at once from padded windows, its tracker starting from "anywhere" (tracker).
+of the machine, not of the model) but drops the buffered rows: the new model may read other
+features or normalise them differently. Its predictions resume once W new rows have arrived
+(clock), or at once from padded windows (tracker). A tracker keeps its posterior over "which
+program, which row offset" (also a property of the machine) when the new package's tracker has the
+same states (a retrained model of the same programs: the scheduled retraining); otherwise it starts
+from "anywhere".
 """
 from __future__ import annotations
 
@@ -168,11 +171,15 @@ def _op(operations: list[str], logits: np.ndarray) -> dict:
     return {"name": operations[i], "confidence": round(float(z[i] / z.sum()), 6)}
 
 
-def _restart(session: Session, model, start: bool) -> None:
-    """Fresh evidence: a new run, or the same run under another model."""
+def _restart(session: Session, model, start: bool, swapped: bool = False) -> None:
+    """Fresh evidence: a new run, or (swapped) the same run under another model. A tracker's posterior
+    (where in which program the machine is) survives a swap to a tracker with the same states."""
     p = model.predictor
+    resumed = None
+    if swapped and session.mode == "tracker" and p.program_tracker is not None:
+        resumed = p.program_tracker.resume(session.tracker)
     if p.program_tracker is not None:
-        session.mode, session.tracker = "tracker", p.program_tracker.start(at_program_start=start)
+        session.mode, session.tracker = "tracker", resumed or p.program_tracker.start(at_program_start=start)
     else:
         session.mode, session.tracker = "clock", p.stream_tracker()
     session.version, session.clock, session.operation = model.version, p.program_clock is not None, None
@@ -249,7 +256,7 @@ async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run
     out, ms = await run(wc, wk) if n_windows else (None, 0.0)
 
     if fresh or changed:
-        _restart(session, model, bool(start))
+        _restart(session, model, bool(start), swapped=changed)
         if fresh:
             session.started_at = time.time()
     first = rows_before + n - n_windows  # the row (since the start) that the first window ends at

@@ -159,13 +159,13 @@ def predictor(api_registry):
     return OnnxPredictor.load(api_registry / "packages" / "v1")
 
 
-def tracked_windows(predictor, cont, cat, at_program_start: bool = False, judged=None):
+def tracked_windows(predictor, cont, cat, at_program_start: bool = False, judged=None, session=None):
     """What /stream's tracker mode must give for these received rows, computed in process: each row's
     window (padded with the first row until W rows have arrived) through OnnxPredictor.predict_lines,
     then a fresh tracker session fed the judged rows in order (default: every row), each window weighed
     by its share of real rows, moving the rows since the previous judged one, with the rows among them
-    equal to their previous one (normalised) counted as repeated. -> (graph outputs of every row,
-    steps of the judged rows, repeated per row)."""
+    equal to their previous one (normalised) counted as repeated. session: continue this tracker
+    session instead. -> (graph outputs of every row, steps of the judged rows, repeated per row)."""
     import numpy as np
 
     c, k = predictor.features.transform_arrays(cont, cat.astype(object))
@@ -173,7 +173,7 @@ def tracked_windows(predictor, cont, cat, at_program_start: bool = False, judged
     pc, pk = np.concatenate([np.repeat(c[:1], w - 1, 0), c]), np.concatenate([np.repeat(k[:1], w - 1, 0), k])
     out = predictor.predict_lines(np.stack([pc[i:i + w] for i in range(len(c))]),
                                   np.stack([pk[i:i + w] for i in range(len(c))]))
-    session = predictor.program_tracker.start(at_program_start=at_program_start)
+    session = session or predictor.program_tracker.start(at_program_start=at_program_start)
     repeated = np.concatenate([[False], (c[1:] == c[:-1]).all(axis=1)])
     steps, previous = [], -1
     for j in range(len(c)) if judged is None else judged:

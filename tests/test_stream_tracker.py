@@ -1,6 +1,7 @@
 """/stream served by the program tracker (a real uvicorn server): a monitor attached mid-run, lost
-and repeated rows, the row-count clock kept for packages whose predict graph lacks line_logits, a
-hot swap between the two, and the tracker's trip from the checkpoint through model.json."""
+and repeated rows, the rows judged, the row-count clock kept for packages whose predict graph lacks
+line_logits, hot swaps (to the clock, to a tracker of the same programs, to one of other states),
+and the tracker's trip from the checkpoint through model.json."""
 from __future__ import annotations
 
 import json
@@ -43,14 +44,26 @@ def copy_export(src, dst, edit_meta=None, drop_line_logits=False):
 @pytest.fixture(scope="module")
 def server(tiny_export, tmp_path_factory):
     """A server whose registry holds `tracked` (CURRENT: the tiny model with its tracker, the window's
-    own line never preferred, so every line is the tracker's) and `old` (the same model exported
-    before the tracker: no line_logits, so it streams with the clock)."""
+    own line never preferred, so every line is the tracker's), `old` (the same model exported
+    before the tracker: no line_logits, so it streams with the clock), `retrained` (a tracker with
+    the same states and other emission weights, as a retrained model of the same programs has) and
+    `reshaped` (a tracker whose first program is one row offset shorter: other states)."""
     tmp = tmp_path_factory.mktemp("tracker_server")
 
     def tracker_only(meta):
         meta["program_tracker"]["params"]["window_weight"] = 0.0
 
+    def retrained(meta):
+        meta["program_tracker"]["params"] |= {"window_weight": 0.0, "line_weight": 0.5, "op_weight": 0.2}
+
+    def reshaped(meta):
+        tracker_only(meta)
+        for key in ("timeline_line", "timeline_share"):
+            meta["program_tracker"][key][0] = meta["program_tracker"][key][0][:-1]
+
     pkg.build_package(copy_export(tiny_export, tmp / "tracked", tracker_only), tmp / "reg", version="tracked")
+    pkg.build_package(copy_export(tiny_export, tmp / "retrained", retrained), tmp / "reg", version="retrained")
+    pkg.build_package(copy_export(tiny_export, tmp / "reshaped", reshaped), tmp / "reg", version="reshaped")
     pkg.build_package(copy_export(tiny_export, tmp / "old", drop_line_logits=True), tmp / "reg", version="old")
     pkg.promote(tmp / "reg", "tracked")
     srv = start_uvicorn(tmp, GCODEFP_REGISTRY=tmp / "reg", GCODEFP_ADMIN_TOKEN=ADMIN_TOKEN)
@@ -92,11 +105,11 @@ def post(client, machine, cont, cat, start=None, every=1) -> dict:
     return r.json()
 
 
-def tracked_reference(predictor, cont, cat, at_program_start=False, judged=None):
+def tracked_reference(predictor, cont, cat, at_program_start=False, judged=None, session=None):
     """The tracker's answers at the judged rows (default: every row) of these received rows
     (api_fixtures.tracked_windows), each with the window's path-named line where the position lies on
     the tool path."""
-    out, steps, repeated = tracked_windows(predictor, cont, cat, at_program_start, judged)
+    out, steps, repeated = tracked_windows(predictor, cont, cat, at_program_start, judged, session)
     judged = range(len(cont)) if judged is None else judged
     path = [(int(out["line"][j]), float(out["line_confidence"][j])) if out["on_path"][j] else None for j in judged]
     return list(zip(steps, path)), repeated
@@ -196,6 +209,33 @@ def test_a_package_without_line_logits_streams_with_the_clock_and_a_swap_drops_t
         assert client.post("/admin/reload", json={"version": "tracked"}, headers=auth).status_code == 200
     back = post(client, "swap-mill", cont[50:55], cat[50:55])
     assert back["model_changed"] is True and back["mode"] == "tracker" and len(back["predictions"]) == 5
+
+
+def test_a_swap_to_a_tracker_of_the_same_programs_keeps_where_the_machine_is(server, client, rows):
+    """Scheduled retraining swaps the served model under machines being followed: where in which
+    program a machine is belongs to the machine, so a tracker with the same states carries the
+    posterior over (the buffered rows still go: the new model may normalise otherwise); a tracker
+    of other states starts from anywhere."""
+    cont, cat = rows
+    load = {v: OnnxPredictor.load(server.registry / "packages" / v) for v in ("tracked", "retrained", "reshaped")}
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    before = load["tracked"].program_tracker.start(at_program_start=True)
+    tracked_windows(load["tracked"], cont[:40], cat[:40], session=before)
+    post(client, "retrain-mill", cont[:40], cat[:40], start=True)
+    try:
+        assert client.post("/admin/reload", json={"version": "retrained"}, headers=auth).status_code == 200
+        carried = post(client, "retrain-mill", cont[40:50], cat[40:50])
+        assert carried["model_changed"] is True and carried["rows_since_start"] == 50
+        resumed = load["retrained"].program_tracker.resume(before)
+        matches(load["retrained"], carried["predictions"],
+                tracked_reference(load["retrained"], cont[40:50], cat[40:50], session=resumed)[0])
+        assert client.post("/admin/reload", json={"version": "reshaped"}, headers=auth).status_code == 200
+        assert load["reshaped"].program_tracker.resume(resumed) is None
+        fresh = post(client, "retrain-mill", cont[50:60], cat[50:60])
+        assert fresh["model_changed"] is True
+        matches(load["reshaped"], fresh["predictions"], tracked_reference(load["reshaped"], cont[50:60], cat[50:60])[0])
+    finally:
+        assert client.post("/admin/reload", json={"version": "tracked"}, headers=auth).status_code == 200
 
 
 def test_garbage_gives_422_naming_the_field_and_holds_no_session(client, rows):

@@ -131,6 +131,16 @@ class ProgramTracker:
         moving = self._start.copy() if at_program_start else self._uniform_in_op / len(self.operations)
         return TrackerSession(self, moving, np.zeros(self.n_states, STATE))
 
+    def resume(self, session: "TrackerSession") -> "TrackerSession | None":
+        """Another tracker's session carried over to this one (a model swap): where the machine is in
+        which program is a property of the machine, so the posterior carries over when both trackers
+        have the same states (operations, their programs and the programs' lengths); else None."""
+        old = session.model
+        if (old.operations, old.operation_program, list(old._sizes)) != (self.operations, self.operation_program,
+                                                                          list(self._sizes)):
+            return None
+        return TrackerSession(self, session.moving.copy(), session.paused.copy(), session.rows)
+
     def advance(self, a: np.ndarray) -> np.ndarray:
         """One row of program progress applied to a distribution over states: the banded transition
         as `width` shifted multiply-adds (a strided einsum over the band cost twice as much)."""
