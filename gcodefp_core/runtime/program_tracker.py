@@ -20,17 +20,14 @@ Transitions per streamed row:
 - `restart`: from a program's last offset to the start of any program (the next run);
 - `teleport` (same operation) and `switch` (any operation): a small jump to anywhere. This is what
   recovers after a long gap or a wrong lock, and keeps every operation's mass above underflow.
-Emissions (per row, from the window ending at it): the window model's probabilities as scaled
-likelihoods, tempered: `op_weight * log p(op) + log sum_k share_k * (p(line_k) / prior(line_k)) **
-line_weight` over the lines of the offset. Consecutive windows overlap in 63 of 64 rows, so their
-evidence is far from independent; the weights (< 1) are chosen on validation streams. `weight` in
-`update` scales a window's evidence (a window padded because fewer than 64 rows arrived is weaker).
-A row identical to the previous one (stale readings, a stopped machine) is evidence for pausing.
-The answer is the line with the most posterior mass, with that mass as its confidence, unless
-`window_weight` x the window's own (calibrated) line confidence is higher: then the window's line
-answers (the filter has not locked on yet, or the timeline lacks the line). The session
-also gives the operation's posterior, the pause probability, the most probable row offset and the
-posterior entropy.
+Emissions (from the window ending at a judged row): the window model's probabilities as tempered
+likelihoods, `op_weight * log p(op) + log sum_k share_k * (p(line_k) / prior(line_k)) ** line_weight`
+over the lines of the offset; consecutive windows overlap in 63 of 64 rows, so the weights (< 1)
+are chosen on validation streams. A padded window (< 64 rows arrived) weighs less; a row identical
+to the previous one (stale readings) is evidence for pausing. The answer is the line with the most
+posterior mass, with that mass as its confidence, unless `window_weight` x the window's own line
+confidence is higher (the filter has not locked on yet, or the timeline lacks the line); also the
+operation's posterior, the pause probability, the most probable row offset and the entropy.
 
 `ProgramTracker` is plain data (to_dict / from_dict, stored in model.json) shared by all
 machines; `TrackerSession` is one machine's filter state (also serialisable).
