@@ -13,9 +13,9 @@ normalised (gcodefp_core.runtime.windows cuts and batches them). Two ways to fol
   is padded with the first row and its evidence weighs the share of real rows; a row equal to the
   previous one is evidence of a pause. Only each chunk's last row and every `every`-th row before
   it are judged (judged_rows; GCODEFP_STREAM_EVERY): consecutive windows share all but a few rows,
-  so judging every row costs a window and a filter update per row for almost no information. `start` is optional information: true
-  says a program starts with these rows (the filter starts at offset 0 of any program), otherwise
-  it starts from "anywhere in any program".
+  so judging every row costs a window and a filter update per row for almost no information.
+  `start` is optional information: true says a program starts with these rows (the filter starts
+  at offset 0 of any program), otherwise it starts from "anywhere in any program".
 - **clock** (older packages): gcodefp_core.runtime.clock counts rows from the program's start, so the
   client must post every row from the start (start=true); answers begin at row W-1.
 
@@ -252,7 +252,7 @@ async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run
     n_windows = 0 if wc is None else len(wc)
     if tracking and n_windows:  # padded: window j ends at the chunk's row j
         judged, gaps, repeats = judged_rows(n, every, repeated)
-        wc, wk = (wc, wk) if every == 1 else (wc[judged], wk[judged])
+        wc, wk = wc[judged[0]::every], wk[judged[0]::every]  # slices: a long chunk's windows stay views
     out, ms = await run(wc, wk) if n_windows else (None, 0.0)
 
     if fresh or changed:
