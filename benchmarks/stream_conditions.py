@@ -3,7 +3,8 @@
     python benchmarks/stream_conditions.py --dataset artifacts/pipeline-side/dataset \
         --packages P1 [P2 P3 ...] [--data ../shared/data/cnc-sensor-logs] [--output results/stream_conditions.json]
 
-Each package (one per seed) is served by `gcodefp serve --package P --workers 1`. Every test run of
+Each package (one per seed) is served by `gcodefp serve --registry R --workers 1` from a registry
+holding it and the package the swap condition swaps to. Every test run of
 the dataset (runs no model saw: the split is the dataset's) is read raw from its log, in the
 package's feature order, and posted to POST /stream/{machine} under each condition, the way a
 monitor would (chunks of --chunk rows, JSON bodies, nulls for absent readings):
@@ -12,7 +13,10 @@ monitor would (chunks of --chunk rows, JSON bodies, nulls for absent readings):
 - attached_loss5 / attached_loss20: the same, and each row is lost in transit with probability 5% / 20%;
                    attached conditions are scored from 30 received rows after attachment;
 - pause:           from the start; at a random row in the middle third the machine stands still and
-                   that row's readings arrive 60 more times; scored from row W-1, pause rows included.
+                   that row's readings arrive 60 more times; scored from row W-1, pause rows included;
+- swap:            from the start; at a chunk boundary in the middle third the server swaps models
+                   (POST /admin/reload) to the next package of --packages (with one package: itself
+                   under another version), as a scheduled retraining does; scored from the swap on.
 The conditions are gcodefp_core.fit_program_tracker.make_stream's, seeded per package and condition.
 Scores per condition and operation: the streamed answer (top level of each prediction) and the window
 model's own answer on the same received rows (its `window` field: what /predict says), operation
@@ -35,21 +39,23 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CONDITIONS = {"start": dict(), "attached": dict(attach=0.25), "attached_loss5": dict(attach=0.25, loss=0.05),
-              "attached_loss20": dict(attach=0.25, loss=0.2), "pause": dict(pause_rows=60)}
+              "attached_loss20": dict(attach=0.25, loss=0.2), "pause": dict(pause_rows=60), "swap": dict()}
+ADMIN_TOKEN = "stream-conditions"
 METRICS = ("op", "exact", "window_op", "window_exact")
 
 
-def serve(package: Path, log_path: Path):
-    """`gcodefp serve --package` on a free loopback port -> (process, base url), once /ready says 200."""
+def serve(registry: Path, log_path: Path):
+    """`gcodefp serve --registry` on a free loopback port -> (process, base url), once /ready says 200."""
     import httpx
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from serving import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gcodefp_core.cli", "serve", "--package", str(package),
+    proc = subprocess.Popen([sys.executable, "-m", "gcodefp_core.cli", "serve", "--registry", str(registry),
                              "--workers", "1", "--port", str(port)], cwd=REPO, stdout=open(log_path, "wb"),
-                            stderr=subprocess.STDOUT, env={"GCODEFP_LOG_LEVEL": "WARNING", **_env()})
+                            stderr=subprocess.STDOUT,
+                            env={"GCODEFP_LOG_LEVEL": "WARNING", "GCODEFP_ADMIN_TOKEN": ADMIN_TOKEN, **_env()})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -99,12 +105,22 @@ def test_runs(dataset: Path, data: Path, spec) -> list[dict]:
     return out
 
 
+def reload(client, url: str, version: str) -> None:
+    r = client.post(f"{url}/admin/reload", json={"version": version}, timeout=120,
+                    headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    if r.status_code != 200:
+        raise RuntimeError(f"reload to {version}: HTTP {r.status_code}: {r.text[:300]}")
+
+
 def stream_run(client, url: str, machine: str, run: dict, offsets: np.ndarray, chunk: int, start: bool,
-               every: int | None) -> list[dict]:
+               every: int | None, swap_at: int | None = None) -> list[dict]:
     """Post the run's rows at `offsets`, in order, in chunks -> the predictions (tracker: the rows judged at
-    `every`, None: the server's default; clock: one per window)."""
+    `every`, None: the server's default; clock: one per window). swap_at: before the chunk holding that
+    received row, the server swaps to the registry's "next" version (and back to "measured" after the run)."""
     answers = []
     for s in range(0, len(offsets), chunk):
+        if swap_at is not None and s <= swap_at < s + chunk:
+            reload(client, url, "next")
         idx = offsets[s:s + chunk]
         body = {"sensor_data": {"continuous": [run["continuous"][i] for i in idx],
                                 "categorical": [run["categorical"][i] for i in idx]}, "start": start and s == 0}
@@ -115,6 +131,8 @@ def stream_run(client, url: str, machine: str, run: dict, offsets: np.ndarray, c
             raise RuntimeError(f"{machine}: HTTP {r.status_code}: {r.text[:300]}")
         answers += r.json()["predictions"]
     client.delete(f"{url}/stream/{machine}", timeout=30)
+    if swap_at is not None:
+        reload(client, url, "measured")
     return answers
 
 
@@ -132,13 +150,19 @@ def score(run: dict, offsets: np.ndarray, answers: list[dict], first_scored: int
             "window_exact": np.array([x["window"]["gcode_sequence"] == y for x, y in zip(a, line)])}
 
 
-def measure_package(package: Path, runs: list[dict], seed: int, chunk: int, every: int | None, work: Path) -> dict:
+def measure_package(package: Path, swap_to: Path, runs: list[dict], seed: int, chunk: int, every: int | None,
+                    work: Path) -> dict:
     import httpx
 
+    from gcodefp_core import package as pkg
     from gcodefp_core.fit_program_tracker import make_stream
 
-    proc, url = serve(package, work / f"server-{package.name}.log")
-    result: dict = {"package": str(package), "every": every, "conditions": {}}
+    registry = work / f"registry-{package.name}"
+    pkg.build_package(package / "model.json", registry, version="measured")
+    pkg.build_package(swap_to / "model.json", registry, version="next")
+    pkg.promote(registry, "measured")
+    proc, url = serve(registry, work / f"server-{package.name}.log")
+    result: dict = {"package": str(package), "swap_to": str(swap_to), "every": every, "conditions": {}}
     try:
         with httpx.Client() as client:
             info = client.get(f"{url}/info", timeout=30).json()
@@ -150,9 +174,13 @@ def measure_package(package: Path, runs: list[dict], seed: int, chunk: int, ever
                 t0, rows = time.perf_counter(), 0
                 for k, run in enumerate(runs):
                     offsets = make_stream(len(run["lines"]), rng, **cond)
+                    # swap: at a chunk boundary in the middle third, scored from there on
+                    swap_at = int(rng.integers(len(offsets) // 3, 2 * len(offsets) // 3)) // chunk * chunk \
+                        if name == "swap" else None
                     answers = stream_run(client, url, f"bench-{name}-{k}", run, offsets, chunk, "attach" not in cond,
-                                         every)
-                    s = score(run, offsets, answers, 30 if "attach" in cond else window - 1, every)
+                                         every, swap_at)
+                    first = swap_at if swap_at is not None else 30 if "attach" in cond else window - 1
+                    s = score(run, offsets, answers, first, every)
                     rows += len(offsets)
                     for m in METRICS:
                         pooled[m].append(s[m])
@@ -211,7 +239,10 @@ def main() -> int:
     runs = test_runs(args.dataset, args.data or real_data_dir(), bundle.features)
     print(f"{len(runs)} test runs, {sum(len(r['lines']) for r in runs)} rows", flush=True)
     work = Path(tempfile.mkdtemp(prefix="gcodefp-stream-conditions-"))
-    per_package = [measure_package(p, runs, seed, args.chunk, args.every, work) for seed, p in enumerate(args.packages)]
+    # the swap condition swaps to the next package (seeds of one config: a retrained model of the same programs)
+    swap_to = args.packages[1:] + args.packages[:1]
+    per_package = [measure_package(p, q, runs, seed, args.chunk, args.every, work)
+                   for seed, (p, q) in enumerate(zip(args.packages, swap_to))]
     summary = summarise(per_package)
     print_table(summary)
     write_json(args.output, {"summary": summary, "per_package": per_package, "conditions": CONDITIONS,
