@@ -12,8 +12,9 @@ normalised (gcodefp_core.runtime.windows cuts and batches them). Two ways to fol
   or see a paused machine. Answers start with the first row: until W rows have arrived, the window
   is padded with the first row and its evidence weighs the share of real rows; a row equal to the
   previous one is evidence of a pause. Only each chunk's last row and every `every`-th row before
-  it are judged (judged_rows; GCODEFP_STREAM_EVERY): consecutive windows share all but a few rows,
-  so judging every row costs a window and a filter update per row for almost no information.
+  it are judged (gcodefp_core.runtime.tracked_stream, shared with `gcodefp track`;
+  GCODEFP_STREAM_EVERY): consecutive windows share all but a few rows, so judging every row costs a
+  window and a filter update per row for almost no information.
   `start` is optional information: true says a program starts with these rows (the filter starts
   at offset 0 of any program), otherwise it starts from "anywhere in any program".
 - **clock** (older packages): gcodefp_core.runtime.clock counts rows from the program's start, so the
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gcodefp_core.runtime import windows
+from gcodefp_core.runtime import tracked_stream, windows
 
 from . import inputs, metrics
 from .settings import SETTINGS
@@ -165,12 +166,6 @@ def predict(model, wc: np.ndarray, wk: np.ndarray) -> dict[str, np.ndarray]:
     return windows.predict_windows(model.predictor, wc, wk)
 
 
-def _op(operations: list[str], logits: np.ndarray) -> dict:
-    z = np.exp(logits - logits.max())
-    i = int(z.argmax())
-    return {"name": operations[i], "confidence": round(float(z[i] / z.sum()), 6)}
-
-
 def _restart(session: Session, model, start: bool, swapped: bool = False) -> None:
     """Fresh evidence: a new run, or (swapped) the same run under another model. A tracker's posterior
     (where in which program the machine is) survives a swap to a tracker with the same states."""
@@ -186,37 +181,12 @@ def _restart(session: Session, model, start: bool, swapped: bool = False) -> Non
     session.windows = session.real_rows = 0
 
 
-def judged_rows(n: int, every: int, repeated: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A tracker session judges the chunk's last row and every `every`-th row before it (a chunk always
-    gets an answer about its newest row, and the previous chunk's last row was judged) -> (the judged
-    rows' indices in the chunk, rows since the previous judged row, how many of those repeat their row
-    before: pause evidence)."""
-    judged = np.arange(n - 1, -1, -every)[::-1]
-    gaps = np.diff(judged, prepend=-1)
-    repeats = np.add.reduceat(repeated.astype(np.int64), judged - gaps + 1)
-    return judged, gaps, repeats
-
-
 def _tracked(session: Session, model, out: dict, first: int, judged, gaps, repeats, lo: int, hi: int) -> list[dict]:
-    """The tracker's answers at judged rows lo..hi-1 (out[i]: the window ending at the chunk's row judged[i])."""
-    p, w, track = model.predictor, model.window, session.tracker
-    predictions = []
-    for i in range(lo, hi):
-        j, logits, line = int(judged[i]), out["op_logits"][i], int(out["line"][i])
-        weight = min(session.real_rows + j + 1, w) / w
-        step = track.update(logits, out["line_logits"][i], weight, int(repeats[i]), int(gaps[i]))
-        source, answer, conf = step.line_source, step.line, step.line_confidence
-        if out["on_path"][i]:  # the position lies on the program's tool path: that names the line exactly
-            # (models that read positions); the tracker still gives the operation
-            source, answer, conf = "path", line, float(out["line_confidence"][i])
-        elif answer < 0:  # the tracked program's timeline holds no line here: the window's own answer
-            source, answer, conf = "window", line, float(out["line_confidence"][i])
-        session.operation = {"name": p.operations[step.operation], "confidence": round(step.operation_confidence, 6)}
-        predictions.append({"row": first + j, "gcode_sequence": p.lines[answer], "operation": session.operation,
-                            "line_confidence": round(conf, 6), "line_source": source,
-                            "paused": round(step.paused, 6), "program_offset": step.offset,
-                            "entropy": round(step.entropy, 4), "evidence_weight": round(weight, 4),
-                            "window": {"operation": _op(p.operations, logits), "gcode_sequence": p.lines[line]}})
+    """The tracker's answers at judged rows lo..hi-1 (gcodefp_core.runtime.tracked_stream)."""
+    predictions = tracked_stream.tracked_answers(model.predictor, session.tracker, out, first, judged, gaps, repeats,
+                                                 session.real_rows, lo, hi)
+    if predictions:
+        session.operation = predictions[-1]["operation"]
     return predictions
 
 
@@ -230,14 +200,16 @@ def _clocked(session: Session, model, out: dict, first: int) -> list[dict]:
         session.operation = {"name": p.operations[step.operation], "confidence": round(step.operation_confidence, 6)}
         predictions.append({"row": first + j, "gcode_sequence": p.lines[step.line], "operation": session.operation,
                             "line_confidence": round(step.line_confidence, 6), "line_source": step.line_source,
-                            "window": {"operation": _op(p.operations, logits), "gcode_sequence": p.lines[line]}})
+                            "window": {"operation": tracked_stream.operation_answer(p.operations, logits),
+                                       "gcode_sequence": p.lines[line]}})
     return predictions
 
 
 async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run, every: int = 1) -> dict:
     """Apply one chunk to a session (hold session.lock). run(windows cont, windows cat) runs the model
     (predict) and records metrics -> (result, ms). every: a tracker session judges every `every`-th row
-    (judged_rows); a clock session judges every row. The session changes only after the model has answered."""
+    (tracked_stream.judged_rows); a clock session judges every row. The session changes only after the
+    model has answered."""
     fresh = session.version is None or start
     changed = not fresh and session.version != model.version
     rows_before = 0 if fresh else session.rows_since_start
@@ -251,7 +223,7 @@ async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run
         wc, wk, cont, cat, repeated = await asyncio.to_thread(cut, model, *buf, raw_cont, raw_cat, pad)
     n_windows = 0 if wc is None else len(wc)
     if tracking and n_windows:  # padded: window j ends at the chunk's row j
-        judged, gaps, repeats = judged_rows(n, every, repeated)
+        judged, gaps, repeats = tracked_stream.judged_rows(n, every, repeated)
         wc, wk = wc[judged[0]::every], wk[judged[0]::every]  # slices: a long chunk's windows stay views
     out, ms = await run(wc, wk) if n_windows else (None, 0.0)
 

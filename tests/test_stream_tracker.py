@@ -238,6 +238,36 @@ def test_a_swap_to_a_tracker_of_the_same_programs_keeps_where_the_machine_is(ser
         assert client.post("/admin/reload", json={"version": "tracked"}, headers=auth).status_code == 200
 
 
+def test_gcodefp_track_follows_a_log_offline_as_the_server_does(server, client, tmp_path):
+    """`gcodefp track` (a log file, no server) answers as POST /stream does for the same rows sent as
+    one chunk: the same judged rows, lines, operations and confidences."""
+    from gcodefp_core.cli import main
+    from gcodefp_core.logs import read_log
+    from gcodefp_core.schema import FeatureColumns
+    from gcodefp_core.synthetic import write_synthetic_logs
+
+    package = server.registry / "packages" / "tracked"
+    (log,) = write_synthetic_logs(tmp_path / "logs", 1, seed=21, operations="pocket", machine_id=1)
+    spec = OnnxPredictor.load(package).features
+    frame = read_log(log, FeatureColumns(tuple(spec.continuous), tuple(spec.categorical))).frame.iloc[:90]
+    (tmp_path / "short").mkdir()
+    short = tmp_path / "short" / "pocket_001_aligned.csv"
+    frame.to_csv(short, index=False)
+    cont = np.stack([frame[c].to_numpy(float) if c in frame else np.full(len(frame), np.nan)
+                     for c in spec.continuous], axis=1)
+    cat = np.stack([frame[c].to_numpy(float) for c in spec.categorical], axis=1)
+    served = post(client, "offline-twin", cont, cat, every=4)["predictions"]
+    assert main(["track", str(short), "--package", str(package), "--output", str(tmp_path / "out.jsonl")]) == 0
+    offline = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [a["row"] for a in offline] == [p["row"] for p in served] == list(range(1, 90, 4))
+    for a, p in zip(offline, served):
+        assert (a["gcode_sequence"], a["line_source"], a["operation"]["name"], a["program_offset"]) == \
+            (p["gcode_sequence"], p["line_source"], p["operation"]["name"], p["program_offset"])
+        assert a["line_confidence"] == pytest.approx(p["line_confidence"], abs=1e-5)
+        assert a["logged"]["operation"] == "pocket"
+    assert main(["track", str(short), "--package", str(package), "--every", "0"]) == 2   # one clear line, no trace
+
+
 def test_garbage_gives_422_naming_the_field_and_holds_no_session(client, rows):
     cont, cat = rows
     good = body(cont[:3], cat[:3])
