@@ -162,6 +162,41 @@ def stream_report(clock, table, ds, window_ids: np.ndarray, pred: dict) -> dict:
     return report
 
 
+TRACKED_CONDITIONS = {"start": {}, "attached_loss5": {"attach": 0.25, "loss": 0.05}}
+
+
+def tracker_stream_report(models, tracker, table, ds, split: str, every: int = 4, seed: int = 0) -> dict:
+    """Streaming mode as POST /stream serves it (gcodefp_core.runtime.program_tracker, the last row of
+    each chunk and every `every`-th row judged): every run of the split followed from its program
+    start, and attached at a random point 25-75% in with 5% of rows lost. Scored at judged rows from
+    the first full window (start) or from 30 received rows on (attached), as the tracker is tuned.
+    The top-level overall / per_operation are the "start" condition's."""
+    from .fit_program_tracker import make_stream, run_tracker, stream_record
+    from .programs import row_classes
+
+    classes, rng = row_classes(ds, table), np.random.default_rng(seed)
+    report = {"mode": "tracker", "every": every, "conditions": {}}
+    for name, condition in TRACKED_CONDITIONS.items():
+        hits: dict[str, list] = {}
+        for run in (r for r in ds.manifest["runs"] if r["split"] == split):
+            s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes)
+            out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
+                              from_start=not condition, every=every)
+            scored = out["judged"] & (np.arange(len(s["offsets"])) >= (30 if condition else ds.window - 1))
+            y = s["line_target"][scored]
+            hits.setdefault(run["operation"], []).append(
+                (out["operation"][scored] == s["op_target"], (out["line"][scored] == y) & (y >= 0)))
+
+        def summary(parts) -> dict:
+            op, exact = (np.concatenate(x) for x in zip(*parts))
+            return {"windows": int(len(op)), "op_acc": float(op.mean()) if len(op) else float("nan"),
+                    "exact_match": float(exact.mean()) if len(op) else float("nan")}
+
+        report["conditions"][name] = {"overall": summary([p for v in hits.values() for p in v]),
+                                      "per_operation": {op: summary(v) for op, v in hits.items()}}
+    return report | report["conditions"]["start"]
+
+
 def summarise(scores: dict[str, np.ndarray], idx=slice(None)) -> dict[str, float]:
     s = {k: v[idx] for k, v in scores.items()}
     out = {"windows": int(len(s["op_acc"])), "op_acc": float(s["op_acc"].mean()),
@@ -222,7 +257,9 @@ def evaluate_models(models: list[GCodeFingerprintModel], bundle: ModelBundle, ds
         report["program_path"] = {"tolerance_mm": path.tolerance_mm,   # "changed": the share of lines snapping changed
                                   "changed": float((pred["line_pred"] != pred["line_model"]).mean()),
                                   "exact_match_line_head_only": float((lines[pred["line_model"]] == targets).mean())}
-    if bundle.program_clock is not None and "line_pred" in pred:
+    if bundle.program_tracker is not None and "line_pred" in pred:   # what /stream serves
+        report["stream"] = tracker_stream_report(models, bundle.program_tracker, bundle.line_table, ds, split)
+    elif bundle.program_clock is not None and "line_pred" in pred:  # older models: the row clock
         report["stream"] = stream_report(bundle.program_clock, bundle.line_table, ds, window_ids, pred)
     return report
 
@@ -239,11 +276,22 @@ def format_table(report: dict) -> str:
         rows += ["", f"program path: tolerance {path['tolerance_mm']:g} mm; snapping changed "
                      f"{100 * path['changed']:.2f}% of the lines; exact match with the line head alone "
                      f"{100 * path['exact_match_line_head_only']:.2f}%"]
-    if "stream" in report:
+    stream = report.get("stream")
+    if stream and stream.get("mode") == "tracker":
+        rows += ["", f"streaming mode (the program tracker, as /stream serves it: every {stream['every']}th row judged):",
+                 f"{'operation':<16}" + "".join(f"{c:>15}" for c in ("windows", "from start: op", "exact",
+                                                                      "attached: op", "exact"))]
+        start, late = stream["conditions"]["start"], stream["conditions"]["attached_loss5"]
+        for name in list(start["per_operation"]) + ["OVERALL"]:
+            a, b = ((c["overall"] if name == "OVERALL" else c["per_operation"][name]) for c in (start, late))
+            rows.append(f"{name:<16}{a['windows']:>15d}" + "".join(f"{100 * v:>14.2f}%" for v in (
+                a["op_acc"], a["exact_match"], b["op_acc"], b["exact_match"])))
+        rows.append("(attached: at a random point 25-75% into each run, 5% of rows lost, scored from 30 rows on)")
+    elif stream:
         cols = ("windows", "op_acc", "exact_match", "word_acc", "clock_answers")
-        rows += ["", f"streaming mode (each run followed from its start; clock weight {report['stream']['clock_weight']:g}):",
+        rows += ["", f"streaming mode (each run followed from its start; clock weight {stream['clock_weight']:g}):",
                  f"{'operation':<16}" + "".join(f"{c:>15}" for c in cols)]
-        for name, m in list(report["stream"]["per_operation"].items()) + [("OVERALL", report["stream"]["overall"])]:
+        for name, m in list(stream["per_operation"].items()) + [("OVERALL", stream["overall"])]:
             rows.append(f"{name:<16}" + "".join(f"{m[c]:>15d}" if c == "windows" else f"{100 * m[c]:>14.2f}%"
                                                 for c in cols))
     return "\n".join(rows)

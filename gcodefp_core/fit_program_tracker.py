@@ -18,6 +18,7 @@ import itertools
 import numpy as np
 
 from .runtime.program_tracker import PARAMS, ProgramTracker, log_softmax
+from .runtime.tracked_stream import judged_rows
 from .programs import LineTable, row_classes
 
 
@@ -174,17 +175,23 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
 
 
 def run_tracker(tracker: ProgramTracker, op_logits, line_logits, weights=None, repeated=None,
-                from_start: bool = False) -> dict[str, np.ndarray]:
-    """One stream through a fresh session -> per row: operation, line, line_confidence, paused."""
-    session = tracker.start(at_program_start=from_start)
+                from_start: bool = False, every: int = 1) -> dict[str, np.ndarray]:
+    """One stream through a fresh session -> per row: operation, line, line_confidence, paused, and
+    `judged`. every > 1: as a server that judges the last row and every `every`-th row before it
+    (runtime.tracked_stream.judged_rows): the filter moves over the rows between judged ones, and
+    only judged rows get an answer (the others keep line -1, judged False)."""
     n = len(op_logits)
-    out = {"operation": np.zeros(n, np.int64), "line": np.zeros(n, np.int64),
-           "line_confidence": np.zeros(n), "paused": np.zeros(n)}
-    for i in range(n):
+    repeated = np.zeros(n, bool) if repeated is None else np.asarray(repeated, bool)
+    judged, gaps, repeats = judged_rows(n, every, repeated) if n else (np.zeros(0, np.int64),) * 3
+    session = tracker.start(at_program_start=from_start)
+    out = {"operation": np.zeros(n, np.int64), "line": np.full(n, -1, np.int64),
+           "line_confidence": np.zeros(n), "paused": np.zeros(n), "judged": np.zeros(n, bool)}
+    for i, gap, rep in zip(judged, gaps, repeats):
         s = session.update(op_logits[i], line_logits[i], 1.0 if weights is None else float(weights[i]),
-                           bool(repeated[i]) if repeated is not None else False)
+                           int(rep), int(gap))
         out["operation"][i], out["line"][i], out["line_confidence"][i], out["paused"][i] = \
             s.operation, s.line, s.line_confidence, s.paused
+        out["judged"][i] = True
     return out
 
 

@@ -154,12 +154,26 @@ def test_the_weight_is_the_best_on_validation(model_and_pred, ds):
 def test_training_evaluation_export_and_runtime_carry_the_clock(model_and_pred, exported, ds):
     model, bundle, ckpt, ids, _ = model_and_pred
     assert {"val_stream_op_acc", "val_stream_exact_match", "val_stream_clock_weight"} <= set(ckpt["metrics"])
-    report = evaluate.evaluate_models([model], bundle, ds, "test", max_reference=500)
+    # A model without a program tracker (older checkpoints) is reported through its clock.
+    report = evaluate.evaluate_models([model], bundle.replace(program_tracker=None), ds, "test", max_reference=500)
     stream = report["stream"]
     assert stream["clock_weight"] == bundle.program_clock.weight
     assert stream["overall"]["windows"] == len(ids) == sum(m["windows"] for m in stream["per_operation"].values())
     assert 0 <= stream["overall"]["exact_match"] <= 1 and 0 <= stream["overall"]["clock_answers"] <= 1
-    assert "streaming mode" in evaluate.format_table(report)
+    assert "clock weight" in evaluate.format_table(report)
+    # With its tracker, the report is what /stream serves: judged rows of each test run, from the start
+    # and attached late.
+    report = evaluate.evaluate_models([model], bundle, ds, "test", max_reference=500)
+    stream = report["stream"]
+    assert stream["mode"] == "tracker" and set(stream["conditions"]) == {"start", "attached_loss5"}
+    runs = [r for r in ds.manifest["runs"] if r["split"] == "test"]
+    start = stream["conditions"]["start"]
+    # from the start: judged rows from the first full window on, every 4th counted back from each run's last row
+    assert start["overall"]["windows"] == sum(len(range(r["rows"] - 1, ds.window - 2, -4)) for r in runs)
+    assert set(start["per_operation"]) == {r["operation"] for r in runs}
+    assert stream["overall"] == start["overall"]
+    assert 0 <= stream["conditions"]["attached_loss5"]["overall"]["exact_match"] <= 1
+    assert "the program tracker, as /stream serves it" in evaluate.format_table(report)
     # The same report says what the program path did (this model reads positions: it has one).
     path = report["program_path"]
     assert path["tolerance_mm"] == bundle.program_path.tolerance_mm and 0 <= path["changed"] <= 1
