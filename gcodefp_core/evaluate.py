@@ -279,12 +279,12 @@ def format_table(report: dict) -> str:
     stream = report.get("stream")
     if stream and stream.get("mode") == "tracker":
         rows += ["", f"streaming mode (the program tracker, as /stream serves it: every {stream['every']}th row judged):",
-                 f"{'operation':<16}" + "".join(f"{c:>15}" for c in ("windows", "from start: op", "exact",
-                                                                      "attached: op", "exact"))]
+                 f"{'operation':<16}" + "".join(f"{c:>16}" for c in ("judged rows", "start op", "start exact",
+                                                                      "attached op", "attached exact"))]
         start, late = stream["conditions"]["start"], stream["conditions"]["attached_loss5"]
         for name in list(start["per_operation"]) + ["OVERALL"]:
             a, b = ((c["overall"] if name == "OVERALL" else c["per_operation"][name]) for c in (start, late))
-            rows.append(f"{name:<16}{a['windows']:>15d}" + "".join(f"{100 * v:>14.2f}%" for v in (
+            rows.append(f"{name:<16}{a['windows']:>16d}" + "".join(f"{100 * v:>15.2f}%" for v in (
                 a["op_acc"], a["exact_match"], b["op_acc"], b["exact_match"])))
         rows.append("(attached: at a random point 25-75% into each run, 5% of rows lost, scored from 30 rows on)")
     elif stream:
