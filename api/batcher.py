@@ -52,7 +52,11 @@ class Item:
     cat: np.ndarray
     future: asyncio.Future
     prepare: object = None     # prepare(model, cont, cat) -> (cont, cat) before fn (normalisation), or None
+    hold: float = 0.0          # seconds it may wait for company (requests of its group that have not come yet)
     queued_at: float = field(default_factory=time.perf_counter)
+
+    def due(self, now: float) -> bool:
+        return now >= self.queued_at + self.hold
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Batcher:
             raise ValueError("batching: max windows must be >= 1 and the max delay >= 0")
         self.max_windows, self.max_delay = max_windows, max_delay_ms / 1000
         self._queue: deque[Item] = deque()
+        self._last_held: dict[tuple, float] = {}   # per key: when its latest held request came
         self._arriving = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -90,9 +95,19 @@ class Batcher:
         """`with batcher.arriving():` around reading and parsing a request that will submit."""
         return _Arrival(self)
 
-    def run_now(self, model, key: tuple, fn, cont: np.ndarray, cat: np.ndarray, prepare=None) -> Answer | None:
+    def run_now(self, model, key: tuple, fn, cont: np.ndarray, cat: np.ndarray, prepare=None,
+                hold: float = 0.0) -> Answer | None:
         """A lone request on an idle worker (nothing queued, nobody being parsed) runs at once, in the
-        caller's task: no hand-over to the batch task. -> its Answer, or None when it must queue (submit)."""
+        caller's task: no hand-over to the batch task. -> its Answer, or None when it must queue (submit).
+        hold > 0 (seconds; a latency-tolerant caller such as a stream chunk): when another request of
+        its key came less than `hold` ago, traffic of this kind is steady, so it queues and waits up to
+        `hold` for the next ones to share its call; a lone one after a quiet spell still runs at once."""
+        now = time.perf_counter()
+        if hold:
+            steady = now - self._last_held.get(key, -hold) < hold
+            self._last_held[key] = now
+            if steady:
+                return None
         if self._queue or self._arriving:
             return None
         metrics.BATCH_WINDOWS.observe(len(cont))
@@ -101,10 +116,12 @@ class Batcher:
             raise answer
         return answer
 
-    def submit(self, model, key: tuple, fn, cont: np.ndarray, cat: np.ndarray, prepare=None) -> asyncio.Future:
+    def submit(self, model, key: tuple, fn, cont: np.ndarray, cat: np.ndarray, prepare=None,
+               hold: float = 0.0) -> asyncio.Future:
         """Queue windows [n, W, .] for model; await the future for this request's Answer. Items of one
-        `key` must be answerable by one fn call on their concatenation (fn and prepare of the first item run)."""
-        item = Item(model, key, fn, cont, cat, asyncio.get_running_loop().create_future(), prepare)
+        `key` must be answerable by one fn call on their concatenation (fn and prepare of the first item run).
+        hold: seconds this item may wait for later items of its group (see run_now)."""
+        item = Item(model, key, fn, cont, cat, asyncio.get_running_loop().create_future(), prepare, hold)
         self._queue.append(item)
         self._wake.set()
         return item.future
@@ -115,15 +132,24 @@ class Batcher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                deadline = self._queue[0].queued_at + self.max_delay
-                while (self._arriving and self._queued_windows() < self.max_windows
+                first = self._next_due()
+                if first is None:  # only held items, none full nor due: wait for company or the earliest deadline
+                    self._wake.clear()
+                    left = min(i.queued_at + i.hold for i in self._queue) - time.perf_counter()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), max(left, 0.0))
+                    except TimeoutError:
+                        pass
+                    continue
+                deadline = first.queued_at + self.max_delay
+                while (not first.hold and self._arriving and self._group_windows(first) < self.max_windows
                        and (left := deadline - time.perf_counter()) > 0):
                     self._wake.clear()
                     try:
                         await asyncio.wait_for(self._wake.wait(), left)
                     except TimeoutError:
                         break
-                group = self._take_group()
+                group = self._take_group(first)
                 started = time.perf_counter()
                 try:
                     answers = self._call(group)
@@ -141,12 +167,20 @@ class Batcher:
                 for _ in range(3):  # let requests read meanwhile start (read events, then their handlers)
                     await asyncio.sleep(0)
 
-    def _queued_windows(self) -> int:
-        return sum(len(i.cont) for i in self._queue)
+    def _group_windows(self, first: Item) -> int:
+        return sum(len(i.cont) for i in self._queue if i.model is first.model and i.key == first.key)
 
-    def _take_group(self) -> list[Item]:
-        """The oldest item and every queued item of its group, up to max_windows (FIFO within the group)."""
-        first = self._queue.popleft()
+    def _next_due(self) -> Item | None:
+        """The oldest item that may run now: not held, past its hold, or whose group fills a call."""
+        now = time.perf_counter()
+        for item in self._queue:
+            if item.due(now) or self._group_windows(item) >= self.max_windows:
+                return item
+        return None
+
+    def _take_group(self, first: Item) -> list[Item]:
+        """`first` and every queued item of its group, up to max_windows (FIFO within the group)."""
+        self._queue.remove(first)
         group, n, rest = [first], len(first.cont), deque()
         while self._queue:
             item = self._queue.popleft()

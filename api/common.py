@@ -41,10 +41,12 @@ async def run_model(model: LoadedModel, endpoint: str, fn, n: int, inline: bool)
     return out, round(dt * 1000, 3)
 
 
-async def run_windows(request: Request, model: LoadedModel, endpoint: str, key: tuple, fn, cont, cat, prepare=None):
+async def run_windows(request: Request, model: LoadedModel, endpoint: str, key: tuple, fn, cont, cat, prepare=None,
+                      hold: float = 0.0):
     """fn(model, *prepare(model, cont, cat)) over windows [n, W, .], micro-batched with concurrent requests'
     windows of the same model and key (api/batcher.py), or alone when batching is off. prepare
-    (normalisation) and fn (the model) are timed apart. -> (result, fn's call in ms)."""
+    (normalisation) and fn (the model) are timed apart. hold: seconds the windows may wait for later
+    requests of their key under steady traffic (Batcher.run_now). -> (result, fn's call in ms)."""
     batcher = request.app.state.batcher
     if batcher is None:
         if prepare is not None:
@@ -53,8 +55,8 @@ async def run_windows(request: Request, model: LoadedModel, endpoint: str, key: 
             metrics.NORMALISE_LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
         # a few windows inline (a thread hop costs as much), more in a thread
         return await run_model(model, endpoint, lambda: fn(model, cont, cat), len(cont), inline=len(cont) <= 8)
-    answer = batcher.run_now(model, key, fn, cont, cat, prepare) or await batcher.submit(model, key, fn, cont, cat,
-                                                                                          prepare)
+    answer = (batcher.run_now(model, key, fn, cont, cat, prepare, hold)
+              or await batcher.submit(model, key, fn, cont, cat, prepare, hold))
     metrics.QUEUE_LATENCY.labels(endpoint).observe(answer.queue_ms / 1000)
     if prepare is not None:
         metrics.NORMALISE_LATENCY.labels(endpoint).observe(answer.prepare_ms / 1000)

@@ -19,6 +19,7 @@
 | GCODEFP_BATCHING          | 1         | 1: micro-batching (api/batcher.py); 0: each request's own call   |
 | GCODEFP_BATCH_MAX_WINDOWS | 16        | windows per micro-batched graph call                              |
 | GCODEFP_BATCH_MAX_DELAY_MS| 1.0       | how long a call waits for requests already being parsed to join   |
+| GCODEFP_STREAM_BATCH_DELAY_MS | 10    | under steady /stream traffic, how long a chunk's windows wait for other machines' to share a call |
 | GCODEFP_LOG_LEVEL         | INFO      | log level of the JSON logs                                        |
 | PROMETHEUS_MULTIPROC_DIR  | -         | set by `gcodefp serve`: several workers' metrics summed from files |
 A value that does not parse is refused at start-up, naming the variable.
@@ -61,6 +62,7 @@ class Settings:
     batching: bool
     batch_max_windows: int
     batch_max_delay_ms: float
+    stream_batch_delay_ms: float
     log_level: str
     metrics_dir: str | None
 
@@ -82,6 +84,7 @@ class Settings:
                    batching=_get("GCODEFP_BATCHING", 1, int, 0) != 0,
                    batch_max_windows=_get("GCODEFP_BATCH_MAX_WINDOWS", 16, int, 1),
                    batch_max_delay_ms=_get("GCODEFP_BATCH_MAX_DELAY_MS", 1.0, float, 0.0),
+                   stream_batch_delay_ms=_get("GCODEFP_STREAM_BATCH_DELAY_MS", 10.0, float, 0.0),
                    log_level=_get("GCODEFP_LOG_LEVEL", "INFO").upper(),
                    metrics_dir=_get("PROMETHEUS_MULTIPROC_DIR", None))
 

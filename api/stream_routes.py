@@ -47,8 +47,10 @@ async def stream_post(request: Request, machine_id: str):
                 if batcher is not None:  # let other machines' chunks already received join this call
                     await asyncio.sleep(0)  # (see predict_routes.predict_windows)
 
-            async def run(wc, wk):  # micro-batched with other machines' windows (api/batcher.py)
-                return await run_windows(request, model, "/stream", ("stream",), streams.predict, wc, wk)
+            async def run(wc, wk):  # micro-batched with other machines' windows (api/batcher.py); a monitor
+                # posting once a second can wait a few ms for other machines' chunks to share the graph call
+                return await run_windows(request, model, "/stream", ("stream",), streams.predict, wc, wk,
+                                         hold=SETTINGS.stream_batch_delay_ms / 1000)
 
             result = await streams.post_rows(session, model, cont, cat, start, run, every)
             monitoring.observe_stream(model, cont, result)

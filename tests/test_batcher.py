@@ -193,3 +193,45 @@ def test_server_with_batching_answers_each_request_as_alone(api_registry, sample
         assert "gcodefp_batched_call_windows_count" in text and "gcodefp_queue_duration_seconds" in text
     finally:
         server.stop()
+
+
+def test_held_stream_chunks_wait_for_company_and_never_hold_up_others(predictor, windows):
+    """Under steady stream traffic a chunk's windows wait (up to `hold`) for other machines' to share a
+    call; a lone chunk after a quiet spell runs at once; requests of another key do not wait behind them."""
+    model, fn = loaded(predictor, "v1"), CountingPredict()
+    hold = 5.0  # far longer than the test: the held calls must be released by filling a call, not by the clock
+
+    async def scenario():
+        batcher = Batcher(max_windows=3, max_delay_ms=0)
+        batcher.start()
+        c, k = windows[0]
+        first = batcher.run_now(model, ("stream",), fn, c, k, hold=hold)  # quiet: runs at once
+        assert first is not None and fn.calls == [("v1", 1)]
+        assert batcher.run_now(model, ("stream",), fn, c, k, hold=hold) is None  # steady now: it must queue
+        held = [batcher.submit(model, ("stream",), fn, *windows[i], hold=hold) for i in (1, 2)]
+        other = batcher.submit(model, ("predict",), fn, *windows[3])
+        done, _ = await asyncio.wait([other, *held], timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {other} and fn.calls[-1] == ("v1", 1)  # ran alone, not behind the held chunks
+        held.append(batcher.submit(model, ("stream",), fn, *windows[4], hold=hold))  # the third fills a call
+        answers = await asyncio.wait_for(asyncio.gather(*held), 2.0)
+        await batcher.stop()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert fn.calls[-1] == ("v1", 3) and all(a.batch_windows == 3 for a in answers)
+    for i, answer in zip((1, 2, 4), answers):
+        assert answer.result[0]["gcode"] == alone(model, *windows[i])["gcode"]
+
+
+def test_a_held_chunk_runs_alone_when_no_company_comes(predictor, windows):
+    model, fn = loaded(predictor, "v1"), CountingPredict()
+
+    async def scenario():
+        batcher = Batcher(max_windows=16, max_delay_ms=0)
+        batcher.start()
+        answer = await asyncio.wait_for(batcher.submit(model, ("stream",), fn, *windows[0], hold=0.05), 5.0)
+        await batcher.stop()
+        return answer
+
+    answer = asyncio.run(scenario())
+    assert fn.calls == [("v1", 1)] and answer.batch_windows == 1 and answer.queue_ms > 0
