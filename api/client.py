@@ -19,12 +19,16 @@
         out["gcode"][i], out["operation"][i], out["fingerprint"][i]; api.v2_model_metadata(), api.v2_ready()
 
 Errors raise APIError subclasses: APIValidationError (422/413: the message names the field),
-APIUnavailableError (503: no model yet), APINotFoundError (404: e.g. an unknown stream session),
-APIConnectionError, APITimeoutError.
+APIUnavailableError (503: no model yet, or the worker is overloaded: `retry_after` seconds),
+APINotFoundError (404: e.g. an unknown stream session), APIConnectionError, APITimeoutError.
+busy_retries=N: a request an overloaded worker refused (503 with Retry-After) is sent again, up to N
+times, after the server's Retry-After. Safe for every call, /stream included: a refused request was
+never applied.
 """
 from __future__ import annotations
 
 import struct
+import time
 from urllib.parse import quote
 
 import httpx
@@ -44,7 +48,13 @@ class APIValidationError(APIError):
 
 
 class APIUnavailableError(APIError):
-    """503: the server has no model loaded yet."""
+    """503: the server has no model loaded yet, or the worker is overloaded (then `retry_after` is set:
+    seconds to wait before sending the request again)."""
+
+    def __init__(self, message: str, status: int | None = None, body: dict | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message, status, body)
+        self.retry_after = retry_after
 
 
 class APINotFoundError(APIError):
@@ -59,33 +69,50 @@ class APITimeoutError(APIError):
     pass
 
 
+def _retry_after(r: httpx.Response) -> float | None:
+    """Seconds from a 503's Retry-After (an overloaded worker's), else None."""
+    if r.status_code != 503:
+        return None
+    try:
+        return max(float(r.headers.get("retry-after", "")), 0.0)
+    except ValueError:
+        return None
+
+
 def _rows(a) -> list:
     return a.tolist() if hasattr(a, "tolist") else a
 
 
 class GCodeAPIClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 10.0, admin_token: str | None = None,
-                 retries: int = 0):
+                 retries: int = 0, busy_retries: int = 0):
         self.base_url, self.admin_token = base_url.rstrip("/"), admin_token
+        self.busy_retries = busy_retries
         transport = httpx.HTTPTransport(retries=retries)  # retries connection failures only, never a request
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
 
     # ---- plumbing -------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kw) -> dict:
-        try:
-            r = self._http.request(method, path, **kw)
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"{method} {path}: timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"{method} {path}: cannot reach {self.base_url} ({exc})") from exc
+        for attempt in range(self.busy_retries + 1):
+            try:
+                r = self._http.request(method, path, **kw)
+            except httpx.TimeoutException as exc:
+                raise APITimeoutError(f"{method} {path}: timed out ({type(exc).__name__})") from exc
+            except httpx.TransportError as exc:
+                raise APIConnectionError(f"{method} {path}: cannot reach {self.base_url} ({exc})") from exc
+            wait = _retry_after(r)
+            if wait is None or attempt == self.busy_retries:
+                break
+            time.sleep(wait)  # an overloaded worker refused it unread: sending it again is safe
         try:
             body = orjson.loads(r.content) if r.content else {}
         except orjson.JSONDecodeError:
             body = {"error": r.text[:200]}
         if r.status_code >= 400:
             msg = f"{method} {path}: HTTP {r.status_code}: {body.get('error', body)}"
+            if r.status_code == 503:
+                raise APIUnavailableError(msg, 503, body, _retry_after(r))
             cls = (APIValidationError if r.status_code in (413, 422) else
-                   APIUnavailableError if r.status_code == 503 else
                    APINotFoundError if r.status_code == 404 else APIError)
             raise cls(msg, r.status_code, body)
         return body
@@ -229,9 +256,11 @@ class GCodeAPIClient:
         except orjson.JSONDecodeError:
             doc = {"error": r.text[:200]}
         if r.status_code >= 400:
-            cls = (APIValidationError if r.status_code in (400, 413) else APIUnavailableError
-                   if r.status_code == 503 else APINotFoundError if r.status_code == 404 else APIError)
-            raise cls(f"v2 infer: HTTP {r.status_code}: {doc.get('error', doc)}", r.status_code, doc)
+            msg = f"v2 infer: HTTP {r.status_code}: {doc.get('error', doc)}"
+            if r.status_code == 503:
+                raise APIUnavailableError(msg, 503, doc, _retry_after(r))
+            cls = APIValidationError if r.status_code in (400, 413) else APINotFoundError if r.status_code == 404 else APIError
+            raise cls(msg, r.status_code, doc)
         result, offset = {"model_version": doc["model_version"]}, n_json
         for out in doc["outputs"]:
             size = (out.get("parameters") or {}).get("binary_data_size")

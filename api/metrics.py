@@ -26,6 +26,8 @@ REQUESTS = Counter("gcodefp_http_requests_total", "HTTP requests by endpoint, me
 REQUEST_LATENCY = Histogram("gcodefp_http_request_duration_seconds", "Request latency (server side)",
                             ["endpoint", "status"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("gcodefp_http_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
+SHED = Counter("gcodefp_http_requests_shed_total", "Requests refused with 503 because the worker already held "
+               "GCODEFP_MAX_IN_FLIGHT requests (overload)", ["endpoint"])
 INFERENCE_LATENCY = Histogram("gcodefp_inference_duration_seconds", "Model time per call (run + decode; a "
                               "micro-batched call counts once per request)",
                               ["endpoint", "variant"], buckets=LATENCY_BUCKETS)

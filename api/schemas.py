@@ -79,7 +79,7 @@ def _errors(*codes: int) -> dict:
     why = {400: "malformed request (the message names the field)", 401: "no bearer token",
            403: "wrong token", 404: "not found (the message says what)", 409: "the package was refused",
            413: "body, batch or rows over the limit", 422: "invalid input (the message names the field)",
-           503: "no model loaded yet"}
+           503: "no model loaded yet, or the worker is overloaded (Retry-After says when to retry)"}
     return {c: _json(_ERROR, why[c]) for c in codes}
 
 

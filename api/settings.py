@@ -10,6 +10,7 @@
 | GCODEFP_MAX_BATCH         | 64        | windows per /batch_predict                                        |
 | GCODEFP_MAX_STREAM_ROWS   | 4096      | rows per POST /stream/{machine_id}                                |
 | GCODEFP_MAX_STREAMS       | 1000      | stream sessions a worker keeps (least recently used evicted)      |
+| GCODEFP_MAX_IN_FLIGHT     | 128       | requests a worker holds at once; more get 503 + Retry-After at once (0 = no limit) |
 | GCODEFP_STREAM_EVERY      | 4         | a tracked machine's rows judged and answered: every Nth, counted back from each chunk's last row (a request's "every" overrides) |
 | GCODEFP_KEEP_PREVIOUS     | 1         | keep the previous version loaded after a swap (pin it via /v2 versions); 0 frees its memory |
 | GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB | 512 | ... but only while this much memory is available (MemAvailable) |
@@ -53,6 +54,7 @@ class Settings:
     max_batch: int
     max_stream_rows: int
     max_streams: int
+    max_in_flight: int
     stream_every: int
     admin_token: str | None
     keep_previous: bool
@@ -75,6 +77,7 @@ class Settings:
                    max_batch=_get("GCODEFP_MAX_BATCH", 64, int, 1),
                    max_stream_rows=_get("GCODEFP_MAX_STREAM_ROWS", 4096, int, 1),
                    max_streams=_get("GCODEFP_MAX_STREAMS", 1000, int, 1),
+                   max_in_flight=_get("GCODEFP_MAX_IN_FLIGHT", 128, int, 0),
                    stream_every=_get("GCODEFP_STREAM_EVERY", 4, int, 1),
                    admin_token=_get("GCODEFP_ADMIN_TOKEN", None),
                    keep_previous=bool(_get("GCODEFP_KEEP_PREVIOUS", 1, int, 0)),

@@ -62,3 +62,52 @@ def test_client_connection_and_timeout_errors():
         with GCodeAPIClient(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3) as c:
             with pytest.raises(APITimeoutError, match="timed out"):
                 c.info()
+
+
+class BusyServer:
+    """A worker that sheds its first `busy` requests (503 + Retry-After: 0), then answers."""
+
+    def __init__(self, busy: int):
+        import http.server
+        import threading
+
+        outer = self
+        self.busy, self.seen = busy, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.seen += 1
+                shed = outer.seen <= outer.busy
+                body = b'{"error":"server overloaded"}' if shed else b'{"version":"v1"}'
+                self.send_response(503 if shed else 200)
+                if shed:
+                    self.send_header("Retry-After", "0")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_client_resends_what_an_overloaded_worker_refused():
+    from api.client import APIUnavailableError
+
+    server = BusyServer(busy=2)
+    try:
+        with GCodeAPIClient(server.url, timeout=5, busy_retries=2) as c:
+            assert c.info() == {"version": "v1"} and server.seen == 3
+        server.seen = 0
+        with GCodeAPIClient(server.url, timeout=5, busy_retries=1) as c, pytest.raises(APIUnavailableError) as err:
+            c.info()
+        assert err.value.status == 503 and err.value.retry_after == 0.0 and server.seen == 2
+    finally:
+        server.close()
