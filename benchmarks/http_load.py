@@ -68,6 +68,7 @@ class Tally:
         q = np.percentile(lat, [50, 90, 95, 99])
         return {**extra, "requests": len(self.latencies), "achieved_rate": round(len(self.latencies) / elapsed, 1),
                 "errors": len(self.errors), "error_samples": self.errors[:3],
+                "shed": sum(e.startswith("HTTP 503") and "overloaded" in e for e in self.errors),  # of the errors
                 **{f"p{p}_ms": round(float(v), 3) for p, v in zip((50, 90, 95, 99), q)},
                 "max_ms": round(float(lat.max()), 3), "versions": self.versions}
 
