@@ -187,6 +187,49 @@ def test_by_default_a_chunk_is_judged_at_its_last_row_and_every_4th_before_it(se
     assert [p["row"] for p in tail] == [32, 33, 34]
 
 
+def batched_calls(client) -> tuple[float, float]:
+    """(windows, calls) of the micro-batched graph calls so far (api/batcher.py)."""
+    text = client.get("/metrics").text
+    value = lambda name: sum(float(line.split()[-1]) for line in text.splitlines()  # noqa: E731
+                             if line.startswith(f"gcodefp_batched_call_windows_{name} "))
+    return value("sum"), value("count")
+
+
+def test_machines_arriving_all_at_once_share_graph_calls_and_each_gets_its_own_answers(server, rows):
+    """Sixteen monitors post at the same moment (a fleet after a network outage): their windows share
+    graph calls, and every machine's answers are those of its own rows alone."""
+    import asyncio
+
+    import httpx
+
+    cont, cat = rows
+    predictor = OnnxPredictor.load(server.registry / "packages" / "tracked")
+    machines = {f"fleet-{i}": slice(4 * i, 4 * i + 40) for i in range(16)}   # each attached at another row
+
+    async def fleet() -> dict:
+        got = {m: [] for m in machines}
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            for half in (slice(0, 20), slice(20, 40)):
+                answers = await asyncio.gather(*(c.post(f"/stream/{m}", json=body(
+                    cont[rows][half], cat[rows][half], every=None)) for m, rows in machines.items()))
+                for m, r in zip(machines, answers):
+                    assert r.status_code == 200, r.text
+                    got[m] += r.json()["predictions"]
+        return got
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        windows_before, calls_before = batched_calls(c)
+        got = asyncio.run(fleet())
+        windows_after, calls_after = batched_calls(c)
+    judged = list(range(3, 40, 4))   # each 20-row chunk: its last row and every 4th before it
+    for m, rows_of in machines.items():
+        assert [p["row"] for p in got[m]] == judged
+        steps, _ = tracked_reference(predictor, cont[rows_of], cat[rows_of], judged=judged)
+        matches(predictor, got[m], steps)
+    # 32 chunks of 5 judged windows each; calls holding several machines' windows make fewer calls
+    assert windows_after - windows_before == 32 * 5 and calls_after - calls_before < 32
+
+
 def test_a_package_without_line_logits_streams_with_the_clock_and_a_swap_drops_the_evidence(server, client, rows):
     cont, cat = rows
     old = OnnxPredictor.load(server.registry / "packages" / "old")
