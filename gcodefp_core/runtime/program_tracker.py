@@ -112,7 +112,12 @@ class ProgramTracker:
             for d, prob in enumerate(st):
                 j = np.minimum(i + d, sizes[o] - 1)
                 np.add.at(into, (self.block_start[o] + j, self._width - 1 - (j - i)), prob)
-        self._into = [np.ascontiguousarray(into[:, j], STATE) for j in range(self._width)]   # per shift, contiguous
+        # Per shift that any state can take (tempo 0/1/2 rows without skips: 3 of 5), contiguous, with
+        # the per-row factors that scale all moving mass folded in (no pause entered, no jump taken):
+        # fewer passes over the states per row.
+        self._moving_keep = (1 - self.params["pause_in"]) * (1 - self.params["teleport"] - self.params["switch"])
+        self._into = [(self._width - 1 - j, np.ascontiguousarray(into[:, j] * self._moving_keep, STATE))
+                      for j in range(self._width) if into[:, j].any()]
 
     def set_params(self, **params) -> None:
         """Change params (e.g. tuned emission weights); the transition is rebuilt."""
@@ -139,14 +144,17 @@ class ProgramTracker:
         return TrackerSession(self, session.moving.copy(), session.paused.copy(), session.rows)
 
     def advance(self, a: np.ndarray) -> np.ndarray:
-        """One row of program progress applied to a distribution over states: the banded transition
-        as `width` shifted multiply-adds (a strided einsum over the band cost twice as much)."""
-        w, n = self._width, self.n_states
-        pad = np.zeros(n + w - 1, STATE)   # a private buffer: one model serves concurrent sessions
-        pad[w - 1:] = a
-        out = self._into[w - 1] * a
-        for j in range(w - 1):
-            out += self._into[j] * pad[j:j + n]
+        """One row of program progress applied to a distribution over states, times `_moving_keep`: the
+        banded transition as one multiply-add per shift (a strided einsum over the band cost twice as much)."""
+        n = self.n_states
+        out = None
+        for shift, into in self._into:
+            if shift == 0:
+                term = into * a
+            else:
+                term = np.zeros(n, STATE)   # a private buffer: one model serves concurrent sessions
+                np.multiply(into[shift:], a[:n - shift], out=term[shift:])
+            out = term if out is None else np.add(out, term, out=out)
         return out
 
     def line_ratios(self, line_logits: np.ndarray) -> np.ndarray:
@@ -269,23 +277,22 @@ class TrackerSession:
         return step
 
     def _move(self, a: np.ndarray, b: np.ndarray, advance: bool) -> tuple[np.ndarray, np.ndarray]:
-        """One row of time on the (moving, paused) posterior, before that row's evidence."""
+        """One row of time on the (moving, paused) posterior, before that row's evidence. Every mass
+        that stays (no pause entered, no jump taken) is scaled by keep = 1 - teleport - switch; the
+        moving mass also by 1 - pause_in (both folded into the transition: m._moving_keep)."""
         m, prm, n_ops = self.model, self.model.params, len(self.model.operations)
-        moving = m.advance(a) if advance else a.copy()
-        # Past a program's last offset: the next run may start (any program, offset 0).
-        ended = a[m._last] * prm["restart"]
-        moving[m._last] -= ended
-        moving *= 1 - prm["pause_in"]
-        moving += (1 - prm["pause_stay"]) * b
-        moving[m.block_start] += ended.sum() / n_ops
-        paused = prm["pause_in"] * a
-        paused += prm["pause_stay"] * b
-        # Jumps anywhere: within the operation (recovery after a gap) or to any operation.
-        per_op = np.add.reduceat(moving, m.block_start) + np.add.reduceat(paused, m.block_start)
         keep = 1 - prm["teleport"] - prm["switch"]
-        moving *= keep
+        moving = m.advance(a) if advance else a * STATE(m._moving_keep)
+        # Past a program's last offset: the next run may start (any program, offset 0).
+        ended = a[m._last] * (prm["restart"] * m._moving_keep)
+        moving[m._last] -= ended
+        moving[m.block_start] += ended.sum() / (n_ops * (1 - prm["pause_in"]))  # a new run's mass does not pause-in
+        moving += STATE((1 - prm["pause_stay"]) * keep) * b
+        paused = STATE(prm["pause_in"] * keep) * a
+        paused += STATE(prm["pause_stay"] * keep) * b
+        # Jumps anywhere: within the operation (recovery after a gap) or to any operation.
+        per_op = (np.add.reduceat(moving, m.block_start) + np.add.reduceat(paused, m.block_start)) / keep
         moving += np.repeat((prm["teleport"] * per_op + prm["switch"] / n_ops) / m._sizes, m._sizes)
-        paused *= keep
         return moving, paused
 
     def answer(self) -> TrackStep:
