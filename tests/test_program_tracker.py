@@ -123,13 +123,48 @@ def test_the_banded_transition_and_the_shared_row_emission_equal_their_dense_def
             for d, prob in enumerate(step):
                 dense[first + i, first + min(i + d, size - 1)] += prob
     a = rng.dirichlet(np.ones(tracker.n_states))
-    # the filter runs in float32 (runtime.program_tracker.STATE): equal to its precision
-    np.testing.assert_allclose(tracker.advance(a.astype(np.float32)), a @ dense, rtol=2e-6, atol=1e-9)
+    # the filter runs in float32 (runtime.program_tracker.STATE): equal to its precision; advance() also
+    # applies the share of moving mass that neither pauses nor jumps
+    keep = (1 - PARAMS["pause_in"]) * (1 - PARAMS["teleport"] - PARAMS["switch"])
+    assert tracker._moving_keep == pytest.approx(keep)
+    np.testing.assert_allclose(tracker.advance(a.astype(np.float32)), keep * (a @ dense), rtol=2e-6, atol=1e-9)
     op_logits, line_logits = rng.normal(size=3), rng.normal(size=N_LINES) * 3
     idx, share = np.concatenate([lines[p] for p in (0, 1, 1)]), np.concatenate([shares[p] for p in (0, 1, 1)])
     expected = (0.3 * np.log(np.exp(op_logits) / np.exp(op_logits).sum())[tracker.state_op]
                 + np.log((tracker.line_ratios(line_logits)[idx] * share).sum(axis=1) + 1e-300))
     np.testing.assert_allclose(tracker.emission(op_logits, line_logits), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_row_of_time_follows_the_transition_as_documented():
+    """_move against the module's definition, written out in float64: advance (tempo), leave a
+    program's last offset for any program's start (restart), enter / stay in / leave the paused twin,
+    then jump anywhere within the operation (teleport) or to any operation (switch)."""
+    tracker = tiny_tracker(restart=0.2, pause_in=0.05, pause_stay=0.8, teleport=0.01, switch=0.001)
+    prm, n_ops, n = tracker.params, 3, tracker.n_states
+    rng = np.random.default_rng(2)
+    a, b = rng.dirichlet(np.ones(n)) * 0.9, rng.dirichlet(np.ones(n)) * 0.1
+    dense = np.zeros((n, n))
+    for o, p in enumerate([0, 1, 1]):
+        size, first = len(tracker.timeline_line[p]), tracker.block_start[o]
+        t = tracker.tempo[p]   # a lost row (skip) looks like two rows of progress at once
+        step = (1 - prm["skip"]) * np.pad(t, (0, len(t) - 1)) + prm["skip"] * np.convolve(t, t)
+        for i in range(size):
+            for d, prob in enumerate(step):
+                dense[first + i, first + min(i + d, size - 1)] += prob
+    for advance in (True, False):
+        moving = a @ dense if advance else a.copy()
+        ended = a[tracker._last] * prm["restart"]
+        moving[tracker._last] -= ended
+        moving = moving * (1 - prm["pause_in"]) + (1 - prm["pause_stay"]) * b
+        moving[tracker.block_start] += ended.sum() / n_ops
+        paused = prm["pause_in"] * a + prm["pause_stay"] * b
+        per_op = np.add.reduceat(moving + paused, tracker.block_start)
+        keep = 1 - prm["teleport"] - prm["switch"]
+        moving = keep * moving + np.repeat((prm["teleport"] * per_op + prm["switch"] / n_ops) / tracker._sizes,
+                                           tracker._sizes)
+        got = tracker.start()._move(a.astype(np.float32), b.astype(np.float32), advance)
+        np.testing.assert_allclose(got[0], moving, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(got[1], keep * paused, rtol=1e-5, atol=1e-9)
 
 
 def test_serialisation_round_trip_gives_the_same_answers():
