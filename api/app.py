@@ -11,13 +11,15 @@ import asyncio
 import ctypes
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import batcher, docs_routes, inputs, metrics, ops_routes, predict_routes, schemas, stream_routes, streams, v2_routes
+from . import (batcher, docs_routes, inputs, metrics, ops_routes, predict_routes, schemas, stream_routes, stream_state,
+               streams, v2_routes)
 from .common import input_error, respond
 from .logging_setup import setup_logging
 from .middleware import RequestMiddleware
@@ -59,6 +61,9 @@ async def lifespan(app: FastAPI):
     watcher = asyncio.create_task(store.watch())
     yield
     watcher.cancel()
+    if SETTINGS.stream_state_dir:  # followed machines pick up where they were after the restart
+        saved = stream_state.save(Path(SETTINGS.stream_state_dir), app.state.streams.sessions())
+        log.info("saved %d stream sessions", saved, extra={"event": "stream_state_saved", "sessions": saved})
     if app.state.batcher is not None:
         await app.state.batcher.stop()
     metrics.worker_exit()

@@ -11,6 +11,8 @@
 | GCODEFP_MAX_STREAM_ROWS   | 4096      | rows per POST /stream/{machine_id}                                |
 | GCODEFP_MAX_STREAMS       | 1000      | stream sessions a worker keeps (least recently used evicted)      |
 | GCODEFP_MAX_IN_FLIGHT     | 128       | requests a worker holds at once; more get 503 + Retry-After at once (0 = no limit) |
+| GCODEFP_STREAM_STATE_DIR  | -         | a folder: followed machines' tracker state is written there at shutdown and taken over after a restart (api/stream_state.py) |
+| GCODEFP_STREAM_STATE_MAX_AGE_S | 600  | saved state older than this is ignored (the machine has moved on) |
 | GCODEFP_STREAM_EVERY      | 4         | a tracked machine's rows judged and answered: every Nth, counted back from each chunk's last row (a request's "every" overrides) |
 | GCODEFP_KEEP_PREVIOUS     | 1         | keep the previous version loaded after a swap (pin it via /v2 versions); 0 frees its memory |
 | GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB | 512 | ... but only while this much memory is available (MemAvailable) |
@@ -56,6 +58,8 @@ class Settings:
     max_streams: int
     max_in_flight: int
     stream_every: int
+    stream_state_dir: str | None
+    stream_state_max_age_s: float
     admin_token: str | None
     keep_previous: bool
     keep_previous_min_free_mb: int
@@ -79,6 +83,8 @@ class Settings:
                    max_streams=_get("GCODEFP_MAX_STREAMS", 1000, int, 1),
                    max_in_flight=_get("GCODEFP_MAX_IN_FLIGHT", 128, int, 0),
                    stream_every=_get("GCODEFP_STREAM_EVERY", 4, int, 1),
+                   stream_state_dir=_get("GCODEFP_STREAM_STATE_DIR", None),
+                   stream_state_max_age_s=_get("GCODEFP_STREAM_STATE_MAX_AGE_S", 600.0, float, 0.0),
                    admin_token=_get("GCODEFP_ADMIN_TOKEN", None),
                    keep_previous=bool(_get("GCODEFP_KEEP_PREVIOUS", 1, int, 0)),
                    keep_previous_min_free_mb=_get("GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB", 512, int, 0),

@@ -4,10 +4,11 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 
-from . import inputs, metrics, monitoring, streams
+from . import inputs, metrics, monitoring, stream_state, streams
 from .common import current, respond, run_windows
 from .settings import SETTINGS
 from .schemas import OPENAPI_STREAM, STREAM_END_RESPONSES, STREAM_POST_RESPONSES, STREAM_STATE_RESPONSES
@@ -38,6 +39,8 @@ async def stream_post(request: Request, machine_id: str):
         async with session.lock:  # this machine's requests apply one at a time, in arrival order
             model = current(request)  # taken under the lock: a request queued across a swap uses the new model
             streams.require_line_head(model)
+            if session.version is None and not start and SETTINGS.stream_state_dir:  # followed before a restart?
+                stream_state.restore(Path(SETTINGS.stream_state_dir), session, model, SETTINGS.stream_state_max_age_s)
             t0 = time.perf_counter()
             batcher = request.app.state.batcher
             with batcher.arriving() if batcher is not None else nullcontext():

@@ -99,6 +99,9 @@ class StreamRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
     def get(self, machine_id: str) -> Session | None:
         """A started session (reading its state does not count as use)."""
         s = self._sessions.get(machine_id)

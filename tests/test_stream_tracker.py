@@ -281,6 +281,50 @@ def test_a_swap_to_a_tracker_of_the_same_programs_keeps_where_the_machine_is(ser
         assert client.post("/admin/reload", json={"version": "tracked"}, headers=auth).status_code == 200
 
 
+def test_followed_machines_pick_up_where_they_were_after_a_restart(server, rows, tmp_path):
+    """With GCODEFP_STREAM_STATE_DIR, a worker that stops writes each tracker session; after the restart
+    a machine's next chunk continues its filter and its buffered rows, as if nothing had happened. A
+    state too old, or unreadable, starts the machine afresh."""
+    import httpx
+
+    cont, cat = rows
+    predictor = OnnxPredictor.load(server.registry / "packages" / "tracked")
+    state_dir = tmp_path / "state"
+    env = dict(GCODEFP_REGISTRY=server.registry, GCODEFP_STREAM_STATE_DIR=state_dir)
+    first = start_uvicorn(tmp_path, **env)
+    try:
+        with httpx.Client(base_url=first.url, timeout=60) as c:
+            for machine in ("kept-mill", "old-mill", "broken-mill"):
+                before = post(c, machine, cont[30:70], cat[30:70])        # attached mid-run
+    finally:
+        first.stop()
+    assert {f.name for f in state_dir.iterdir()} == {"kept-mill.npz", "old-mill.npz", "broken-mill.npz"}
+    (state_dir / "broken-mill.npz").write_bytes(b"not a state file")
+    second = start_uvicorn(tmp_path, **env, GCODEFP_STREAM_STATE_MAX_AGE_S=3600)
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as c:
+            after = post(c, "kept-mill", cont[70:100], cat[70:100])
+            broken = post(c, "broken-mill", cont[70:100], cat[70:100])
+    finally:
+        second.stop()
+    assert after["started"] is False and after["rows_since_start"] == 70
+    assert [p["row"] for p in after["predictions"]] == list(range(40, 70))
+    steps, _ = tracked_reference(predictor, cont[30:100], cat[30:100])
+    matches(predictor, before["predictions"] + after["predictions"], steps)   # the same as one uninterrupted session
+    assert broken["started"] is True and broken["predictions"][0]["row"] == 0
+    # the second worker followed kept-mill and broken-mill and wrote them again at its shutdown; old-mill
+    # was never asked for and waits
+    assert {f.name for f in state_dir.iterdir()} == {"kept-mill.npz", "old-mill.npz", "broken-mill.npz"}
+    third = start_uvicorn(tmp_path, **env, GCODEFP_STREAM_STATE_MAX_AGE_S=0)   # old-mill's state is now too old
+    try:
+        with httpx.Client(base_url=third.url, timeout=60) as c:
+            stale = post(c, "old-mill", cont[70:100], cat[70:100])
+    finally:
+        third.stop()
+    assert stale["started"] is True and stale["rows_since_start"] == 30
+    assert "stream_restored" in second.log_text() and "stream_state_unreadable" in second.log_text()
+
+
 def test_gcodefp_track_follows_a_log_offline_as_the_server_does(server, client, tmp_path):
     """`gcodefp track` (a log file, no server) answers as POST /stream does for the same rows sent as
     one chunk: the same judged rows, lines, operations and confidences."""
