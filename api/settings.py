@@ -10,7 +10,7 @@
 | GCODEFP_MAX_BATCH         | 64        | windows per /batch_predict                                        |
 | GCODEFP_MAX_STREAM_ROWS   | 4096      | rows per POST /stream/{machine_id}                                |
 | GCODEFP_MAX_STREAMS       | 1000      | stream sessions a worker keeps (least recently used evicted)      |
-| GCODEFP_MAX_IN_FLIGHT     | 128       | requests a worker holds at once; more get 503 + Retry-After at once (0 = no limit) |
+| GCODEFP_MAX_IN_FLIGHT     | 256       | requests a worker holds at once; more get 503 + Retry-After at once (0 = no limit) |
 | GCODEFP_STREAM_STATE_DIR  | -         | a folder: followed machines' tracker state is written there at shutdown and taken over after a restart (api/stream_state.py) |
 | GCODEFP_STREAM_STATE_MAX_AGE_S | 600  | saved state older than this is ignored (the machine has moved on) |
 | GCODEFP_STREAM_EVERY      | 4         | a tracked machine's rows judged and answered: every Nth, counted back from each chunk's last row (a request's "every" overrides) |
@@ -81,7 +81,7 @@ class Settings:
                    max_batch=_get("GCODEFP_MAX_BATCH", 64, int, 1),
                    max_stream_rows=_get("GCODEFP_MAX_STREAM_ROWS", 4096, int, 1),
                    max_streams=_get("GCODEFP_MAX_STREAMS", 1000, int, 1),
-                   max_in_flight=_get("GCODEFP_MAX_IN_FLIGHT", 128, int, 0),
+                   max_in_flight=_get("GCODEFP_MAX_IN_FLIGHT", 256, int, 0),
                    stream_every=_get("GCODEFP_STREAM_EVERY", 4, int, 1),
                    stream_state_dir=_get("GCODEFP_STREAM_STATE_DIR", None),
                    stream_state_max_age_s=_get("GCODEFP_STREAM_STATE_MAX_AGE_S", 600.0, float, 0.0),
