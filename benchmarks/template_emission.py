@@ -201,14 +201,18 @@ def localise(data: Data, kind: str, dims, L: int, step: int, split: str, every: 
 
 def lag_ceiling(data: Data, lags: dict, split: str) -> dict:
     """Exact line from the most common train line at offset t + e: e = 0 (a perfect controller-row
-    localiser), fixed e, and e = the run's board lag minus the train median (a perfect board-time one)."""
+    localiser), fixed e, e = the run's board lag minus the train median (a perfect board-time one),
+    and e = the run's own best constant shift of the timeline (an oracle that knows how late it started)."""
     _, line = templates(data, [0], None)
     out = {}
     runs = [r for r in data.runs if r["split"] == split]
-    for name in ["0", "2", "5", "10", "board_lag"]:
+    for name in ["0", "2", "5", "10", "board_lag", "best_shift"]:
         hit = n = 0
         for r in runs:
-            if name == "board_lag":
+            if name == "best_shift":
+                y, ref = data.lines(r), line[r["operation"]]
+                e = max(range(-MAX_LAG, MAX_LAG + 1), key=lambda k: (ref[np.clip(np.arange(len(y)) + k, 0, len(ref) - 1)] == y).sum())
+            elif name == "board_lag":
                 med = np.median([v["lag_first_half"] for v in lags[r["operation"]]["runs"].values() if v["split"] == "train"])
                 e = int(lags[r["operation"]]["runs"][r["name"]]["lag_first_half"] - med)
             else:
