@@ -115,7 +115,7 @@ def board_lags(data: Data) -> dict:
                                   "corr": round((c1 + c2) / 2, 3), "corr_at_0": round(float(np.corrcoef(ref[40:m - 40], s[40:m - 40])[0, 1]), 3)}
         lag1 = np.array([v["lag_first_half"] for v in per_run.values()])
         lag2 = np.array([v["lag_second_half"] for v in per_run.values()])
-        mad = lambda v: float(1.4826 * np.median(np.abs(v - np.median(v))))  # noqa: E731
+        mad = lambda v: float(1.4826 * np.median(np.abs(v - np.median(v))))
         out[op] = {"runs": per_run, "spread_first_half": mad(lag1), "spread_second_half": mad(lag2),
                    "median_half_difference": float(np.median(np.abs(lag1 - lag2))),
                    "median_corr": float(np.median([v["corr"] for v in per_run.values()])),
@@ -166,12 +166,15 @@ def segments(data: Data, tpl: dict, L: int, step: int) -> tuple[np.ndarray, np.n
     return np.concatenate(segs).astype(np.float32), np.array(states)
 
 
+def pca_basis(data: Data, cols, dims: int) -> np.ndarray:
+    """[len(cols), dims] principal directions of the train rows (each run centred; every 3rd row)."""
+    z = np.concatenate([data.rows(r, cols) - data.rows(r, cols).mean(0) for r in data.runs if r["split"] == "train"])
+    return np.linalg.svd(z[::3], full_matrices=False)[2][:dims].T
+
+
 def localise(data: Data, kind: str, dims, L: int, step: int, split: str, every: int, lags: dict | None = None) -> dict:
     cols = data.columns(kind)
-    basis = None
-    if dims:   # PCA of the train rows, each run centred
-        z = np.concatenate([data.rows(r, cols) - data.rows(r, cols).mean(0) for r in data.runs if r["split"] == "train"])
-        basis = np.linalg.svd(z[::3], full_matrices=False)[2][:dims].T
+    basis = pca_basis(data, cols, dims) if dims else None
     tpl, line = templates(data, cols, basis, lags)
     seg, states = segments(data, tpl, L, step)
     hits, seconds = collections.Counter(), 0.0
@@ -235,8 +238,8 @@ def main() -> None:
     report = {"localisation": [], "registered_localisation": []}
     print("1. localisation by template (controller row offsets)")
     print(f"{'features':<9}{'pca':>4}{'L':>5}{'step':>5} {'split':<5}{'op':>7}{'program':>9}{'offset':>8}{'exact':>7}{'dims':>6}{'us/row':>8}")
-    row = lambda k, p, L, st, sp, r: print(  # noqa: E731
-        f"{k:<9}{str(p or '-'):>4}{L:>5}{st:>5} {sp:<5}" + "".join(f"{100 * r[m]:{w}.1f}" for m, w in
+    row = lambda k, p, L, st, sp, r: print(
+        f"{k:<9}{p or '-'!s:>4}{L:>5}{st:>5} {sp:<5}" + "".join(f"{100 * r[m]:{w}.1f}" for m, w in
                                                                   (("op", 7), ("program", 9), ("offset", 8), ("exact", 7)))
         + f"{r['dims']:>6}{r['us_per_row']:>8.0f}", flush=True)
     for kind, dims, L, step in CONFIGS:

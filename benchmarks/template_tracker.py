@@ -1,7 +1,7 @@
 """The program tracker with a template emission added, against the tracker as it is, on the test split.
 
 The template term (benchmarks/template_emission.py): per judged row, the cosine similarity of the
-last 64 received rows (every 2nd row; motor currents and the boards' RMS channels; per-window,
+last 64 received rows (every 2nd row; by default motor currents and the boards' RMS channels; per-window,
 per-channel centred and scaled) with each state's template segment (per operation, the lag-registered
 mean of its train runs), times `template_weight`, is added to the tracker's log emission. Everything
 else is the tracker benchmarks/side_channel_streams.py evaluates: its per-checkpoint tracker (tuned
@@ -16,7 +16,8 @@ Three forms of the term (MODES), each with its weight chosen on validation:
 - blur10:   the best cosine within +-10 offsets of the state (position evidence only as sharp as
   that lag allows);
 - operation: the operation's best cosine over all its offsets, for every state of the operation
-  (which program, no position).
+  (which program, no position); operation_s4: the same over every 4th offset only (a quarter of
+  the segments: a quarter of the cost).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/template_tracker.py --dataset artifacts/pipeline-side/dataset \
         --checkpoints artifacts/pipeline-side/checkpoints/seed4{2,3,4}/checkpoint_best.pt \
@@ -33,14 +34,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import side_channel_streams as scs  # noqa: E402
-import template_emission as te  # noqa: E402
+import side_channel_streams as scs
+import template_emission as te
 
-from gcodefp_core.fileio import write_json  # noqa: E402
-from gcodefp_core.runtime.program_tracker import ProgramTracker  # noqa: E402
+from gcodefp_core.fileio import write_json
+from gcodefp_core.runtime.program_tracker import ProgramTracker
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"position": [0.3, 1.0], "blur10": [0.3, 1.0, 3.0], "operation": [0.3, 1.0, 3.0, 10.0]}   # mode -> weights
+MODES = {"position": [0.3, 1.0], "blur10": [0.3, 1.0, 3.0], "operation": [0.3, 1.0, 3.0, 10.0],
+         "operation_s4": [0.3, 1.0, 3.0]}   # mode -> weights
 L, STEP = 64, 2
 
 
@@ -53,12 +55,14 @@ class TemplateTracker(ProgramTracker):
         return e if self.feed is None else e + next(self.feed)
 
 
-def template_scores(ds, seg: np.ndarray, cols: list[int], run: dict, offsets: np.ndarray) -> np.ndarray:
-    """[received rows, states] cosine of each row's last L received rows with every state's segment."""
+def template_scores(ds, seg: np.ndarray, cols: list[int], run: dict, offsets: np.ndarray, basis=None) -> np.ndarray:
+    """[received rows, states] cosine of each row's last L received rows with every state's segment
+    (projected on `basis` first when given: a run's level is removed by the per-window centring)."""
     from gcodefp_core.fit_program_tracker import stream_windows
 
     rows, _ = stream_windows(ds, run, offsets)                  # [n, 64], padded with the first row
     x = ds.arrays["rows_continuous"][rows[:, ::-1][:, ::STEP][:, ::-1]][..., cols]
+    x = x if basis is None else x @ basis
     w = te.znorm(x, 1).reshape(len(x), -1)
     w /= np.linalg.norm(w, axis=1, keepdims=True) + 1e-9
     return w.astype(np.float32) @ seg.T
@@ -68,7 +72,9 @@ def shaped(tracker: ProgramTracker, cos: np.ndarray, mode: str) -> np.ndarray:
     """The template term of MODES from the cosine per state [n, states]."""
     if mode == "position":
         return cos
-    if mode == "operation":
+    if mode.startswith("operation"):
+        if mode == "operation_s4":
+            cos = np.where(tracker.state_offset % 4 == 0, cos, -np.inf)
         return np.repeat(np.maximum.reduceat(cos, tracker.block_start, axis=1), tracker._sizes, axis=1)
     block = tracker.state_op
     lo, hi = tracker.block_start[block], tracker.block_end[block] - 1
@@ -108,14 +114,14 @@ def choose_weights(tracker, streams: list[dict]) -> tuple[dict, list]:
     return best, results
 
 
-def with_templates(ds, seg, cols, streams: list[dict]) -> list[dict]:
+def with_templates(ds, seg, cols, streams: list[dict], basis=None) -> list[dict]:
     runs = {r["name"]: r for r in ds.manifest["runs"]}
     for s in streams:
-        s["template"] = template_scores(ds, seg, cols, runs[s["run"]], s["offsets"])
+        s["template"] = template_scores(ds, seg, cols, runs[s["run"]], s["offsets"], basis)
     return streams
 
 
-def evaluate(path: Path, seed: int, ds, data, seg, cols, cached: Path | None) -> dict:
+def evaluate(path: Path, seed: int, ds, data, seg, cols, basis, cached: Path | None) -> dict:
     from gcodefp_core import fit_program_tracker as fit
     from gcodefp_core.checkpoints import load_checkpoint
     from gcodefp_core.programs import row_classes
@@ -141,14 +147,14 @@ def evaluate(path: Path, seed: int, ds, data, seg, cols, cached: Path | None) ->
     rng = np.random.default_rng(seed)
     t0 = time.time()
     tune = [s for name in ("start", "attached_loss5") for s in
-            with_templates(ds, seg, cols, scs.condition_streams(models, ds, table, "val", name, rng, classes))]
+            with_templates(ds, seg, cols, scs.condition_streams(models, ds, table, "val", name, rng, classes), basis)]
     print(f"  {path}: {len(tune)} validation streams in {time.time() - t0:.0f}s", flush=True)
     weights, grid = choose_weights(tracker, tune)
     del tune
     conditions = {}
     for name in scs.CONDITIONS:
         streams = with_templates(ds, seg, cols, scs.condition_streams(
-            models, ds, table, "test", name, np.random.default_rng([seed, len(name)]), classes))
+            models, ds, table, "test", name, np.random.default_rng([seed, len(name)]), classes), basis)
         conditions[name] = {}
         for label, mode in [("tracker", "none")] + [(m, m) for m in MODES]:
             w = weights.get(mode, 0.0)
@@ -176,6 +182,9 @@ def main() -> None:
     ap.add_argument("--dataset", type=Path, required=True)
     ap.add_argument("--checkpoints", type=Path, nargs="+", required=True)
     ap.add_argument("--cached", type=Path, default=None, help="side_channel_streams.py's per-checkpoint JSON folder")
+    ap.add_argument("--features", choices=["rms", "all"], default="rms", help="motors + boards' RMS, or every channel")
+    ap.add_argument("--pca", type=int, default=0, help="project on this many principal components of the train rows")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--output", type=Path, default=ROOT / "results/template_tracker.json")
     args = ap.parse_args()
     import torch
@@ -183,14 +192,17 @@ def main() -> None:
     from gcodefp_core.dataset import load_dataset
 
     torch.set_num_threads(1)
+    for mode in set(MODES) - set(args.modes):
+        del MODES[mode]
     ds, data = load_dataset(args.dataset), te.Data(args.dataset)
-    cols = data.columns("rms")
+    cols = data.columns(args.features)
+    basis = te.pca_basis(data, cols, args.pca) if args.pca else None
     lags = te.board_lags(data)   # registration uses train runs only (templates average train runs)
-    tpl, _ = te.templates(data, cols, None, lags)
+    tpl, _ = te.templates(data, cols, basis, lags)
     seg, _ = te.segments(data, tpl, L, STEP)
-    cost = template_cost(seg, seg.shape[1])
-    print(f"templates: {seg.shape[0]} states x {seg.shape[1]} dims, {cost:.0f} us per judged row", flush=True)
-    per_seed = [evaluate(p, s, ds, data, seg, cols, args.cached) for s, p in enumerate(args.checkpoints)]
+    cost = {"all_offsets": template_cost(seg, seg.shape[1]), "every_4th_offset": template_cost(seg[::4], seg.shape[1])}
+    print(f"templates: {seg.shape[0]} states x {seg.shape[1]} dims, us per judged row {cost}", flush=True)
+    per_seed = [evaluate(p, s, ds, data, seg, cols, basis, args.cached) for s, p in enumerate(args.checkpoints)]
     labels = ["tracker"] + list(MODES)
     print("\nop / exact line on test, mean of seeds; weights per seed " + str([s["weights"] for s in per_seed]))
     print(f"{'condition':<17}" + "".join(f"{label:>16}" for label in labels) + f"{'window':>16}")
@@ -202,7 +214,7 @@ def main() -> None:
                                    for k in ("op", "exact")}
         print(f"{name:<17}" + "".join(f"{100 * v['op']:9.1f} /{100 * v['exact']:5.1f}" for v in summary[name].values()))
     write_json(args.output, {"summary": summary, "per_checkpoint": per_seed, "template_us_per_row": cost,
-                             "template": {"features": "motors+rms", "L": L, "step": STEP, "modes": MODES}})
+                             "template": {"features": args.features, "pca": args.pca, "L": L, "step": STEP, "modes": MODES}})
     print(f"wrote {args.output}")
 
 
