@@ -200,7 +200,7 @@ def main() -> None:
     lags = te.board_lags(data)   # registration uses train runs only (templates average train runs)
     tpl, _ = te.templates(data, cols, basis, lags)
     seg, _ = te.segments(data, tpl, L, STEP)
-    cost = {"all_offsets": template_cost(seg, seg.shape[1]), "every_4th_offset": template_cost(seg[::4], seg.shape[1])}
+    cost = {"all_offsets": template_cost(seg, seg.shape[1]), "every_4th_offset": template_cost(np.ascontiguousarray(seg[::4]), seg.shape[1])}
     print(f"templates: {seg.shape[0]} states x {seg.shape[1]} dims, us per judged row {cost}", flush=True)
     per_seed = [evaluate(p, s, ds, data, seg, cols, basis, args.cached) for s, p in enumerate(args.checkpoints)]
     labels = ["tracker"] + list(MODES)
