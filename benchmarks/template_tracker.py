@@ -10,7 +10,7 @@ and tuned here the same way. template_weight is chosen on VALIDATION streams (st
 attached_loss5, mean exact line, ties: op); the five conditions are then scored on the test split
 with the same streams (seeded alike) and scoring as side_channel_streams.py.
 
-Three forms of the term (MODES), each with its weight chosen on validation:
+The forms of the term (MODES), each with its weight chosen on validation:
 - position: the cosine at the state itself (sharp; but the boards lag the controller's rows by a
   per-run constant of several rows, see template_emission.py part 2);
 - blur10:   the best cosine within +-10 offsets of the state (position evidence only as sharp as
