@@ -22,6 +22,7 @@ from . import (batcher, docs_routes, inputs, metrics, ops_routes, predict_routes
                streams, v2_routes)
 from .common import input_error, respond
 from .logging_setup import setup_logging
+from . import middleware
 from .middleware import RequestMiddleware
 from .model_store import ModelStore
 from .settings import SETTINGS
@@ -44,6 +45,14 @@ def _return_large_blocks_to_the_os() -> None:
 _return_large_blocks_to_the_os()
 
 
+BUSY_IN_FLIGHT = 4   # a worker serving this many requests at once is falling behind: stream chunks then wait
+                     # a few ms for company (GCODEFP_STREAM_BATCH_DELAY_MS) and share graph calls
+
+
+def congested() -> bool:
+    return middleware.in_flight() >= BUSY_IN_FLIGHT
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     store = ModelStore.from_env()
@@ -54,7 +63,7 @@ async def lifespan(app: FastAPI):
         await store.reload(trigger="startup")
     except Exception:
         pass  # logged and counted; /ready says 503 until a package loads
-    app.state.batcher = (batcher.Batcher(SETTINGS.batch_max_windows, SETTINGS.batch_max_delay_ms)
+    app.state.batcher = (batcher.Batcher(SETTINGS.batch_max_windows, SETTINGS.batch_max_delay_ms, busy=congested)
                          if SETTINGS.batching else None)
     if app.state.batcher is not None:
         app.state.batcher.start()

@@ -73,12 +73,12 @@ def _part(result, a: int, b: int):
 
 
 class Batcher:
-    def __init__(self, max_windows: int = 32, max_delay_ms: float = 1.0):
+    def __init__(self, max_windows: int = 32, max_delay_ms: float = 1.0, busy=None):
         if max_windows < 1 or max_delay_ms < 0:
             raise ValueError("batching: max windows must be >= 1 and the max delay >= 0")
         self.max_windows, self.max_delay = max_windows, max_delay_ms / 1000
         self._queue: deque[Item] = deque()
-        self._last_held: dict[tuple, float] = {}   # per key: when its latest held request came
+        self.busy = busy or (lambda: False)   # () -> whether the worker is congested (held requests wait then)
         self._arriving = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -99,15 +99,11 @@ class Batcher:
                 hold: float = 0.0) -> Answer | None:
         """A lone request on an idle worker (nothing queued, nobody being parsed) runs at once, in the
         caller's task: no hand-over to the batch task. -> its Answer, or None when it must queue (submit).
-        hold > 0 (seconds; a latency-tolerant caller such as a stream chunk): when another request of
-        its key came less than `hold` ago, traffic of this kind is steady, so it queues and waits up to
-        `hold` for the next ones to share its call; a lone one after a quiet spell still runs at once."""
-        now = time.perf_counter()
-        if hold:
-            steady = now - self._last_held.get(key, -hold) < hold
-            self._last_held[key] = now
-            if steady:
-                return None
+        hold > 0 (seconds; a latency-tolerant caller such as a stream chunk): on a congested worker
+        (`busy()`: requests pile up) it queues and waits up to `hold` for later requests of its key to
+        share its call, trading a few ms for fewer calls; on a worker with room it runs at once."""
+        if hold and self.busy():
+            return None
         if self._queue or self._arriving:
             return None
         metrics.BATCH_WINDOWS.observe(len(cont))

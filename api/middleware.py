@@ -32,11 +32,17 @@ MAX_IN_FLIGHT = SETTINGS.max_in_flight
 SHED_BODY = b'{"error":"server overloaded: this worker already holds its maximum of requests (GCODEFP_MAX_IN_FLIGHT); retry shortly"}'
 
 
+_in_flight = 0   # this worker's requests being served (the middleware is one object per worker)
+
+
+def in_flight() -> int:
+    return _in_flight
+
+
 class RequestMiddleware:
     def __init__(self, app, max_in_flight: int = MAX_IN_FLIGHT):
         self.app = app
         self.max_in_flight = max_in_flight
-        self.in_flight = 0  # this worker's (the gauge sums every worker's)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -48,14 +54,15 @@ class RequestMiddleware:
         # bounded label set: scanners (and machine ids) cannot blow it up
         endpoint = (path if path in ENDPOINTS else STREAM if path.startswith("/stream/")
                     else V2_INFER if path.startswith("/v2/") and path.endswith("/infer") else "other")
-        if self.max_in_flight and self.in_flight >= self.max_in_flight and path not in NEVER_SHED:
+        global _in_flight
+        if self.max_in_flight and _in_flight >= self.max_in_flight and path not in NEVER_SHED:
             metrics.SHED.labels(endpoint).inc()
             metrics.REQUESTS.labels(endpoint, scope["method"], "503").inc()
             request_id_var.reset(token)
             return await shed(send, rid)
         status = 500
         t0 = time.perf_counter()
-        self.in_flight += 1
+        _in_flight += 1
         metrics.IN_FLIGHT.inc()
 
         async def send_with_id(message):
@@ -69,7 +76,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             dt = time.perf_counter() - t0
-            self.in_flight -= 1
+            _in_flight -= 1
             metrics.IN_FLIGHT.dec()
             metrics.REQUESTS.labels(endpoint, scope["method"], str(status)).inc()
             metrics.REQUEST_LATENCY.labels(endpoint, str(status)).observe(dt)

@@ -22,7 +22,7 @@
 | GCODEFP_BATCHING          | 1         | 1: micro-batching (api/batcher.py); 0: each request's own call   |
 | GCODEFP_BATCH_MAX_WINDOWS | 16        | windows per micro-batched graph call                              |
 | GCODEFP_BATCH_MAX_DELAY_MS| 1.0       | how long a call waits for requests already being parsed to join   |
-| GCODEFP_STREAM_BATCH_DELAY_MS | 10    | under steady /stream traffic, how long a chunk's windows wait for other machines' to share a call |
+| GCODEFP_STREAM_BATCH_DELAY_MS | 10    | on a congested worker, how long a /stream chunk's windows wait for other machines' to share a call |
 | GCODEFP_LOG_LEVEL         | INFO      | log level of the JSON logs                                        |
 | PROMETHEUS_MULTIPROC_DIR  | -         | set by `gcodefp serve`: several workers' metrics summed from files |
 A value that does not parse is refused at start-up, naming the variable.

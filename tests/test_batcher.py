@@ -196,18 +196,21 @@ def test_server_with_batching_answers_each_request_as_alone(api_registry, sample
 
 
 def test_held_stream_chunks_wait_for_company_and_never_hold_up_others(predictor, windows):
-    """Under steady stream traffic a chunk's windows wait (up to `hold`) for other machines' to share a
-    call; a lone chunk after a quiet spell runs at once; requests of another key do not wait behind them."""
+    """On a congested worker a stream chunk's windows wait (up to `hold`) for other machines' to share a
+    call; on a worker with room a chunk runs at once; requests of another key never wait behind them."""
     model, fn = loaded(predictor, "v1"), CountingPredict()
     hold = 5.0  # far longer than the test: the held calls must be released by filling a call, not by the clock
+    congested = [False]
 
     async def scenario():
-        batcher = Batcher(max_windows=3, max_delay_ms=0)
+        batcher = Batcher(max_windows=3, max_delay_ms=0, busy=lambda: congested[0])
         batcher.start()
         c, k = windows[0]
-        first = batcher.run_now(model, ("stream",), fn, c, k, hold=hold)  # quiet: runs at once
+        first = batcher.run_now(model, ("stream",), fn, c, k, hold=hold)  # room: runs at once
         assert first is not None and fn.calls == [("v1", 1)]
-        assert batcher.run_now(model, ("stream",), fn, c, k, hold=hold) is None  # steady now: it must queue
+        congested[0] = True
+        assert batcher.run_now(model, ("stream",), fn, c, k, hold=hold) is None  # congested: it must queue
+        assert batcher.run_now(model, ("predict",), fn, c, k) is not None  # not held: still at once
         held = [batcher.submit(model, ("stream",), fn, *windows[i], hold=hold) for i in (1, 2)]
         other = batcher.submit(model, ("predict",), fn, *windows[3])
         done, _ = await asyncio.wait([other, *held], timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
