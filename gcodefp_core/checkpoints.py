@@ -101,13 +101,15 @@ def attach_program_clock(best_path: Path, ds, val_ids: np.ndarray) -> dict:
     pred = evaluate.predict([model], bundle, ds, val_ids, greedy=False)
     clock, _ = fit_program_clock(ds, bundle.line_table, pred, val_ids)
     streamed = evaluate.stream_report(clock, bundle.line_table, ds, val_ids, pred)["overall"]
-    metrics = {f"val_stream_{k}": streamed[k] for k in ("op_acc", "exact_match", "word_acc")}
-    metrics["val_stream_clock_weight"] = clock.weight
+    # val_clock_*: the row clock streamed from each run's start (what older packages serve); what /stream
+    # serves with a tracker is val_tracker_* (attach_program_tracker)
+    metrics = {f"val_clock_{k}": streamed[k] for k in ("op_acc", "exact_match", "word_acc")}
+    metrics["val_clock_weight"] = clock.weight
     ckpt["program_clock"] = clock.to_dict()
     ckpt["metrics"] = ckpt.get("metrics", {}) | metrics
     save_checkpoint(best_path, ckpt)
     log.info("program clock: weight %g, streamed validation op %.4f exact %.4f (per window: op %.4f exact %.4f)",
-             clock.weight, metrics["val_stream_op_acc"], metrics["val_stream_exact_match"],
+             clock.weight, metrics["val_clock_op_acc"], metrics["val_clock_exact_match"],
              ckpt["metrics"].get("val_op_acc", float("nan")), ckpt["metrics"].get("val_exact_match", float("nan")))
     return metrics
 

@@ -153,7 +153,7 @@ def test_the_weight_is_the_best_on_validation(model_and_pred, ds):
 
 def test_training_evaluation_export_and_runtime_carry_the_clock(model_and_pred, exported, ds):
     model, bundle, ckpt, ids, _ = model_and_pred
-    assert {"val_stream_op_acc", "val_stream_exact_match", "val_stream_clock_weight"} <= set(ckpt["metrics"])
+    assert {"val_clock_op_acc", "val_clock_exact_match", "val_clock_weight"} <= set(ckpt["metrics"])
     # A model without a program tracker (older checkpoints) is reported through its clock.
     report = evaluate.evaluate_models([model], bundle.replace(program_tracker=None), ds, "test", max_reference=500)
     stream = report["stream"]
