@@ -18,11 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import (batcher, docs_routes, inputs, metrics, ops_routes, predict_routes, schemas, stream_routes, stream_state,
-               streams, v2_routes)
+from . import (batcher, docs_routes, inputs, metrics, middleware, ops_routes, predict_routes, schemas, stream_routes,
+               stream_state, streams, v2_routes)
 from .common import input_error, respond
 from .logging_setup import setup_logging
-from . import middleware
 from .middleware import RequestMiddleware
 from .model_store import ModelStore
 from .settings import SETTINGS

@@ -46,7 +46,7 @@ async def run_windows(request: Request, model: LoadedModel, endpoint: str, key: 
     """fn(model, *prepare(model, cont, cat)) over windows [n, W, .], micro-batched with concurrent requests'
     windows of the same model and key (api/batcher.py), or alone when batching is off. prepare
     (normalisation) and fn (the model) are timed apart. hold: seconds the windows may wait for later
-    requests of their key under steady traffic (Batcher.run_now). -> (result, fn's call in ms)."""
+    requests of their key on a congested worker (Batcher.run_now). -> (result, fn's call in ms)."""
     batcher = request.app.state.batcher
     if batcher is None:
         if prepare is not None:
