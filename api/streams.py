@@ -21,6 +21,7 @@ normalised (gcodefp_core.runtime.windows cuts and batches them). Two ways to fol
   client must post every row from the start (start=true); answers begin at row W-1.
 
 Bounded: at most GCODEFP_MAX_STREAMS sessions; a new machine evicts the least recently used one.
+With GCODEFP_STREAM_STATE_DIR, tracker sessions outlive a restart of the worker (api/stream_state.py).
 A hot swap (the session's model version is not the served one) keeps rows_since_start (a property
 of the machine, not of the model) but drops the buffered rows: the new model may read other
 features or normalise them differently. Its predictions resume once W new rows have arrived
