@@ -179,9 +179,10 @@ def tracker_stream_report(models, tracker, table, ds, split: str, every: int = 4
     for name, condition in TRACKED_CONDITIONS.items():
         hits: dict[str, list] = {}
         for run in (r for r in ds.manifest["runs"] if r["split"] == split):
-            s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes)
+            s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes,
+                              tracker.templates if tracker.uses_templates else None)
             out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
-                              from_start=not condition, every=every)
+                              from_start=not condition, every=every, template=s.get("template"))
             scored = out["judged"] & (np.arange(len(s["offsets"])) >= (30 if condition else ds.window - 1))
             y = s["line_target"][scored]
             hits.setdefault(run["operation"], []).append(

@@ -9,7 +9,8 @@ conditions it is tuned and evaluated under. Training-side code: torch is allowed
   pause) and the window model's logits over the windows of the received rows (a window with fewer
   than 64 received rows is padded with its first row, and its evidence weight is the share of real rows).
 - `run_tracker`, `tune_tracker`: replay streams through the tracker; choose the emission weights
-  on validation streams.
+  on validation streams, then the operation templates' weight (gcodefp_core.fit_templates), kept
+  only when it does not cost exact line.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import itertools
 
 import numpy as np
 
+from .fit_templates import fit_operation_templates
+from .runtime.operation_templates import OperationTemplates
 from .runtime.program_tracker import PARAMS, ProgramTracker, log_softmax
 from .runtime.tracked_stream import judged_rows
 from .programs import LineTable, row_classes
@@ -124,14 +127,23 @@ def stream_outputs(models: list, ds, rows: np.ndarray, batch_size: int = 512) ->
     return {"op_logits": np.concatenate(op), "line_logits": np.concatenate(line)}
 
 
-def stream_record(models: list, ds, run: dict, offsets: np.ndarray, classes: np.ndarray) -> dict:
+def template_scores(templates: OperationTemplates, ds, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The template match per operation of windows given as dataset row indices [n, W]."""
+    cont = ds.arrays["rows_continuous"]
+    return np.concatenate([templates.scores(cont[rows[s:s + batch_size]]) for s in range(0, len(rows), batch_size)])
+
+
+def stream_record(models: list, ds, run: dict, offsets: np.ndarray, classes: np.ndarray,
+                  templates: OperationTemplates | None = None) -> dict:
     """One received stream of a run: the window model's logits, evidence weights (share of real rows),
-    repeated-row flags (the row's features equal the previous row's), targets."""
+    repeated-row flags (the row's features equal the previous row's), targets, and with templates
+    each window's template match."""
     rows, weights = stream_windows(ds, run, offsets)
     got = run["first_row"] + np.asarray(offsets, np.int64)
     cont = ds.arrays["rows_continuous"][got]
     repeated = np.concatenate([[False], (cont[1:] == cont[:-1]).all(axis=1)])
-    return stream_outputs(models, ds, rows) | {"weights": weights, "repeated": repeated, "line_target": classes[got],
+    extra = {"template": template_scores(templates, ds, rows)} if templates is not None else {}
+    return stream_outputs(models, ds, rows) | extra | {"weights": weights, "repeated": repeated, "line_target": classes[got],
                                                "op_target": ds.operations.index(run["operation"]), "offsets": offsets}
 
 
@@ -150,6 +162,7 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
     -> (tracker, report)."""
     classes = row_classes(ds, table)
     tracker = build_program_tracker(ds, table)
+    tracker.templates = fit_operation_templates(ds, list(table.operation_program))
     ids = ds.split_windows("val")
     if temperature_windows and len(ids) > temperature_windows:   # evenly spaced: every run keeps its share
         ids = ids[np.linspace(0, len(ids) - 1, temperature_windows).astype(np.int64)]
@@ -162,7 +175,7 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
     streams = []
     for condition in (dict(), dict(attach=0.25, loss=0.05)):
         for run in (r for r in ds.manifest["runs"] if r["split"] == "val"):
-            s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes)
+            s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes, tracker.templates)
             s["from_start"] = "attach" not in condition
             s["scored"] = np.arange(len(s["offsets"])) >= (ds.window - 1 if s["from_start"] else 30)
             streams.append(s)
@@ -170,16 +183,26 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
         streams = streams[::len(streams) // max_streams + 1]
     params, results = tune_tracker(tracker, streams, grid or DEFAULT_GRID)
     best = max(results, key=lambda r: (r[1], r[2]))
-    return tracker, {"temperatures": temps, "params": params, "tuning": [r[:3] for r in results],
-                     "streams": len(streams), "exact_match": best[1], "op_acc": best[2], "conditions": best[3]}
+    report = {"temperatures": temps, "tuning": [r[:3] for r in results], "streams": len(streams),
+              "exact_match": best[1], "op_acc": best[2], "conditions": best[3]}
+    if tracker.templates is not None:
+        weight, scored = choose_template_weight(tracker, streams)
+        report |= {"template_tuning": [r[:3] for r in scored]}
+        if weight > 0:
+            chosen = next(r for r in scored if r[0] == weight)
+            report |= {"exact_match": chosen[1], "op_acc": chosen[2], "conditions": chosen[3]}
+        else:   # no help on validation: the package carries no templates and /stream pays nothing for them
+            tracker.templates = None
+    return tracker, report | {"params": dict(tracker.params)}
 
 
 def run_tracker(tracker: ProgramTracker, op_logits, line_logits, weights=None, repeated=None,
-                from_start: bool = False, every: int = 1) -> dict[str, np.ndarray]:
+                from_start: bool = False, every: int = 1, template=None) -> dict[str, np.ndarray]:
     """One stream through a fresh session -> per row: operation, line, line_confidence, paused, and
     `judged`. every > 1: as a server that judges the last row and every `every`-th row before it
     (runtime.tracked_stream.judged_rows): the filter moves over the rows between judged ones, and
-    only judged rows get an answer (the others keep line -1, judged False)."""
+    only judged rows get an answer (the others keep line -1, judged False). template: per row, the
+    window's template match per operation (used when the tracker has templates)."""
     n = len(op_logits)
     repeated = np.zeros(n, bool) if repeated is None else np.asarray(repeated, bool)
     judged, gaps, repeats = judged_rows(n, every, repeated) if n else (np.zeros(0, np.int64),) * 3
@@ -188,7 +211,7 @@ def run_tracker(tracker: ProgramTracker, op_logits, line_logits, weights=None, r
            "line_confidence": np.zeros(n), "paused": np.zeros(n), "judged": np.zeros(n, bool)}
     for i, gap, rep in zip(judged, gaps, repeats):
         s = session.update(op_logits[i], line_logits[i], 1.0 if weights is None else float(weights[i]),
-                           int(rep), int(gap))
+                           int(rep), int(gap), None if template is None else template[i])
         out["operation"][i], out["line"][i], out["line_confidence"][i], out["paused"][i] = \
             s.operation, s.line, s.line_confidence, s.paused
         out["judged"][i] = True
@@ -222,7 +245,7 @@ def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, l
         exact, op = {w: [] for w in window_weights}, []
         for s in streams:
             out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
-                              s.get("from_start", False))
+                              s.get("from_start", False), template=s.get("template"))
             sel, y = s["scored"], s["line_target"]
             w_line, w_conf = window_lines(tracker, out["operation"], s["line_logits"])
             for w in window_weights:
@@ -248,3 +271,33 @@ def window_lines(tracker: ProgramTracker, operation: np.ndarray, line_logits: np
     p = np.exp(z - z.max(1, keepdims=True))
     line = p.argmax(1)
     return line, p[np.arange(len(line)), line] / p.sum(1)
+
+
+TEMPLATE_WEIGHTS = (0.0, 0.3, 1.0, 3.0, 10.0)
+
+
+def choose_template_weight(tracker: ProgramTracker, streams: list[dict], weights=TEMPLATE_WEIGHTS,
+                           exact_tolerance: float = 0.005) -> tuple[float, list]:
+    """The templates' weight with the best mean operation accuracy on validation streams among those
+    within exact_tolerance of the best exact line (the templates are operation evidence: they should
+    not move the line). Sets it on the tracker -> (weight, [(weight, exact, op, conditions)])."""
+    scored = []
+    for w in weights:
+        tracker.set_params(template_weight=w)
+        exact, op, starts = [], [], []
+        for s in streams:
+            out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
+                              s.get("from_start", False), template=s.get("template"))
+            sel, y, line = s["scored"], s["line_target"], out["line"]   # window_weight applied by the session
+            exact.append(np.mean((line[sel] == y[sel]) & (y[sel] >= 0)))
+            op.append(np.mean(out["operation"][sel] == s["op_target"]))
+            starts.append(bool(s.get("from_start", False)))
+        starts = np.array(starts)
+        conditions = {name: {"streams": int(mine.sum()), "exact_match": float(np.mean(np.asarray(exact)[mine])),
+                             "op_acc": float(np.mean(np.asarray(op)[mine]))}
+                      for name, mine in (("start", starts), ("attached", ~starts)) if mine.any()}
+        scored.append((w, float(np.mean(exact)), float(np.mean(op)), conditions))
+    top = max(r[1] for r in scored)
+    best = max((r for r in scored if r[1] >= top - exact_tolerance), key=lambda r: (r[2], r[1], -r[0]))
+    tracker.set_params(template_weight=best[0])
+    return best[0], scored

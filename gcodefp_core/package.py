@@ -85,8 +85,11 @@ def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
     streaming = (f"program clock over {len(clock['programs'])} programs, clock weight {clock['weight']:g} "
                  "(chosen on validation)" if clock.get("programs") else "operation evidence only (no program clock)")
     if tracker.get("programs") and "line_logits" in outputs:
+        templates = tracker.get("templates")
+        evidence = (f"; operation templates of {len(templates['columns'])} channels, weight "
+                    f"{tracker['params']['template_weight']:g}" if templates else "")
         streaming = (f"program tracker (a forward filter over the row offsets of {len(tracker['programs'])} programs; "
-                     "no row counter needed)")
+                     f"no row counter needed{evidence})")
     path = meta.get("program_path") or {}
     snapping = (f"onto the programs' tool paths ({sum(len(e) for e in path['ends'])} segments) within "
                 f"{path['tolerance_mm']:g} mm (chosen on validation)" if path.get("tolerance_mm") else "off")

@@ -41,8 +41,22 @@ def copy_export(src, dst, edit_meta=None, drop_line_logits=False):
     return dst
 
 
+def with_templates(dataset, weight: float = 3.0):
+    """A model.json edit: the tracker carries operation templates of the dataset with this weight."""
+    from gcodefp_core.dataset import load_dataset
+    from gcodefp_core.fit_templates import fit_operation_templates
+
+    def edit(meta):
+        tracker = meta["program_tracker"]
+        ds = load_dataset(dataset)
+        assert ds.operations == tracker["operations"]
+        tracker["templates"] = fit_operation_templates(ds, tracker["operation_program"]).to_dict()
+        tracker["params"] |= {"window_weight": 0.0, "template_weight": weight}
+    return edit
+
+
 @pytest.fixture(scope="module")
-def server(tiny_export, tmp_path_factory):
+def server(tiny_export, synthetic_dataset, tmp_path_factory):
     """A server whose registry holds `tracked` (CURRENT: the tiny model with its tracker, the window's
     own line never preferred, so every line is the tracker's), `old` (the same model exported
     before the tracker: no line_logits, so it streams with the clock), `retrained` (a tracker with
@@ -65,6 +79,8 @@ def server(tiny_export, tmp_path_factory):
     pkg.build_package(copy_export(tiny_export, tmp / "retrained", retrained), tmp / "reg", version="retrained")
     pkg.build_package(copy_export(tiny_export, tmp / "reshaped", reshaped), tmp / "reg", version="reshaped")
     pkg.build_package(copy_export(tiny_export, tmp / "old", drop_line_logits=True), tmp / "reg", version="old")
+    pkg.build_package(copy_export(tiny_export, tmp / "templated", with_templates(synthetic_dataset)), tmp / "reg",
+                      version="templated")
     pkg.promote(tmp / "reg", "tracked")
     srv = start_uvicorn(tmp, GCODEFP_REGISTRY=tmp / "reg", GCODEFP_ADMIN_TOKEN=ADMIN_TOKEN)
     srv.registry = tmp / "reg"
@@ -279,6 +295,28 @@ def test_a_swap_to_a_tracker_of_the_same_programs_keeps_where_the_machine_is(ser
         matches(load["reshaped"], fresh["predictions"], tracked_reference(load["reshaped"], cont[50:60], cat[50:60])[0])
     finally:
         assert client.post("/admin/reload", json={"version": "tracked"}, headers=auth).status_code == 200
+
+
+def test_operation_templates_in_the_package_take_part_in_every_judged_row(server, client, rows):
+    """A tracker that carries operation templates: the server matches each judged window's readings
+    against them as the in-process reference does (also when chunks split the windows), and they move
+    the answer: the same rows without templates give other operation confidences."""
+    cont, cat = rows
+    templated = OnnxPredictor.load(server.registry / "packages" / "templated")
+    assert templated.program_tracker.uses_templates and templated.program_tracker.params["template_weight"] == 3.0
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        assert client.post("/admin/reload", json={"version": "templated"}, headers=auth).status_code == 200
+        served = [p for a, b in ((0, 37), (37, 80)) for p in
+                  post(client, "templated-mill", cont[a:b], cat[a:b], start=True if a == 0 else None)["predictions"]]
+    finally:
+        assert client.post("/admin/reload", json={"version": "tracked"}, headers=auth).status_code == 200
+    steps, _ = tracked_reference(templated, cont[:80], cat[:80], at_program_start=True)
+    matches(templated, served, steps)
+    without = ProgramTracker.from_dict(templated.program_tracker.to_dict())
+    without.set_params(template_weight=0.0)
+    plain, _ = tracked_reference(templated, cont[:80], cat[:80], session=without.start(at_program_start=True))
+    assert max(abs(a.operation_confidence - b.operation_confidence) for (a, _), (b, _) in zip(steps, plain)) > 1e-3
 
 
 def test_followed_machines_pick_up_where_they_were_after_a_restart(server, rows, tmp_path):

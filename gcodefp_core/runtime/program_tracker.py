@@ -24,10 +24,13 @@ Emissions (from the window ending at a judged row): the window model's probabili
 likelihoods, `op_weight * log p(op) + log sum_k share_k * (p(line_k) / prior(line_k)) ** line_weight`
 over the lines of the offset; consecutive windows overlap in 63 of 64 rows, so the weights (< 1)
 are chosen on validation streams. A padded window (< 64 rows arrived) weighs less; a row identical
-to the previous one (stale readings) is evidence for pausing. The answer is the line with the most
-posterior mass, with that mass as its confidence, unless `window_weight` x the window's own line
-confidence is higher (the filter has not locked on yet, or the timeline lacks the line); also the
-operation's posterior, the pause probability, the most probable row offset and the entropy.
+to the previous one (stale readings) is evidence for pausing. With operation templates (kept when
+they help on validation), `template_weight` x each operation's best template match of the window's
+readings (gcodefp_core.runtime.operation_templates) is added to its states' log evidence. The
+answer is the line with the most posterior mass, with that mass as its confidence, unless
+`window_weight` x the window's own line confidence is higher (the filter has not locked on yet, or
+the timeline lacks the line); also the operation's posterior, the pause probability, the most
+probable row offset and the entropy.
 
 `ProgramTracker` is plain data (to_dict / from_dict, stored in model.json) shared by all
 machines; `TrackerSession` is one machine's filter state (also serialisable).
@@ -38,9 +41,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .operation_templates import OperationTemplates
+
 PARAMS = {"line_weight": 0.3, "op_weight": 0.3, "line_temperature": 1.0, "op_temperature": 1.0,
           "skip": 0.05, "pause_in": 1e-3, "pause_stay": 0.97, "restart": 0.05, "teleport": 1e-4,
-          "switch": 1e-6, "repeat_moving": 0.02, "repeat_paused": 0.9, "window_weight": 0.0}
+          "switch": 1e-6, "repeat_moving": 0.02, "repeat_paused": 0.9, "window_weight": 0.0,
+          "template_weight": 0.0}
 STATE = np.float32   # the posterior and the transition: half the memory of float64 per followed machine and
                      # faster array arithmetic; a posterior floored at 1e-30 needs no more range or precision
 
@@ -61,6 +67,7 @@ class ProgramTracker:
     tempo: list[np.ndarray]               # per program: P(the offset advances by 0, 1, 2, .. per row)
     line_log_prior: np.ndarray            # [n_lines] log frequency of each line class in training windows
     params: dict = field(default_factory=lambda: dict(PARAMS))
+    templates: OperationTemplates | None = None   # operation evidence from the readings' shape (optional)
 
     def __post_init__(self) -> None:
         self._build()
@@ -166,13 +173,20 @@ class ProgramTracker:
         ratio[:-1] = prm["line_weight"] * lr
         return np.exp(np.maximum(ratio - ratio.max(), -60.0))   # no subnormal floats: they cost 100x per op
 
-    def emission(self, op_logits: np.ndarray, line_logits: np.ndarray) -> np.ndarray:
-        """Log scaled likelihood of one window's answer under every state (up to a constant)."""
+    @property
+    def uses_templates(self) -> bool:
+        return self.templates is not None and self.params["template_weight"] > 0
+
+    def emission(self, op_logits: np.ndarray, line_logits: np.ndarray, template: np.ndarray | None = None) -> np.ndarray:
+        """Log scaled likelihood of one window's answer under every state (up to a constant).
+        template: the window's best template match per operation (OperationTemplates.scores)."""
         prm = self.params
-        op = log_softmax(np.asarray(op_logits, np.float64) / prm["op_temperature"])
+        op = prm["op_weight"] * log_softmax(np.asarray(op_logits, np.float64) / prm["op_temperature"])
+        if template is not None and self.uses_templates:
+            op = op + prm["template_weight"] * np.asarray(template, np.float64)
         ratio = self.line_ratios(line_logits)
         line = np.einsum("ij,ij->i", ratio[self._row_idx], self._row_share)
-        return (np.repeat(prm["op_weight"] * op, self._sizes) + np.log(line + 1e-300)[self._row_of_state]).astype(STATE)
+        return (np.repeat(op, self._sizes) + np.log(line + 1e-300)[self._row_of_state]).astype(STATE)
 
     # ---- serialisation (model.json) ----
     def to_dict(self) -> dict:
@@ -180,7 +194,8 @@ class ProgramTracker:
                 "timeline_line": [a.tolist() for a in self.timeline_line],
                 "timeline_share": [np.round(a, 4).tolist() for a in self.timeline_share],
                 "tempo": [np.round(a, 5).tolist() for a in self.tempo],
-                "line_log_prior": np.round(self.line_log_prior, 4).tolist(), "params": dict(self.params)}
+                "line_log_prior": np.round(self.line_log_prior, 4).tolist(), "params": dict(self.params),
+                "templates": self.templates.to_dict() if self.templates is not None else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProgramTracker":
@@ -209,8 +224,9 @@ class ProgramTracker:
         unknown = set(d["params"]) - set(PARAMS)
         if unknown:
             raise ValueError(f"program tracker: unknown params {sorted(unknown)}")
+        templates = OperationTemplates.from_dict(d["templates"], len(d["operations"])) if d.get("templates") else None
         return cls(list(d["operations"]), list(d["programs"]), list(d["operation_program"]), lines, shares, tempo,
-                   np.asarray(d["line_log_prior"], np.float64), PARAMS | dict(d["params"]))
+                   np.asarray(d["line_log_prior"], np.float64), PARAMS | dict(d["params"]), templates)
 
 
 @dataclass
@@ -233,19 +249,21 @@ class TrackerSession:
     paused: np.ndarray
     rows: int = 0
 
-    def update(self, op_logits, line_logits, weight: float = 1.0, repeated: int = 0, rows: int = 1) -> TrackStep:
+    def update(self, op_logits, line_logits, weight: float = 1.0, repeated: int = 0, rows: int = 1,
+               template=None) -> TrackStep:
         """The window model's op_logits [ops] and line_logits [n_lines] for the window ending at the
         newest streamed row. weight in [0, 1] scales the window's evidence (a padded window is weaker).
         rows: streamed rows since the previous update (1: every row is judged). A server that judges
         only every k-th row passes k: the filter moves k rows and the window's evidence counts k
         times, as the k skipped windows, which overlap it in all but k of 64 rows, would have.
-        repeated: how many of those rows equal the row before them (stale readings: pause evidence)."""
+        repeated: how many of those rows equal the row before them (stale readings: pause evidence).
+        template: the window's template match per operation (used when the tracker has templates)."""
         m, prm = self.model, self.model.params
         moving, paused = self.moving, self.paused
         for i in range(rows):
             # The first row of a session is where the start distribution is; later rows move on.
             moving, paused = self._move(moving, paused, advance=bool(self.rows or i))
-        e = m.emission(op_logits, line_logits)
+        e = m.emission(op_logits, line_logits, template)
         e -= e.max()
         e *= weight * rows
         e = np.exp(np.maximum(e, -60.0, out=e), out=e)
