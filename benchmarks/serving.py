@@ -11,7 +11,8 @@ It copies the registry, starts `gcodefp serve` itself (for each --workers value)
 - a hot swap (a promotion to the same graphs under a new version) in the middle of --swap-rate;
 - per step: p50/p90/p95/p99, errors, the server-side split (parse, normalise, queue, inference, per
   request, from /metrics), windows per graph call, resident memory of each worker after the step;
-- the bare graph at batch 1 in this process, beside the server's inference time at low load.
+- the bare graph at batch 1 in this process, beside the server's inference time at low load, and the
+  two in alternating rounds (the ratio the bar is judged by).
 Writes results/serving.json (+ one file per worker count) and results/serving.png, prints a table.
 The load generator (benchmarks/http_load.py) runs on the same cores as the server. Bounded: every
 step lasts --duration seconds (default 6), sweeps have fixed lists of rates.
@@ -167,6 +168,23 @@ def bare_graph(package: Path, iterations: int = 300) -> dict:
             "variant": pred.variant}
 
 
+def paired_inference(server: Server, package: Path, req: dict, rounds: int = 5) -> dict:
+    """The server's inference at batch 1 against the bare predict, timed in alternating rounds (bare
+    loop, then one client back to back for 1.5 s): this shared machine's speed drifts by tens of
+    percent within minutes, and a ratio of two figures taken minutes apart measured that drift."""
+    out = []
+    for _ in range(rounds):
+        bare = bare_graph(package, iterations=150)["predict_ms"]
+        _, tally = http_load.run(http_load.closed_loop(server.port, req["json"], 1, 1.5))
+        times = [t for t in (json.loads(b).get("inference_time_ms") for b in tally.bodies[:500]) if t is not None]
+        served = round(float(np.median(times)), 4) if times else float("nan")
+        out.append({"bare_predict_ms": bare, "server_inference_ms": served, "ratio": round(served / bare, 3)})
+    ratio = float(np.median([r["ratio"] for r in out]))
+    print(f"paired inference at batch 1: ratio server / bare per round {[r['ratio'] for r in out]}, median {ratio:.3f}",
+          flush=True)
+    return {"rounds": out, "ratio_median": round(ratio, 3)}
+
+
 def measure(server: Server, name: str, fn) -> dict:
     before, cpu = serving_report.scrape(server.metrics()), server.cpu_seconds()
     summary, tally = http_load.run(fn())
@@ -213,6 +231,7 @@ def run_workers(reg: Path, workers: int, args, req: dict, work: Path) -> dict:
         # bare loop does; on a shared machine, a call after an idle gap can take 2-3x longer, cold caches)
         out["low_load"] = measure(server, "json c=1 (inference at batch 1)",
                                   lambda: http_load.closed_loop(server.port, req["json"], 1, min(args.duration, 3)))
+        out["paired_inference"] = paired_inference(server, pkg.current_package(reg), req, 2 if args.quick else 5)
         if args.swap_rate:
             current = pkg.current_version(reg)
             new = f"{current}-swap{workers}"
