@@ -341,3 +341,13 @@ def test_multiworker_swap_under_load_and_shared_metrics(api_registry, tmp_path, 
         assert failures_metric == 2  # each worker refused the broken package once, and kept serving v2
     finally:
         server.stop()
+
+
+def test_the_server_keeps_numpys_blas_to_one_thread():
+    """Small matrix products per request: BLAS threads would only spin on cores the workers use."""
+    from threadpoolctl import threadpool_info
+
+    import api  # noqa: F401
+
+    blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+    assert blas and all(p["num_threads"] == 1 for p in blas)
