@@ -277,10 +277,12 @@ TEMPLATE_WEIGHTS = (0.0, 0.3, 1.0, 3.0, 10.0)
 
 
 def choose_template_weight(tracker: ProgramTracker, streams: list[dict], weights=TEMPLATE_WEIGHTS,
-                           exact_tolerance: float = 0.005) -> tuple[float, list]:
+                           exact_tolerance: float = 0.005, min_gain: float = 0.005) -> tuple[float, list]:
     """The templates' weight with the best mean operation accuracy on validation streams among those
     within exact_tolerance of the best exact line (the templates are operation evidence: they should
-    not move the line). Sets it on the tracker -> (weight, [(weight, exact, op, conditions)])."""
+    not move the line), or 0 unless it gains at least min_gain in exact line + operation over no
+    templates: they cost /stream capacity (a `full` model, whose positions already name the
+    operation, gained 0.3 points). Sets it on the tracker -> (weight, [(weight, exact, op, conditions)])."""
     scored = []
     for w in weights:
         tracker.set_params(template_weight=w)
@@ -299,5 +301,8 @@ def choose_template_weight(tracker: ProgramTracker, streams: list[dict], weights
         scored.append((w, float(np.mean(exact)), float(np.mean(op)), conditions))
     top = max(r[1] for r in scored)
     best = max((r for r in scored if r[1] >= top - exact_tolerance), key=lambda r: (r[2], r[1], -r[0]))
+    off = next((r for r in scored if r[0] == 0), None)
+    if off is not None and best[1] + best[2] < off[1] + off[2] + min_gain:
+        best = off
     tracker.set_params(template_weight=best[0])
     return best[0], scored

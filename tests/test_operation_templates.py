@@ -111,3 +111,29 @@ def test_templates_are_fitted_from_the_training_runs_of_a_dataset(synthetic_data
     ends = run["first_row"] + np.arange(ds.window - 1, run["rows"], 7)
     scores = template_scores(tpl, ds, ends[:, None] + np.arange(-ds.window + 1, 1))
     assert (scores.argmax(1) == ds.operations.index("face")).mean() > 0.5
+
+
+def test_the_template_weight_is_kept_only_where_it_gains_on_validation():
+    """Streams of the damaged variant op2, which the window model cannot tell from op1: templates that
+    point to op2 earn a weight; templates that say nothing (the same score for every operation) do
+    not ship, whatever weight would tie."""
+    from gcodefp_core.fit_program_tracker import choose_template_weight
+
+    lines = [np.repeat(np.arange(0, 3), 4)[:, None], np.repeat(np.arange(3, 6), 4)[:, None]]
+    tracker = ProgramTracker(["op0", "op1", "op2"], ["p0", "p1"], [0, 1, 1], lines,
+                             [np.ones_like(a, dtype=np.float64) for a in lines], [np.array([0.01, 0.98, 0.01])] * 2,
+                             np.full(6, -np.log(6)), PARAMS | {"op_weight": 0.3},
+                             OperationTemplates([0], smooth_walks(3, 12, 1), 8))
+    n = 12
+    op_logits = np.tile([0.0, 1.0, 1.0], (n, 1))
+    line_logits = np.where(np.arange(6)[None, :] == (3 + np.arange(n) // 4)[:, None], 4.0, 0.0)
+
+    def streams(template):
+        return [{"op_logits": op_logits, "line_logits": line_logits, "weights": None, "repeated": None,
+                 "line_target": 3 + np.arange(n) // 4, "op_target": 2, "scored": np.arange(n) >= 2,
+                 "from_start": True, "template": np.tile(template, (n, 1))}]
+
+    weight, scored = choose_template_weight(tracker, streams([0.1, 0.2, 0.9]))
+    assert weight > 0 and max(r[2] for r in scored) > scored[0][2]
+    weight, _ = choose_template_weight(tracker, streams([0.5, 0.5, 0.5]))
+    assert weight == 0.0 and tracker.params["template_weight"] == 0.0
