@@ -109,6 +109,8 @@ class TrainConfig:
     board_dropout: float = 0.0
     samples_per_epoch: int | None = None  # windows per epoch (seeded subsample); None = all
     val_max_windows: int = 8000          # evenly spaced val windows scored every epoch
+    tracker_streams: int | None = None   # validation streams the program tracker is tuned on (None: all, 2 per
+                                         # validation run; a tiny model's tests need no more than 8)
     max_minutes: float | None = None     # stop (keeping the best checkpoint) after this long
     num_threads: int | None = None       # None = leave torch's setting alone
     # Where the training steps run ("cpu", "cuda", "cuda:1"). Validation and checkpoints stay on the

@@ -259,7 +259,7 @@ def train_model(config: dict, ds, run_dir: Path | str, seed: int, resume: bool =
         if mcfg.n_lines:
             attach_program_path(best_path, ds, val_ids)   # first: the clock is fitted on the snapped lines
             attach_program_clock(best_path, ds, val_ids)
-            attach_program_tracker(best_path, ds, seed=seed)
+            attach_program_tracker(best_path, ds, seed=seed, max_streams=tcfg.tracker_streams)
         best = torch.load(best_path, weights_only=True)
         result = {"run_dir": str(run_dir), "seed": seed, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
                   "finished": state["finished"], "train_seconds": round(state["elapsed"], 1),
