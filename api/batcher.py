@@ -207,6 +207,7 @@ class Batcher:
         except Exception as exc:
             return [exc] if len(group) == 1 else [Batcher._call([item])[0] for item in group]
         t2 = time.perf_counter()
+        metrics.graph_call(t2 - t1, len(cont))
         prep, ms = round((t1 - t0) * 1000, 3), round((t2 - t1) * 1000, 3)
         out, a = [], 0
         for item in group:

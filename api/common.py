@@ -38,6 +38,7 @@ async def run_model(model: LoadedModel, endpoint: str, fn, n: int, inline: bool)
     metrics.INFERENCE_LATENCY.labels(endpoint, model.variant).observe(dt)
     if n:  # a stream chunk that completes no window runs no model
         metrics.BATCH_SIZE.labels(endpoint).observe(n)
+        metrics.graph_call(dt, n)
     return out, round(dt * 1000, 3)
 
 

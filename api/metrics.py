@@ -40,6 +40,10 @@ QUEUE_LATENCY = Histogram("gcodefp_queue_duration_seconds", "Time windows waited
                           buckets=LATENCY_BUCKETS)
 BATCH_WINDOWS = Histogram("gcodefp_batched_call_windows", "Windows per micro-batched graph call (all endpoints)",
                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+# Per graph call, counted once however many requests shared it: their ratio is the model time per window
+# (the micro-batched calls' time spread over their windows), what the bare predict at batch 1 is compared with.
+GRAPH_SECONDS = Counter("gcodefp_graph_call_seconds", "Model time summed over graph calls, each call once")
+GRAPH_WINDOWS = Counter("gcodefp_graph_call_windows", "Windows summed over graph calls")
 BATCH_SIZE = Histogram("gcodefp_batch_size", "Windows per inference call", ["endpoint"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 MODEL_INFO = Gauge("gcodefp_model_info", "1 for the model version a worker serves (one series per worker)",
@@ -50,6 +54,11 @@ LOAD_FAILURES = Counter("gcodefp_model_load_failures_total", "Packages refused (
 STREAM_SESSIONS = Gauge("gcodefp_stream_sessions", "Machine stream sessions held (POST /stream/{machine_id})",
                         multiprocess_mode="livesum")
 STREAM_EVICTIONS = Counter("gcodefp_stream_evictions_total", "Stream sessions evicted (GCODEFP_MAX_STREAMS reached)")
+
+
+def graph_call(seconds: float, windows: int) -> None:
+    GRAPH_SECONDS.inc(seconds)
+    GRAPH_WINDOWS.inc(windows)
 
 
 def set_model(version: str, variant: str, old: tuple[str, str] | None) -> None:

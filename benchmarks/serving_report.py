@@ -11,6 +11,9 @@ from pathlib import Path
 SPLIT = {"gcodefp_parse_duration_seconds": "parse", "gcodefp_normalise_duration_seconds": "normalise",
          "gcodefp_queue_duration_seconds": "queue",
          "gcodefp_inference_duration_seconds": "inference", "gcodefp_batched_call_windows": "windows_per_call"}
+# graph calls, each counted once: their seconds over their windows is the model time per window
+COUNTERS = ("gcodefp_graph_call_seconds_total", "gcodefp_graph_call_windows_total")
+COUNTER_LINE = re.compile(r'^(\w+_total)(?:\{[^}]*\})? ([0-9.eE+-]+)$')
 LINE = re.compile(r'^(\w+?)(_bucket|_sum|_count)(?:\{([^}]*)\})? ([0-9.eE+-]+|NaN)$')
 BARS = {"json_w1_rate": 300, "json_w2_rate": 800, "binary_w2_rate": 1500, "p99_ms": 10.0, "stream_machines": 1000,
         "stream_p99_ms": 50.0, "rss_mb": 200.0, "inference_ratio": 1.2}
@@ -20,6 +23,10 @@ def scrape(text: str) -> dict:
     """Prometheus text -> {metric: {"sum", "count", "buckets": {le: cumulative count}}}, labels summed."""
     out: dict = defaultdict(lambda: {"sum": 0.0, "count": 0.0, "buckets": defaultdict(float)})
     for line in text.splitlines():
+        c = COUNTER_LINE.match(line)
+        if c and c.group(1) in COUNTERS:
+            out[c.group(1)]["sum"] += float(c.group(2))
+            continue
         m = LINE.match(line)
         if not m or m.group(1) not in SPLIT:
             continue
@@ -50,6 +57,9 @@ def split(before: dict, after: dict) -> dict:
                 p50 = le * scale
                 break
         res[label] = {"mean": round(total / count * scale, 3), "p50_le": p50, "count": int(count)}
+    seconds, windows = ((after.get(k, {}).get("sum", 0.0) - (before.get(k, {}).get("sum", 0.0))) for k in COUNTERS)
+    if windows > 0:
+        res["inference_per_window"] = {"mean": round(seconds * 1000 / windows, 4), "windows": int(windows)}
     return res
 
 
@@ -76,6 +86,14 @@ def bars(result: dict) -> dict:
         for mode in ("json", "binary", "batch"):
             if mode in sw:
                 out[f"{mode}_w{w}_max_rate_p99_10ms"] = best_rate(sw[mode], BARS["p99_ms"])
+        for mode in ("json", "binary"):   # model time per window at the highest rate kept within p99 <= 10 ms
+            best = best_rate(sw.get(mode, []), BARS["p99_ms"])
+            step = next((s for s in sw.get(mode, []) if s.get("offered_rate") == best), None)
+            per_window = (step or {}).get("server", {}).get("inference_per_window")
+            if per_window:
+                out[f"inference_w{w}_{mode}_per_window_ms_at_{best}"] = per_window["mean"]
+                out[f"inference_w{w}_{mode}_per_window_ratio_to_bare_predict"] = round(
+                    per_window["mean"] / result["bare"]["predict_ms"], 3)
         if "stream" in sw:
             out[f"stream_w{w}_max_machines_p99_50ms"] = best_rate(sw["stream"], BARS["stream_p99_ms"], "machines")
         out[f"rss_w{w}_max_mb"] = max(run.get("rss_mb_per_worker") or [float("nan")])
@@ -94,8 +112,9 @@ def bars(result: dict) -> dict:
 
 def table(result: dict) -> str:
     rows = ["| workers | mode | offered | achieved | p50 ms | p90 ms | p95 ms | p99 ms | errors | "
-            "server parse/normalise/queue/inference ms (mean) | windows/call | server CPU ms/req | load avg |",
-            "|---" * 13 + "|"]
+            "server parse/normalise/queue/inference ms (mean) | windows/call | inference ms per window | "
+            "server CPU ms/req | load avg |",
+            "|---" * 14 + "|"]
     for run in result["runs"]:
         for mode, steps in run["sweeps"].items():
             for s in steps:
@@ -105,13 +124,14 @@ def table(result: dict) -> str:
                 rows.append(f"| {run['workers']} | {mode} | {offered} | {s['achieved_rate']} | {s['p50_ms']} | "
                             f"{s['p90_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} | {f('parse')} / "
                             f"{f('normalise')} / {f('queue')} / {f('inference')} | {f('windows_per_call')} | "
+                            f"{f('inference_per_window')} | "
                             f"{s.get('server_cpu_ms_per_request', '-')} | {s.get('load_average', 0):.1f} |")
         for mode, steps in run.get("concurrency", {}).items():
             for s in steps:
                 rows.append(f"| {run['workers']} | {mode} closed | c={s['concurrency']} | {s['achieved_rate']} | "
-                            f"{s['p50_ms']} | {s['p90_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} | | | "
+                            f"{s['p50_ms']} | {s['p90_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} | | | | "
                             f"{s.get('server_cpu_ms_per_request', '-')} | |")
-        rows.append(f"| {run['workers']} | RSS MB per worker | {run.get('rss_mb_per_worker')} |" + " |" * 10)
+        rows.append(f"| {run['workers']} | RSS MB per worker | {run.get('rss_mb_per_worker')} |" + " |" * 11)
     bare = result["bare"]
     rows.append(f"\nbare (batch 1, this process): graph {bare['graph_run_ms']} ms, "
                 f"normalise {bare['normalise_ms']} ms, "

@@ -123,14 +123,24 @@ def test_binary_body_equals_json(http, package_meta):
     assert np.allclose(r.json()["fingerprint"], js["fingerprint"], atol=1e-4)  # float32 rounding of raw values
 
 
+def graph_calls(metrics_text: str) -> dict[str, float]:
+    """The model time and windows summed over graph calls (each call once), from /metrics."""
+    found = dict(re.findall(r"^gcodefp_graph_call_(seconds|windows)_total ([0-9.e+-]+)$", metrics_text, re.M))
+    return {k: float(found.get(k, 0.0)) for k in ("seconds", "windows")}
+
+
 def test_batch_predict_is_one_batch_equal_to_singles(http, package_meta):
     windows = [raw_window(package_meta, s) for s in range(5)]
     singles = [http.post("/predict", json={"sensor_data": {"continuous": c.tolist(), "categorical": k}}).json()
                for c, k in windows]
+    calls_before = graph_calls(http.get("/metrics").text)
     r = http.post("/batch_predict", json={"windows": [{"continuous": c.tolist(), "categorical": k} for c, k in windows]})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["batch_size"] == 5
+    calls_after = graph_calls(http.get("/metrics").text)   # one graph call of 5 windows, its time counted once
+    assert calls_after["windows"] - calls_before["windows"] == 5
+    assert 0 < calls_after["seconds"] - calls_before["seconds"] <= body["inference_time_ms"] / 1000 + 1e-6
     assert [p["tokens"] for p in body["predictions"]] == [s["tokens"] for s in singles]
     metrics = http.get("/metrics").text
     assert re.search(r'gcodefp_batch_size_bucket\{endpoint="/batch_predict",le="4.0"\} 0.0', metrics)

@@ -25,6 +25,8 @@ def test_serving_benchmark_tiny_run(api_registry, tmp_path):
             assert s["errors"] == 0 and s["requests"] > 0, (mode, s)
             assert s["p50_ms"] <= s["p99_ms"]
     assert run["sweeps"]["json"][0]["server"]["parse"]["count"] > 0   # the split was read from /metrics
+    per_window = run["sweeps"]["json"][0]["server"]["inference_per_window"]   # model time over the step's windows
+    assert per_window["windows"] > 0 and per_window["mean"] > 0
     assert run["swap"]["errors"] == 0 and run["swap"]["versions"].get(run["swap"]["to"], 0) > 0
     assert len(run["rss_mb_per_worker"]) == 1 and run["rss_mb_per_worker"][0] > 0
     assert result["bare"]["graph_run_ms"] > 0 and "inference_w1_ratio_to_bare_predict" in result["bars"]
