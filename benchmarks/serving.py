@@ -143,6 +143,7 @@ def bodies(package: Path, batch: int, stream_rows: int) -> dict:
 
 def bare_graph(package: Path, iterations: int = 300) -> dict:
     """Batch-1 timings in this process: the predict graph alone, and what the server's model call does."""
+    from api import json_windows
     from api.inputs import model_inputs, parse_sensor_data
     from gcodefp_core.runtime import OnnxPredictor
 
@@ -163,8 +164,27 @@ def bare_graph(package: Path, iterations: int = 300) -> dict:
             ts.append(time.perf_counter() - t0)
         return round(float(np.median(ts)) * 1000, 4)
 
+    def p50_after(pre) -> float:
+        """predict alone, timed after `pre` ran (what a server does between two calls)."""
+        ts = []
+        for i in range(iterations + 20):
+            pre()
+            t0 = time.perf_counter()
+            pred.predict(c, k)
+            ts.append(time.perf_counter() - t0)
+        return round(float(np.median(ts[20:])) * 1000, 4)
+
+    body = json.dumps({"sensor_data": sample}).encode()
+
+    def parse():   # the server's JSON path: read the body, normalise it
+        got = json_windows.read_windows(body, {"sensor_data"}, pred.window, cont.shape[1], cat.shape[1])
+        model_inputs(pred.features, got[1], got[2])
+
+    # Why a served batch-1 call is slower than this tight loop: the same call after the request's own
+    # parse, and after 1 ms idle (a closed-loop client's round trip), each measured here.
     return {"graph_run_ms": p50(lambda: sess.run(None, feeds)), "predict_ms": p50(lambda: pred.predict(c, k)),
             "normalise_ms": p50(lambda: model_inputs(pred.features, cont[None], cat[None])),
+            "predict_after_parse_ms": p50_after(parse), "predict_after_1ms_idle_ms": p50_after(lambda: time.sleep(0.001)),
             "variant": pred.variant}
 
 

@@ -135,7 +135,9 @@ def table(result: dict) -> str:
     bare = result["bare"]
     rows.append(f"\nbare (batch 1, this process): graph {bare['graph_run_ms']} ms, "
                 f"normalise {bare['normalise_ms']} ms, "
-                f"OnnxPredictor.predict {bare['predict_ms']} ms ({bare['variant']})")
+                f"OnnxPredictor.predict {bare['predict_ms']} ms ({bare['variant']}); the same predict after the "
+                f"request's parse {bare.get('predict_after_parse_ms', '-')} ms, after 1 ms idle "
+                f"{bare.get('predict_after_1ms_idle_ms', '-')} ms")
     rows.append("bars: " + json.dumps(result.get("bars", {})))
     return "\n".join(rows)
 

@@ -30,6 +30,7 @@ def test_serving_benchmark_tiny_run(api_registry, tmp_path):
     assert run["swap"]["errors"] == 0 and run["swap"]["versions"].get(run["swap"]["to"], 0) > 0
     assert len(run["rss_mb_per_worker"]) == 1 and run["rss_mb_per_worker"][0] > 0
     assert result["bare"]["graph_run_ms"] > 0 and "inference_w1_ratio_to_bare_predict" in result["bars"]
+    assert result["bare"]["predict_after_parse_ms"] > 0 and result["bare"]["predict_after_1ms_idle_ms"] > 0
     paired = run["paired_inference"]["rounds"]
     assert len(paired) == 2 and all(r["bare_predict_ms"] > 0 and r["server_inference_ms"] > 0 for r in paired)
     assert result["bars"]["inference_w1_paired_ratio_to_bare_predict"] == run["paired_inference"]["ratio_median"]
