@@ -14,6 +14,7 @@ package is not retried until its pointer or manifest changes (or an admin reload
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -80,6 +81,18 @@ def memory_allows_previous(min_free_mb: int | None = None) -> bool:
                     avail_kb // 1024, need, extra={"event": "previous_dropped"})
         return False
     return True
+
+
+def settle_collector() -> None:
+    """Keep what a worker has loaded out of the cyclic collector's full passes: they walk every tracked
+    object while the event loop waits, and a loaded worker holds ~160,000 (modules, routes, the model),
+    so a full pass stalled serving for 40-100 ms every so often. After a load (at start-up and after a
+    swap) every object is unfrozen, garbage is collected (a swapped-out model's cycles with it: frozen
+    objects are never collected), and what is alive is frozen again. One such pause per load, none
+    while serving."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class ModelStore:
@@ -177,6 +190,8 @@ class ModelStore:
             log.info("serving %s", new.version, extra={
                 "event": "model_loaded", "trigger": trigger, "version": new.version, "variant": new.variant,
                 "previous": old.version if old else None, "load_seconds": new.load_seconds})
+            old = None   # a model no longer served must be collectable now
+            settle_collector()
             return new
 
     async def watch(self) -> None:
