@@ -54,6 +54,7 @@ def congested() -> bool:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    metrics.watch_gc()
     store = ModelStore.from_env()
     app.state.store = store
     app.state.admin_token = SETTINGS.admin_token

@@ -8,7 +8,9 @@ it; with plain `uvicorn api.app:app --workers N`, set it yourself. Without it, v
 """
 from __future__ import annotations
 
+import gc
 import os
+import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
@@ -54,6 +56,27 @@ LOAD_FAILURES = Counter("gcodefp_model_load_failures_total", "Packages refused (
 STREAM_SESSIONS = Gauge("gcodefp_stream_sessions", "Machine stream sessions held (POST /stream/{machine_id})",
                         multiprocess_mode="livesum")
 STREAM_EVICTIONS = Counter("gcodefp_stream_evictions_total", "Stream sessions evicted (GCODEFP_MAX_STREAMS reached)")
+
+
+GC_PAUSE = Histogram("gcodefp_gc_pause_seconds", "Python garbage-collector passes by generation; the event loop "
+                     "waits for each (a full pass, generation 2, over a loaded worker took 40-100 ms before the "
+                     "worker froze what it loads)", ["generation"],
+                     buckets=(.0001, .0005, .001, .0025, .005, .01, .025, .05, .1, .25))
+_GC_BY_GENERATION = [GC_PAUSE.labels(str(g)) for g in range(3)]
+_gc_started = [0.0]
+
+
+def _time_gc(phase: str, info: dict) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        _GC_BY_GENERATION[info["generation"]].observe(time.perf_counter() - _gc_started[0])
+
+
+def watch_gc() -> None:
+    """Time every collector pass of this process into GC_PAUSE (once per process)."""
+    if _time_gc not in gc.callbacks:
+        gc.callbacks.append(_time_gc)
 
 
 def graph_call(seconds: float, windows: int) -> None:

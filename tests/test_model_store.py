@@ -32,3 +32,19 @@ def test_a_loaded_model_is_frozen_and_a_swapped_out_one_is_still_collected(api_r
         asyncio.run(scenario())
     finally:
         gc.unfreeze()   # the rest of the suite runs with the collector as it found it
+
+
+def test_collector_passes_are_timed_per_generation_in_the_metrics():
+    from prometheus_client import REGISTRY
+
+    from api import metrics
+
+    def full_passes() -> float:
+        return REGISTRY.get_sample_value("gcodefp_gc_pause_seconds_count", {"generation": "2"}) or 0.0
+
+    metrics.watch_gc()
+    metrics.watch_gc()   # once per process, however often a worker starts its app
+    before = full_passes()
+    gc.collect()
+    assert full_passes() == before + 1
+    assert REGISTRY.get_sample_value("gcodefp_gc_pause_seconds_sum", {"generation": "2"}) > 0
