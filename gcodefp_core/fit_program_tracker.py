@@ -9,8 +9,9 @@ conditions it is tuned and evaluated under. Training-side code: torch is allowed
   pause) and the window model's logits over the windows of the received rows (a window with fewer
   than 64 received rows is padded with its first row, and its evidence weight is the share of real rows).
 - `run_tracker`, `tune_tracker`: replay streams through the tracker; choose the emission weights
-  on validation streams, then the operation templates' weight (gcodefp_core.fit_templates), kept
-  only when it does not cost exact line.
+  on validation streams, then the operation templates' weight (gcodefp_core.fit_templates): the best
+  operation among weights within 0.5 points of the best exact line, kept only when exact line +
+  operation gain at least 0.5 points over none (choose_template_weight).
 """
 from __future__ import annotations
 
