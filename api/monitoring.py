@@ -16,6 +16,9 @@ line confidence, and in streams whether the accumulated answer agrees with the w
 Cost: a few reductions over the [N, W, F] windows and [F]-vectors per call; the Prometheus gauges and
 counters are updated at most once a second and before every scrape (flush_all from GET /metrics).
 GCODEFP_MONITOR_EVERY=k looks at one window in k (0: off). benchmarks/monitoring_overhead.py measures it.
+A /stream chunk (a few rows) is one short window, and the reductions cost the same for 4 rows as for 64:
+short chunks wait in the monitor and are reduced STREAM_CHUNKS at a time (or when the flush is due, and
+before every scrape), so a followed machine's chunk costs a list append here.
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from gcodefp_core import schema
 
 from .settings import SETTINGS
+
+STREAM_CHUNKS = 16   # short stream chunks reduced together (their tallies are exact; the rolling z takes them
+                     # as one step, as it does a /batch_predict request's windows)
 
 DRIFT = Gauge("gcodefp_input_drift_score", "Mean |rolling z| of a sensor board's channels against the training "
               "normalisation (0: like training; sustained > 1: drift)", ["board"], multiprocess_mode="livemax")
@@ -100,6 +106,7 @@ class DriftMonitor:
         self._over = np.zeros(len(names))
         self._next_flush = 0.0
         self.flush_seconds = flush_seconds
+        self._chunks: list[np.ndarray] = []   # stream chunks waiting for observe_pending
 
     def observe(self, cont: np.ndarray) -> None:
         """Raw continuous windows [N, W, F] (NaN = absent) -> updated rolling z and tallies."""
@@ -134,6 +141,18 @@ class DriftMonitor:
             self._over += (np.abs(cont - self.mean) > self.limit).sum(axis=(0, 1))  # NaN compares False
         if time.monotonic() >= self._next_flush:
             self.flush()
+
+    def observe_chunk(self, rows: np.ndarray) -> None:
+        """One stream chunk's raw rows [n, F] (n < W): a short window, reduced with the chunks after it."""
+        self._chunks.append(rows)
+        if len(self._chunks) >= STREAM_CHUNKS or time.monotonic() >= self._next_flush:
+            self.observe_pending()
+
+    def observe_pending(self) -> None:
+        """Reduce the waiting stream chunks, those of one length as one [k, n, F] block."""
+        chunks, self._chunks = self._chunks, []
+        for n in sorted({len(c) for c in chunks}):
+            self.observe(np.stack([c for c in chunks if len(c) == n]))
 
     def scores(self, by: str = "board") -> dict[str, float]:
         """Mean |rolling z| over the trained channels seen so far, per board (by="board") or per channel
@@ -197,6 +216,7 @@ def _child(metric, *labels):
 def flush_all() -> None:
     """Publish every monitor's pending tallies (before a scrape renders the metrics)."""
     for mon in list(_MONITORS.values()):
+        mon.observe_pending()
         mon.flush()
 
 
@@ -230,19 +250,18 @@ def observe_stream(model, cont: np.ndarray, result: dict) -> None:
     if len(cont) >= w:  # whole windows of the chunk; a short chunk counts as one (shorter) window
         monitor_for(model).observe(cont[: len(cont) // w * w].reshape(-1, w, cont.shape[1]))
     elif len(cont):
-        monitor_for(model).observe(cont[None])
+        monitor_for(model).observe_chunk(cont)
     preds = result.get("predictions") or []
     if not preds:
         return
-    ops = Tally(p["operation"]["name"] for p in preds)
-    for op, n in ops.items():
-        OPERATIONS.labels("/stream", op).inc(n)
+    for op, n in Tally(p["operation"]["name"] for p in preds).items():
+        _child(OPERATIONS, "/stream", op).inc(n)
     for src, n in Tally(p["line_source"] for p in preds).items():
-        LINE_SOURCE.labels("/stream", src).inc(n)
+        _child(LINE_SOURCE, "/stream", src).inc(n)
     op_agree = sum(p["operation"]["name"] == p["window"]["operation"]["name"] for p in preds)
     line_agree = sum(p["gcode_sequence"] == p["window"]["gcode_sequence"] for p in preds)
     for field, agree in (("operation", op_agree), ("line", line_agree)):
         if agree:
-            STREAM_AGREEMENT.labels(field, "true").inc(agree)
+            _child(STREAM_AGREEMENT, field, "true").inc(agree)
         if len(preds) - agree:
-            STREAM_AGREEMENT.labels(field, "false").inc(len(preds) - agree)
+            _child(STREAM_AGREEMENT, field, "false").inc(len(preds) - agree)

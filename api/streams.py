@@ -149,11 +149,12 @@ class StreamRegistry:
 
 
 # ---- one chunk --------------------------------------------------------------------------------------
-def cut(model, buf_cont, buf_cat, raw_cont: np.ndarray, raw_cat: np.ndarray, pad: bool = False):
-    """Normalise the chunk and cut every window that ends in it. pad (a tracker session's first
-    chunk): the buffer is the first row W-1 times, so every row ends a window.
-    -> (windows cont [m, W, F] or None, windows cat, new buffer cont, new buffer cat, repeated [n] bool:
-    a row's readings equal the previous row's)."""
+def cut(model, buf_cont, buf_cat, raw_cont: np.ndarray, raw_cat: np.ndarray, pad: bool = False, every: int = 1):
+    """Normalise the chunk and cut the windows that end in it: every `every`-th one counted back from the
+    chunk's last row (windows.slide). pad (a tracker session's first chunk): the buffer is the first row
+    W-1 times, so every row ends a window.
+    -> (windows cont [k, W, F] or None, windows cat, new buffer cont, new buffer cat, m: how many windows end
+    in the chunk, repeated [n] bool: a row's readings equal the previous row's)."""
     c, k = inputs.model_inputs(model.spec, raw_cont[None], raw_cat[None])
     c, k = c[0], k[0]
     repeated = np.zeros(len(c), bool)
@@ -162,7 +163,7 @@ def cut(model, buf_cont, buf_cat, raw_cont: np.ndarray, raw_cat: np.ndarray, pad
         repeated[0] = bool((c[0] == buf_cont[-1]).all())
     elif pad:
         buf_cont, buf_cat = np.repeat(c[:1], model.window - 1, axis=0), np.repeat(k[:1], model.window - 1, axis=0)
-    return (*windows.slide(buf_cont, buf_cat, c, k, model.window), repeated)
+    return (*windows.slide(buf_cont, buf_cat, c, k, model.window, every), repeated)
 
 
 def predict(model, wc: np.ndarray, wk: np.ndarray) -> dict[str, np.ndarray]:
@@ -221,14 +222,13 @@ async def post_rows(session: Session, model, raw_cont, raw_cat, start: bool, run
     buf = (None, None) if fresh or changed else (session.cont, session.cat)
     n = len(raw_cont)
     pad = tracking and buf[0] is None
+    step = every if tracking else 1  # a tracker judges every `every`-th row; the clock every row
     if n <= INLINE_ROWS:
-        wc, wk, cont, cat, repeated = cut(model, *buf, raw_cont, raw_cat, pad)
+        wc, wk, cont, cat, n_windows, repeated = cut(model, *buf, raw_cont, raw_cat, pad, step)
     else:
-        wc, wk, cont, cat, repeated = await asyncio.to_thread(cut, model, *buf, raw_cont, raw_cat, pad)
-    n_windows = 0 if wc is None else len(wc)
-    if tracking and n_windows:  # padded: window j ends at the chunk's row j
+        wc, wk, cont, cat, n_windows, repeated = await asyncio.to_thread(cut, model, *buf, raw_cont, raw_cat, pad, step)
+    if tracking and n_windows:  # padded: window j ends at the chunk's row j, and the judged rows' windows were cut
         judged, gaps, repeats = tracked_stream.judged_rows(n, every, repeated)
-        wc, wk = wc[judged[0]::every], wk[judged[0]::every]  # slices: a long chunk's windows stay views
     out, ms = await run(wc, wk) if n_windows else (None, 0.0)
 
     if fresh or changed:

@@ -125,6 +125,15 @@ class ProgramTracker:
         self._moving_keep = (1 - self.params["pause_in"]) * (1 - self.params["teleport"] - self.params["switch"])
         self._into = [(self._width - 1 - j, np.ascontiguousarray(into[:, j] * self._moving_keep, STATE))
                       for j in range(self._width) if into[:, j].any()]
+        prm, keep, n_ops = self.params, 1 - self.params["teleport"] - self.params["switch"], len(blocks)
+        sizes32 = np.asarray(sizes, STATE)
+        self._move_factors = {
+            "moving_keep": STATE(self._moving_keep), "restart": STATE(prm["restart"] * self._moving_keep),
+            "new_run": STATE(1 / (n_ops * (1 - prm["pause_in"]))), "pause_out": STATE((1 - prm["pause_stay"]) * keep),
+            "pause_in": STATE(prm["pause_in"] * keep), "pause_stay": STATE(prm["pause_stay"] * keep),
+            # per operation: teleport x (its mass before the jumps = its mass now / keep) spread over its states
+            "teleport_per_state": (prm["teleport"] / keep / sizes32).astype(STATE),
+            "switch_per_state": (prm["switch"] / n_ops / sizes32).astype(STATE)}
 
     def set_params(self, **params) -> None:
         """Change params (e.g. tuned emission weights); the transition is rebuilt."""
@@ -152,26 +161,37 @@ class ProgramTracker:
 
     def advance(self, a: np.ndarray) -> np.ndarray:
         """One row of program progress applied to a distribution over states, times `_moving_keep`: the
-        banded transition as one multiply-add per shift (a strided einsum over the band cost twice as much)."""
+        banded transition as one multiply-add per shift into a fresh array (a private buffer: one model
+        serves concurrent sessions). A strided einsum over the band cost twice as much."""
         n = self.n_states
         out = None
         for shift, into in self._into:
-            if shift == 0:
-                term = into * a
+            if out is None:
+                out = into * a if shift == 0 else np.zeros(n, STATE)
+                if shift:
+                    np.multiply(into[shift:], a[:n - shift], out=out[shift:])
+            elif shift == 0:
+                out += into * a
             else:
-                term = np.zeros(n, STATE)   # a private buffer: one model serves concurrent sessions
-                np.multiply(into[shift:], a[:n - shift], out=term[shift:])
-            out = term if out is None else np.add(out, term, out=out)
+                out[shift:] += into[shift:] * a[:n - shift]
         return out
 
     def line_ratios(self, line_logits: np.ndarray) -> np.ndarray:
         """exp(line_weight * (log p(line) - log prior(line))) per line class, and 1 for a line the
-        table lacks (index n_lines: no evidence either way); scaled so the largest is 1."""
+        table lacks (index n_lines: no evidence either way); scaled so the largest is 1. In place on
+        one float64 buffer: ~2,000 line classes, and this runs once per judged window."""
         prm = self.params
-        lr = log_softmax(np.asarray(line_logits, np.float64) / prm["line_temperature"]) - self.line_log_prior
-        ratio = np.zeros(self.n_lines + 1)
-        ratio[:-1] = prm["line_weight"] * lr
-        return np.exp(np.maximum(ratio - ratio.max(), -60.0))   # no subnormal floats: they cost 100x per op
+        ratio = np.empty(self.n_lines + 1)
+        z = np.multiply(line_logits, 1.0 / prm["line_temperature"], out=ratio[:-1], dtype=np.float64)
+        top = z.max()
+        log_norm = top + np.log(np.exp(z - top).sum())   # log p(line) = z - log_norm
+        z -= self.line_log_prior
+        z -= log_norm
+        z *= prm["line_weight"]
+        ratio[-1] = 0.0
+        ratio -= ratio.max()
+        np.maximum(ratio, -60.0, out=ratio)   # no subnormal floats: they cost 100x per op
+        return np.exp(ratio, out=ratio)
 
     @property
     def uses_templates(self) -> bool:
@@ -186,7 +206,10 @@ class ProgramTracker:
             op = op + prm["template_weight"] * np.asarray(template, np.float64)
         ratio = self.line_ratios(line_logits)
         line = np.einsum("ij,ij->i", ratio[self._row_idx], self._row_share)
-        return (np.repeat(op, self._sizes) + np.log(line + 1e-300)[self._row_of_state]).astype(STATE)
+        # per distinct row, then spread to the states in float32 (the state arrays' type: half the bytes)
+        e = np.log(line + 1e-300).astype(STATE)[self._row_of_state]
+        e += np.repeat(op.astype(STATE), self._sizes)
+        return e
 
     # ---- serialisation (model.json) ----
     def to_dict(self) -> dict:
@@ -297,20 +320,23 @@ class TrackerSession:
     def _move(self, a: np.ndarray, b: np.ndarray, advance: bool) -> tuple[np.ndarray, np.ndarray]:
         """One row of time on the (moving, paused) posterior, before that row's evidence. Every mass
         that stays (no pause entered, no jump taken) is scaled by keep = 1 - teleport - switch; the
-        moving mass also by 1 - pause_in (both folded into the transition: m._moving_keep)."""
-        m, prm, n_ops = self.model, self.model.params, len(self.model.operations)
-        keep = 1 - prm["teleport"] - prm["switch"]
-        moving = m.advance(a) if advance else a * STATE(m._moving_keep)
+        moving mass also by 1 - pause_in (both folded into the transition: m._moving_keep). The
+        factors are float32 constants of the model (ProgramTracker._move_factors): a row costs a few
+        passes over the states, and a followed machine moves 4 rows per judged window."""
+        m = self.model
+        f = m._move_factors
+        moving = m.advance(a) if advance else a * f["moving_keep"]
         # Past a program's last offset: the next run may start (any program, offset 0).
-        ended = a[m._last] * (prm["restart"] * m._moving_keep)
+        ended = a[m._last] * f["restart"]
         moving[m._last] -= ended
-        moving[m.block_start] += ended.sum() / (n_ops * (1 - prm["pause_in"]))  # a new run's mass does not pause-in
-        moving += STATE((1 - prm["pause_stay"]) * keep) * b
-        paused = STATE(prm["pause_in"] * keep) * a
-        paused += STATE(prm["pause_stay"] * keep) * b
+        moving[m.block_start] += ended.sum() * f["new_run"]  # a new run's mass does not pause-in
+        moving += f["pause_out"] * b
+        paused = f["pause_in"] * a
+        paused += f["pause_stay"] * b
         # Jumps anywhere: within the operation (recovery after a gap) or to any operation.
-        per_op = (np.add.reduceat(moving, m.block_start) + np.add.reduceat(paused, m.block_start)) / keep
-        moving += np.repeat((prm["teleport"] * per_op + prm["switch"] / n_ops) / m._sizes, m._sizes)
+        per_op = np.add.reduceat(moving, m.block_start)
+        per_op += np.add.reduceat(paused, m.block_start)
+        moving += np.repeat(per_op * f["teleport_per_state"] + f["switch_per_state"], m._sizes)
         return moving, paused
 
     def answer(self) -> TrackStep:

@@ -13,21 +13,27 @@ BATCH_WINDOWS = 64     # windows per model call: bounds one call's memory (a 409
 GATHER_WINDOWS = 64    # up to this many windows are copied out of a chunk; more are strided views
 
 
-def slide(buf_cont: np.ndarray | None, buf_cat: np.ndarray | None, cont: np.ndarray, cat: np.ndarray, window: int):
-    """Buffer + chunk -> (windows cont [m, W, F] or None, windows cat, new buffer cont, new buffer cat):
-    window j is rows j .. j+W-1 of buffer + chunk; the new buffer is the last <= W-1 rows."""
+def slide(buf_cont: np.ndarray | None, buf_cat: np.ndarray | None, cont: np.ndarray, cat: np.ndarray, window: int,
+          every: int = 1):
+    """Buffer + chunk -> (windows cont or None, windows cat, new buffer cont, new buffer cat, m): window j
+    is rows j .. j+W-1 of buffer + chunk, m of them end in the chunk, and every `every`-th one counted
+    back from the last is cut ([ceil(m / every), W, F]: a monitor judging every 4th row needs only
+    those, and copying the others was most of a chunk's cutting); the new buffer is the last <= W-1 rows."""
     all_c = np.concatenate([buf_cont, cont]) if buf_cont is not None else cont
     all_k = np.concatenate([buf_cat, cat]) if buf_cat is not None else cat
     wc = wk = None
     m = len(all_c) - window + 1
-    if 0 < m <= GATHER_WINDOWS:  # the usual small chunk: one gather, cheaper than building strided views
-        idx = np.arange(m)[:, None] + np.arange(window)
+    ends = np.arange((m - 1) % every, m, every) if m > 0 else np.zeros(0, np.intp)
+    if 0 < len(ends) <= GATHER_WINDOWS:  # the usual small chunk: one gather, cheaper than building strided views
+        idx = ends[:, None] + np.arange(window)
         wc, wk = all_c[idx], all_k[idx]
-    elif m > GATHER_WINDOWS:     # a long chunk: views, not m copies of the window
-        wc = np.lib.stride_tricks.sliding_window_view(all_c, window, axis=0).transpose(0, 2, 1)
-        wk = np.lib.stride_tricks.sliding_window_view(all_k, window, axis=0).transpose(0, 2, 1)
+    elif len(ends) > GATHER_WINDOWS:     # a long chunk: views, not copies of every window
+        wc = np.lib.stride_tricks.sliding_window_view(all_c, window, axis=0).transpose(0, 2, 1)[(m - 1) % every::every]
+        wk = np.lib.stride_tricks.sliding_window_view(all_k, window, axis=0).transpose(0, 2, 1)[(m - 1) % every::every]
     keep = max(len(all_c) - (window - 1), 0)
-    return wc, wk, all_c[keep:].copy(), all_k[keep:].copy()
+    if keep > window:  # a long chunk: copy the rows kept, so that the buffer does not hold the whole chunk
+        return wc, wk, all_c[keep:].copy(), all_k[keep:].copy(), max(m, 0)
+    return wc, wk, all_c[keep:], all_k[keep:], max(m, 0)   # a view of a few more rows than it keeps
 
 
 def predict_windows(predictor, cont: np.ndarray, cat: np.ndarray, keys=None) -> dict[str, np.ndarray]:
