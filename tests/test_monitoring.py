@@ -84,6 +84,42 @@ def test_sampling_looks_at_one_window_in_k():
     assert mon.windows == 8  # windows 0, 4, ..., 28 of 30
 
 
+def test_short_stream_chunks_wait_and_are_reduced_together_with_the_same_tallies():
+    from api import monitoring
+    from prometheus_client import REGISTRY
+
+    rng = np.random.default_rng(4)
+    chunks = [windows(1, rng, w=4)[0] for _ in range(monitoring.STREAM_CHUNKS + 3)] + [windows(1, rng, w=3)[0]]
+    for c in chunks[::5]:
+        c[:, COLUMNS.index("frame_r2.Ax")] = np.nan          # a board reading absent in some chunks
+    one_by_one, batched = DriftMonitor(spec(), flush_seconds=3600), DriftMonitor(spec(), flush_seconds=3600)
+    batched._next_flush = one_by_one._next_flush = float("inf")
+    for c in chunks:
+        one_by_one.observe(c[None])
+        batched.observe_chunk(c)
+    # the first STREAM_CHUNKS were reduced as one block; the rest wait for the next block or a scrape
+    assert batched.windows == monitoring.STREAM_CHUNKS and len(batched._chunks) == len(chunks) - monitoring.STREAM_CHUNKS
+    batched.observe_pending()
+    assert batched.windows == one_by_one.windows == len(chunks) and not batched._chunks
+    assert np.array_equal(batched._absent_readings, one_by_one._absent_readings)
+    assert np.array_equal(batched._missing, one_by_one._missing)
+    got, want = batched.scores("board"), one_by_one.scores("board")
+    assert set(got) == set(want) and all(abs(got[b] - want[b]) < 0.1 for b in want)  # one step per block: close
+
+    # a scrape publishes what is waiting (flush_all)
+    mon = DriftMonitor(spec())
+    mon._next_flush = float("inf")
+    monitoring._MONITORS[("test", "chunks")] = mon
+    try:
+        before = REGISTRY.get_sample_value("gcodefp_monitored_windows_total") or 0.0
+        mon.observe_chunk(chunks[0])
+        assert mon.windows == 0
+        monitoring.flush_all()
+        assert mon.windows == 1 and REGISTRY.get_sample_value("gcodefp_monitored_windows_total") == before + 1
+    finally:
+        monitoring._MONITORS.pop(("test", "chunks"), None)
+
+
 @pytest.mark.slow
 def test_served_metrics_carry_drift_and_prediction_mix(http, sample_request):
     assert http.post("/predict", json=sample_request).status_code == 200

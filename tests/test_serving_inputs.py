@@ -23,8 +23,12 @@ def test_vectorised_transform_equals_the_training_transform(predictor):
     if schema.UNIT_COLUMN in spec.categorical:
         cat[:, :10, spec.categorical.index(schema.UNIT_COLUMN)] = schema.INCHES  # positions converted to mm
     ref_c, ref_k = spec.transform_arrays(cont.reshape(n * w, -1), cat.reshape(n * w, -1).astype(object))
-    got_c, got_k = InputTransform(spec)(cont, cat)
+    transform = InputTransform(spec)
+    got_c, got_k = transform(cont, cat)
     assert got_c.dtype == np.float32 and got_k.dtype == np.int64
+    assert transform.small  # a handful of codes per column: all columns matched in one comparison
+    transform.small = False  # the per-column search that large tables take gives the same codes
+    assert np.array_equal(transform(cont, cat)[1], got_k)
     assert np.array_equal(got_c.reshape(n * w, -1), ref_c) and np.array_equal(got_k.reshape(n * w, -1), ref_k)
     assert (ref_k > 0).any() and (ref_k == 0).any()           # the case covers hits and misses
     strings = cat.astype(object)
