@@ -14,7 +14,8 @@ It copies the registry, starts `gcodefp serve` itself (for each --workers value)
 - the bare graph at batch 1 in this process, beside the server's inference time at low load, and the
   two in alternating rounds (the ratio the bar is judged by).
 Writes results/serving.json (+ one file per worker count) and results/serving.png, prints a table.
-The load generator (benchmarks/http_load.py) runs on the same cores as the server. Bounded: every
+The server runs with its defaults (access log at INFO, to a file). The load generator
+(benchmarks/http_load.py) runs on the same cores as the server. Bounded: every
 step lasts --duration seconds (default 6), sweeps have fixed lists of rates.
 """
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Server:
         self.port = free_port()
         self.log = open(log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GCODEFP_", "PROMETHEUS_"))}
-        env.update(PYTHONPATH=str(REPO), GCODEFP_LOG_LEVEL="WARNING")
+        # the server's defaults (INFO: one JSON access-log line per request, here to the log file), as a user runs it
+        env.update(PYTHONPATH=str(REPO))
         env.update({k: v for k, v in os.environ.items() if k.startswith(("GCODEFP_BATCH", "GCODEFP_STREAM"))})
         self.proc = subprocess.Popen([sys.executable, "-m", "gcodefp_core.cli", "serve", "--registry", str(registry),
                                       "--workers", str(workers), "--port", str(self.port), "--poll-seconds", "0.5"],
