@@ -131,3 +131,26 @@ def test_a_model_without_categorical_columns(tmp_path):
     cont, cat, _ = sample_windows(meta, ds, n=3)
     assert cat.shape == (3, 32, 0)
     assert [r["gcode"] for r in pred.predict(cont, None)] == [r["gcode"] for r in pred.predict(cont, cat)]
+
+
+@pytest.mark.parametrize("every", [1, 4])
+@pytest.mark.parametrize("chunk", [1, 4, 30, 200])
+def test_sliding_a_stream_cuts_the_judged_windows_and_keeps_the_last_rows(every, chunk):
+    from gcodefp_core.runtime import windows as runtime_windows
+
+    w = 8
+    rows = np.arange(300 * 3, dtype=np.float32).reshape(300, 3)   # row r holds 3r, 3r+1, 3r+2
+    codes = np.arange(300, dtype=np.int64)[:, None]
+    buf_c = buf_k = None
+    seen = 0
+    for lo in range(0, 300, chunk):
+        c, k = rows[lo:lo + chunk], codes[lo:lo + chunk]
+        wc, wk, buf_c, buf_k, m = runtime_windows.slide(buf_c, buf_k, c, k, w, every)
+        seen += len(c)
+        ends = [r for r in range(seen - m, seen) if (seen - 1 - r) % every == 0]   # last row and every `every`-th before it
+        assert m == max(min(len(c), seen - (w - 1)), 0)
+        assert (0 if wc is None else len(wc)) == len(ends)
+        for i, end in enumerate(ends):
+            assert np.array_equal(wc[i], rows[end - w + 1:end + 1]) and np.array_equal(wk[i], codes[end - w + 1:end + 1])
+        assert np.array_equal(buf_c, rows[max(seen - (w - 1), 0):seen])    # the last W-1 rows ...
+        assert buf_c.base is None or buf_c.base.shape[0] <= w - 1 + runtime_windows.VIEW_EXTRA_ROWS  # ... not a whole chunk

@@ -11,6 +11,8 @@ import numpy as np
 BATCH_WINDOWS = 64     # windows per model call: bounds one call's memory (a 4096-row chunk has ~4000 windows;
                        # onnxruntime's arena keeps its peak: calls of 256 windows took a worker from ~125 to ~190 MB)
 GATHER_WINDOWS = 64    # up to this many windows are copied out of a chunk; more are strided views
+VIEW_EXTRA_ROWS = 8    # a new buffer is a view of buffer + chunk when that holds at most this many rows more
+                       # (a followed machine keeps it until its next chunk: memory per session)
 
 
 def slide(buf_cont: np.ndarray | None, buf_cat: np.ndarray | None, cont: np.ndarray, cat: np.ndarray, window: int,
@@ -31,9 +33,10 @@ def slide(buf_cont: np.ndarray | None, buf_cat: np.ndarray | None, cont: np.ndar
         wc = np.lib.stride_tricks.sliding_window_view(all_c, window, axis=0).transpose(0, 2, 1)[(m - 1) % every::every]
         wk = np.lib.stride_tricks.sliding_window_view(all_k, window, axis=0).transpose(0, 2, 1)[(m - 1) % every::every]
     keep = max(len(all_c) - (window - 1), 0)
-    if keep > window:  # a long chunk: copy the rows kept, so that the buffer does not hold the whole chunk
-        return wc, wk, all_c[keep:].copy(), all_k[keep:].copy(), max(m, 0)
-    return wc, wk, all_c[keep:], all_k[keep:], max(m, 0)   # a view of a few more rows than it keeps
+    if buf_cont is not None and keep <= VIEW_EXTRA_ROWS:  # the usual few-row chunk: a view of the array made
+        # here, holding a few rows more than it keeps (never a view of the caller's chunk)
+        return wc, wk, all_c[keep:], all_k[keep:], max(m, 0)
+    return wc, wk, all_c[keep:].copy(), all_k[keep:].copy(), max(m, 0)  # not the whole chunk, per session
 
 
 def predict_windows(predictor, cont: np.ndarray, cat: np.ndarray, keys=None) -> dict[str, np.ndarray]:
