@@ -14,6 +14,8 @@ It copies the registry, starts `gcodefp serve` itself (for each --workers value)
 - the bare graph at batch 1 in this process, beside the server's inference time at low load, and the
   two in alternating rounds (the ratio the bar is judged by).
 Writes results/serving.json (+ one file per worker count) and results/serving.png, prints a table.
+The machine's speed at the start and at the end of the run (benchmarks/machine_speed.py) is recorded
+beside the figures: compare runs of different hours through it.
 The server runs with its defaults (access log at INFO, to a file). The load generator
 (benchmarks/http_load.py) runs on the same cores as the server. Bounded: every
 step lasts --duration seconds (default 6), sweeps have fixed lists of rates.
@@ -37,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import http_load  # noqa: E402
+import machine_speed  # noqa: E402
 import serving_report  # noqa: E402
 
 RATES = {"json": [100, 200, 300, 400, 600, 800, 1000, 1200], "binary": [200, 400, 800, 1200, 1600, 2000],
@@ -291,13 +294,14 @@ def main() -> int:
         req = bodies(package, args.batch, args.stream_rows)
         result = {"registry": str(args.registry), "package": package.name, "date": time.strftime("%Y-%m-%d %H:%M"),
                   "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()[0],
-                  "bare": bare_graph(package), "runs": []}
-        print(f"package {package.name}: bare graph {result['bare']}", flush=True)
+                  "machine_start": machine_speed.machine_speed(package), "bare": bare_graph(package), "runs": []}
+        print(f"package {package.name}: bare graph {result['bare']}; machine {result['machine_start']}", flush=True)
         for workers in args.workers:
             run = run_workers(reg, workers, args, req, work)
             result["runs"].append(run)
             args.output.parent.mkdir(parents=True, exist_ok=True)
             serving_report.write_json(args.output.with_name(f"{args.output.stem}_w{workers}.json"), run)
+        result["machine_end"] = machine_speed.machine_speed(package)   # the VM's speed drifts: both ends of the run
         result["bars"] = serving_report.bars(result)
         serving_report.write_json(args.output, result)
         serving_report.plot(result, args.output.with_suffix(".png"))

@@ -138,6 +138,9 @@ def table(result: dict) -> str:
                 f"OnnxPredictor.predict {bare['predict_ms']} ms ({bare['variant']}); the same predict after the "
                 f"request's parse {bare.get('predict_after_parse_ms', '-')} ms, after 1 ms idle "
                 f"{bare.get('predict_after_1ms_idle_ms', '-')} ms")
+    if "machine_start" in result:
+        rows.append(f"machine speed (benchmarks/machine_speed.py) at the start {result['machine_start']}, "
+                    f"at the end {result.get('machine_end', '-')}")
     rows.append("bars: " + json.dumps(result.get("bars", {})))
     return "\n".join(rows)
 

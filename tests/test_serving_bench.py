@@ -36,3 +36,7 @@ def test_serving_benchmark_tiny_run(api_registry, tmp_path):
     assert result["bars"]["inference_w1_paired_ratio_to_bare_predict"] == run["paired_inference"]["ratio_median"]
     assert out.with_suffix(".png").stat().st_size > 0 and (tmp_path / "serving_w1.json").exists()
     assert "| 1 | json |" in r.stdout
+    for end in ("machine_start", "machine_end"):   # the VM's speed beside the figures, at both ends
+        speed = result[end]
+        assert speed["python_loop_ms"] > 0 and speed["numpy_small_us"] > 0 and speed["tracker_update_us"] > 0
+    assert "machine speed" in r.stdout
