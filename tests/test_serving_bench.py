@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,27 @@ def test_serving_benchmark_tiny_run(api_registry, tmp_path):
         speed = result[end]
         assert speed["python_loop_ms"] > 0 and speed["numpy_small_us"] > 0 and speed["tracker_update_us"] > 0
     assert "machine speed" in r.stdout
+
+
+def test_server_cost_tiny_run(api_registry, tmp_path):
+    """benchmarks/server_cost.py drives the app in process: every request answered, CPU and the split read."""
+    out = tmp_path / "server_cost.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "server_cost.py"), "--registry", str(api_registry),
+                        "--requests", "30", "--profile", "--output", str(out)],
+                       env=server_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert [m["mode"] for m in doc["results"]] == ["json", "binary", "stream"]
+    for m in doc["results"]:
+        assert m["errors"] == 0 and m["requests"] == 30 and m["cpu_ms_per_request"] > 0, m
+        # the endpoint is found inside the stack, and the stack around it costs something
+        assert 0 < m["profile"]["endpoint_share"] < 1 and m["profile"]["top_own_time"], m
+    assert doc["machine_speed"]["python_loop_ms"] > 0
+    assert "| stream | 30 | 0 |" in r.stdout
+    assert '"event": "request"' in Path(doc["log"]).read_text().replace('":"', '": "')  # access log to the file
+
+
+def test_server_cost_rejects_a_folder_that_is_not_a_registry(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "server_cost.py"), "--registry", str(tmp_path)],
+                       env=server_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode != 0 and "no CURRENT file" in r.stderr and "Traceback" not in r.stderr
