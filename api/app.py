@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import (batcher, docs_routes, inputs, metrics, middleware, ops_routes, predict_routes, schemas, stream_routes,
+from . import (batcher, direct_routes, docs_routes, inputs, metrics, middleware, ops_routes, predict_routes, schemas, stream_routes,
                stream_state, streams, v2_routes)
 from .common import input_error, respond
 from .logging_setup import setup_logging
@@ -82,7 +82,7 @@ app = FastAPI(title="G-code fingerprint API", version="1.0", lifespan=lifespan,
               docs_url=None, redoc_url=None,  # api/docs_routes.py serves /docs from local assets
               description="Infer the executing G-code line, the operation and a fingerprint from a window "
                           "of raw CNC sensor readings.")
-app.add_middleware(RequestMiddleware)
+app.add_middleware(RequestMiddleware, direct=direct_routes.route if SETTINGS.direct_routes else None)
 
 
 @app.exception_handler(inputs.InputError)

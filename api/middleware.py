@@ -40,9 +40,10 @@ def in_flight() -> int:
 
 
 class RequestMiddleware:
-    def __init__(self, app, max_in_flight: int = MAX_IN_FLIGHT):
+    def __init__(self, app, max_in_flight: int = MAX_IN_FLIGHT, direct=None):
         self.app = app
         self.max_in_flight = max_in_flight
+        self.direct = direct  # scope -> an ASGI callable for the hot endpoints, or None (api/direct_routes.py)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -72,8 +73,9 @@ class RequestMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
+        handler = (self.direct(scope) if self.direct is not None else None) or self.app
         try:
-            await self.app(scope, receive, send_with_id)
+            await handler(scope, receive, send_with_id)
         finally:
             dt = time.perf_counter() - t0
             _in_flight -= 1

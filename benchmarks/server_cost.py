@@ -137,7 +137,9 @@ def main() -> int:
     finally:
         sys.stderr.close()
         sys.stderr = real_stderr
-    print(f"machine speed: {speed}")
+    from api.settings import SETTINGS
+
+    print(f"machine speed: {speed}; direct routes: {SETTINGS.direct_routes}")
     print("| mode | requests | errors | server CPU ms/request | wall ms/request | endpoint share |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -147,6 +149,7 @@ def main() -> int:
         for f in r.get("profile", {}).get("top_own_time", [])[:8]:
             print(f"|   {f['function']} | | | | | {f['share']} |")
     doc = {"registry": str(args.registry), "package": (args.registry / "CURRENT").read_text().strip(),
+           "direct_routes": SETTINGS.direct_routes,  # GCODEFP_DIRECT_ROUTES=0: every request through FastAPI's router
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine_speed": speed, "results": results,
            "log": str(log_path)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
