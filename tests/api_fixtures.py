@@ -1,8 +1,8 @@
 """Fixtures for the API tests: a real tiny package (trained, exported, packaged) and real uvicorn servers.
 
 Loaded for every test module through `pytest_plugins` in tests/conftest.py (tests/ is on sys.path).
-The model is trained for one short epoch on the session's synthetic dataset: its predictions are
-poor but real, which is all the server tests need. Servers are subprocesses on 127.0.0.1, stopped
+The model is the session's tiny one (a few short epochs on the synthetic dataset): its predictions
+are rough but real, which is all the server tests need. Servers are subprocesses on 127.0.0.1, stopped
 at the end of their scope.
 """
 from __future__ import annotations
@@ -26,23 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def tiny_export(synthetic_dataset, tmp_path_factory) -> Path:
-    """An fp32 export (model.json + graphs) of a tiny model trained briefly on the synthetic dataset."""
-    import torch
-
-    from gcodefp_core.export import export_checkpoint
-    from gcodefp_core.train import train
-
-    torch.set_num_threads(1)
-    work = tmp_path_factory.mktemp("tiny_model")
-    cfg = json.loads((REPO / "configs" / "tiny.json").read_text())
-    cfg["train"].update(epochs=1, samples_per_epoch=256, val_max_windows=128)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "disabled")  # no tracking process for a throwaway model
-        train(cfg, work / "train", seed=0, dataset_dir=synthetic_dataset)
-    export_checkpoint(work / "train" / "model_seed0" / "checkpoint_best.pt", work / "export" / "model.onnx",
-                      verify_windows=32)
-    return work / "export"
+def tiny_export(exported) -> Path:
+    """The folder of the session's fp32 export (model.json + graphs; tests/conftest.py `exported`):
+    one tiny model trained and exported once serves the library's and the server's tests alike."""
+    return exported["model_json"].parent
 
 
 @pytest.fixture(scope="session")

@@ -31,16 +31,15 @@ def install_pause(stage: str, marker: Path) -> None:
             if path.name == "checkpoint_best.pt":
                 pause_here(marker)
         train.save_checkpoint = save_then_pause
-    elif stage == "export":  # graphs and model.json written, accuracy not yet scored
+    elif stage == "export":  # the first graph written into the staging folder, the others not yet
         import gcodefp_core.export as export
 
-        real = export.export_checkpoint
+        real = export.export_graph
 
         def export_then_pause(*args, **kwargs):
-            meta = real(*args, **kwargs)
+            real(*args, **kwargs)
             pause_here(marker)
-            return meta
-        export.export_checkpoint = export_then_pause
+        export.export_graph = export_then_pause
     elif stage == "packaging":  # graphs copied into the package, manifest not yet written
         import gcodefp_core.package as package
 

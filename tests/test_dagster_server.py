@@ -103,7 +103,9 @@ def test_full_job_through_graphql_then_redeploy_sensor(dagster_dev):
     assert added in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError")  # the seed sensor may be first
     params = {"selector": {"repositoryLocationName": "gcodefp", "repositoryName": "__repository__",
                            "jobName": "full_pipeline"},
-              "runConfigData": RUN_CONFIG | {"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}},
+              # in process: a step process per asset costs ~8 s of imports each here, ~2 minutes of the
+              # suite; `gcodefp pipeline` and the backfill below run steps in their own processes
+              "runConfigData": RUN_CONFIG | {"execution": {"config": {"in_process": {}}}},
               "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "42"}]}}
     launched = graphql(url, LAUNCH, {"params": params})["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
