@@ -23,6 +23,7 @@ from .config import ModelConfig
 
 # Masked-out line logits: a large finite value, not -inf (quantizers and softmax choke on infinities).
 MASKED = -1e4
+VARIANT_FLOOR = -1e4  # log p(variant | program) never below this: finite for any input
 
 
 class Encoded(NamedTuple):
@@ -142,7 +143,9 @@ class GCodeFingerprintModel(nn.Module):
             program = program + torch.log(mass + 1e-4)
         program = torch.log_softmax(program, dim=-1).index_select(1, self.op_program)
         variant_in = torch.cat([summary, self.stats_proj(enc.stats)], dim=1) if self.cfg.variant_stats else summary
-        variant = F.logsigmoid(self.variant_head(variant_in) * self.op_variant_sign)
+        # Floored: an exported LogSigmoid of a far-off logit (an out-of-range window) is -inf, and
+        # -inf x 0 for the operations without a variant would be NaN in every answer.
+        variant = F.logsigmoid(self.variant_head(variant_in) * self.op_variant_sign).clamp(min=VARIANT_FLOOR)
         return program + variant * self.op_has_variant, line_logits
 
     def summarise(self, continuous: torch.Tensor, categorical: torch.Tensor) -> "Encoded":

@@ -167,6 +167,33 @@ def test_factorised_operations_are_a_distribution_over_program_and_variant():
     assert not torch.allclose(probs[:, 1], program[:, 1])
 
 
+def test_exported_operation_scores_stay_finite_when_the_variant_logit_is_far_off(tmp_path):
+    """A window far outside the training range (a sensor stuck at its limit) drives the variant logit
+    to hundreds: the exported LogSigmoid then gives -inf, and without the floor -inf x 0 made the
+    scores of every operation without a variant NaN (a served confidence of null)."""
+    ort = pytest.importorskip("onnxruntime")
+    model = tiny(operation_program=PROGRAMS, operation_variant=VARIANTS, factorise_operations=True)
+    with torch.no_grad():
+        model.variant_head.bias.fill_(500.0)
+
+    class Encode(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, continuous, categorical):
+            return self.m.encode(continuous, categorical)[1]
+
+    cont, cat = inputs(model, batch=2)
+    torch.onnx.export(Encode(model).eval(), (cont, cat), tmp_path / "enc.onnx", dynamo=True, external_data=False,
+                      input_names=["continuous", "categorical"])
+    session = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
+    [op_logits] = session.run(None, {"continuous": cont.numpy(), "categorical": cat.numpy()})
+    assert np.isfinite(op_logits).all(), op_logits
+    assert (op_logits[:, [1, 3, 5]] < -1000).all()   # "surely damaged": the undamaged runs of those programs all but impossible
+    np.testing.assert_allclose(np.exp(op_logits).sum(-1), 1.0, rtol=1e-5)   # still a distribution
+
+
 def test_predict_line_only_picks_lines_of_the_predicted_program():
     model = tiny(operation_program=PROGRAMS, operation_variant=VARIANTS, factorise_operations=True, n_lines=12)
     mask = np.zeros((6, 12), dtype=bool)
