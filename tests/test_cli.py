@@ -37,8 +37,8 @@ def test_every_subcommand_has_help(name):
 
 
 def test_synth_then_build_dataset(tmp_path):
-    res = run("synth", "--output", str(tmp_path / "logs"), "--runs-per-op", "3", check=True)
-    assert "wrote 27 logs" in res.stdout
+    res = run("synth", "--output", str(tmp_path / "logs"), "--runs-per-op", "2", check=True)
+    assert "wrote 18 logs" in res.stdout
     res = run("build-dataset", "--source", str(tmp_path / "logs"), "--window", "32", "--output", str(tmp_path / "ds"))
     assert res.returncode == 0, res.stderr
     assert "windows" in res.stdout and (tmp_path / "ds" / "manifest.json").is_file()

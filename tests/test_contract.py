@@ -1,7 +1,7 @@
 """The OpenAPI document is the contract: a bounded `schemathesis run --checks all` against a served tiny
 package on loopback finds no failure and no server error.
 
-Bounded: a few examples per operation and phase (GCODEFP_CONTRACT_EXAMPLES, default 12), one worker,
+Bounded: a few examples per operation and phase (GCODEFP_CONTRACT_EXAMPLES, default 8), one worker,
 so the run stays around a minute. The admin endpoint is off on this server (no token), so it answers
 its documented 404. The JUnit report lands in the test's temporary folder.
 """
@@ -19,7 +19,7 @@ import pytest
 from api_fixtures import start_uvicorn
 
 pytestmark = pytest.mark.slow
-EXAMPLES = int(os.environ.get("GCODEFP_CONTRACT_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("GCODEFP_CONTRACT_EXAMPLES", "8"))
 
 
 def schemathesis_bin() -> str | None:

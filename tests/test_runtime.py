@@ -107,18 +107,19 @@ def test_runtime_never_imports_torch(exported):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_a_model_without_categorical_columns(tmp_path):
+def test_a_model_without_categorical_columns(tmp_path, synthetic_dataset):
     """side_channel has C == 0: the graphs keep a [B, W, 0] `categorical` input; callers may pass None."""
     from pathlib import Path
 
     TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 
     from gcodefp_core.config import load_config
-    from gcodefp_core.dataset import build_synthetic_dataset, load_dataset
+    from gcodefp_core.dataset import DatasetConfig, build_dataset, load_dataset
     from gcodefp_core.export import export_checkpoint
     from gcodefp_core.train import train_model
 
-    ds = build_synthetic_dataset(tmp_path / "ds", runs_per_operation=3, window=32, feature_set="side_channel")
+    ds = build_dataset(DatasetConfig(source=str(synthetic_dataset / "logs"), feature_set="side_channel", window=32),
+                       tmp_path / "ds")   # the session's synthetic logs, read as side channels
     cfg = load_config(TINY)
     cfg["train"].update(epochs=1, samples_per_epoch=256)
     cfg["wandb"] = {"mode": "disabled"}
