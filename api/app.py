@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import (batcher, direct_routes, docs_routes, inputs, metrics, middleware, ops_routes, predict_routes, schemas, stream_routes,
                stream_state, streams, v2_routes)
-from .common import input_error, respond
+from .common import input_error, internal_error
 from .logging_setup import setup_logging
 from .middleware import RequestMiddleware
 from .model_store import ModelStore
@@ -111,8 +111,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception):
-    log.error("unhandled error", exc_info=exc, extra={"event": "internal_error"})
-    return respond({"error": "internal error (see the server log for this request id)"}, 500)
+    return internal_error(exc)
 
 
 app.include_router(ops_routes.router)

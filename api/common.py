@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import orjson
@@ -15,6 +16,12 @@ from .model_store import LoadedModel
 def respond(doc: dict, status: int = 200) -> Response:
     return Response(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
                     media_type="application/json")
+
+
+def internal_error(exc: Exception) -> Response:
+    """A 500 that names no internals: the traceback goes to the log, under the request's id."""
+    logging.getLogger("api").error("unhandled error", exc_info=exc, extra={"event": "internal_error"})
+    return respond({"error": "internal error (see the server log for this request id)"}, 500)
 
 
 def input_error(exc: inputs.InputError) -> Response:

@@ -15,14 +15,11 @@ GCODEFP_DIRECT_ROUTES=0 turns it off (every request routed by FastAPI), to compa
 """
 from __future__ import annotations
 
-import logging
-
 from starlette.requests import Request
 
 from . import inputs, predict_routes, stream_routes
-from .common import input_error, respond
+from .common import input_error, internal_error
 
-log = logging.getLogger("api")
 POST_ROUTES = {"/predict": predict_routes.predict, "/batch_predict": predict_routes.batch_predict,
                "/fingerprint": predict_routes.fingerprint}
 STREAM_PREFIX = "/stream/"
@@ -49,6 +46,5 @@ async def _serve(endpoint, params: dict, scope, receive, send) -> None:
     except inputs.InputError as exc:
         response = input_error(exc)
     except Exception as exc:  # as the app's catch-all handler answers it (api/app.py)
-        log.error("unhandled error", exc_info=exc, extra={"event": "internal_error"})
-        response = respond({"error": "internal error (see the server log for this request id)"}, 500)
+        response = internal_error(exc)
     await response(scope, receive, send)
