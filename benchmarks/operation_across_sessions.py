@@ -64,7 +64,9 @@ def run_features(ds, stride: int) -> dict:
             "n_sessions": len(sessions), "common_boards": sorted(every)}
 
 
-def fit_predict(x_train, y_train, x_test, n_classes: int, iters: int = 60) -> np.ndarray:
+def fit_linear(x_train, y_train, n_classes: int, iters: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on standardised features (L-BFGS, full batch, small L2)
+    -> (w [F, classes], b [classes]) that apply to the raw features: logits = x @ w + b."""
     import torch
 
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
@@ -80,8 +82,13 @@ def fit_predict(x_train, y_train, x_test, n_classes: int, iters: int = 60) -> np
         return loss
 
     opt.step(closure)
-    with torch.no_grad():
-        return lin(torch.as_tensor((x_test - mu) / sd, dtype=torch.float32)).argmax(1).numpy()
+    w = lin.weight.detach().numpy().astype(np.float64).T / sd[:, None]
+    return w, lin.bias.detach().numpy().astype(np.float64) - mu @ w
+
+
+def fit_predict(x_train, y_train, x_test, n_classes: int, iters: int = 60) -> np.ndarray:
+    w, b = fit_linear(x_train, y_train, n_classes, iters)
+    return (x_test @ w + b).argmax(1)
 
 
 def scores(pred, data, mask) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gcodefp_core.fileio import write_json
+from operation_across_sessions import fit_linear   # this folder: the same classifier as the per-row study
 
 ROOT = Path(__file__).resolve().parents[1]
 SPREAD_ROWS = 16
@@ -67,25 +68,6 @@ def stream_views(block: np.ndarray, rng, condition: str) -> tuple[np.ndarray, in
     if condition == "attached_lost5":
         idx = idx[rng.random(len(idx)) >= 0.05]
     return idx, 30
-
-
-def fit(x, y, n_classes: int, iters: int = 80):
-    import torch
-
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    xt, yt = torch.as_tensor((x - mu) / sd, dtype=torch.float32), torch.as_tensor(y)
-    lin = torch.nn.Linear(xt.shape[1], n_classes)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xt), yt) + 1e-3 * lin.weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    w, b = lin.weight.detach().numpy().T / sd[:, None], lin.bias.detach().numpy() - (mu / sd) @ lin.weight.detach().numpy().T
-    return w.astype(np.float64), b.astype(np.float64)
 
 
 def log_softmax(z):
@@ -149,12 +131,13 @@ def main() -> None:
     print(f"{'variant':<24}{'condition':<16}{'test: rows':>12}{'runs all right':>16}{'sessions out: rows':>20}{'runs':>8}")
     for variant in args.variants:
         rng = np.random.default_rng(1)
+        torch.manual_seed(0)   # each variant's figures independent of which ran before it
         train = [i for i in range(len(runs)) if split[i] != "test"]
-        model = fit(*training_rows([blocks[i] for i in train], ops[train], variant, rng, args.stride), n)
+        model = fit_linear(*training_rows([blocks[i] for i in train], ops[train], variant, rng, args.stride), n, iters=80)
         folds = []
         for f in range(args.folds):
             tr = [i for i in range(len(runs)) if fold[i] != f]
-            folds.append(fit(*training_rows([blocks[i] for i in tr], ops[tr], variant, rng, args.stride), n))
+            folds.append(fit_linear(*training_rows([blocks[i] for i in tr], ops[tr], variant, rng, args.stride), n, iters=80))
         report["variants"][variant] = {}
         for condition in ("start", "attached_lost5"):
             test = [i for i in range(len(runs)) if split[i] == "test"]
