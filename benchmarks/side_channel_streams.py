@@ -114,7 +114,9 @@ def calibration(ds, table, models, classes, temps: dict) -> dict:
     return report
 
 
-def evaluate_checkpoint(path: Path, ds, seed: int, val_runs: int | None) -> dict:
+def checkpoint_tracker(path: Path, ds) -> tuple[list, object, np.ndarray, object, dict]:
+    """A checkpoint's window model and a fresh tracker of the training runs, its temperatures fitted on
+    the validation windows -> (models, line table, row classes, tracker, temperatures)."""
     from gcodefp_core import fit_program_tracker as fit
     from gcodefp_core.checkpoints import load_checkpoint
     from gcodefp_core.programs import row_classes
@@ -128,6 +130,13 @@ def evaluate_checkpoint(path: Path, ds, seed: int, val_runs: int | None) -> dict
     temps = {"op_temperature": fit.fit_temperature(val["op_logits"], ds.operation_labels(val_ids)),
              "line_temperature": fit.fit_temperature(val["line_logits"], classes[val_ids])}
     tracker.params |= temps
+    return models, table, classes, tracker, temps
+
+
+def evaluate_checkpoint(path: Path, ds, seed: int, val_runs: int | None) -> dict:
+    from gcodefp_core import fit_program_tracker as fit
+
+    models, table, classes, tracker, temps = checkpoint_tracker(path, ds)
     rng = np.random.default_rng(seed)
     tune = condition_streams(models, ds, table, "val", "start", rng, classes) + \
         condition_streams(models, ds, table, "val", "attached_loss5", rng, classes)

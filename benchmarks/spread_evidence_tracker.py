@@ -27,7 +27,7 @@ from gcodefp_core.fileio import write_json
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from operation_across_sessions import fit_linear  # noqa: E402
-from side_channel_streams import CONDITIONS, GRID  # noqa: E402
+from side_channel_streams import CONDITIONS, GRID, checkpoint_tracker  # noqa: E402
 
 SPREAD_ROWS = 16
 # Per kind: the templates' scores are cosines in [-1, 1] (the shipped grid); the spread model's are
@@ -92,18 +92,9 @@ def score(tracker, streams: list[dict], kind: str | None) -> dict:
 
 def evaluate(path: Path, ds, seed: int) -> dict:
     from gcodefp_core import fit_program_tracker as fit
-    from gcodefp_core.checkpoints import load_checkpoint
     from gcodefp_core.fit_templates import fit_operation_templates
-    from gcodefp_core.programs import row_classes
 
-    model, bundle, _ = load_checkpoint(path)
-    models, table = [model], bundle.line_table
-    classes = row_classes(ds, table)
-    tracker = fit.build_program_tracker(ds, table)
-    val_ids = ds.split_windows("val")
-    val = fit.stream_outputs(models, ds, val_ids[:, None] + np.arange(-ds.window + 1, 1))
-    tracker.set_params(op_temperature=fit.fit_temperature(val["op_logits"], ds.operation_labels(val_ids)),
-                       line_temperature=fit.fit_temperature(val["line_logits"], classes[val_ids]))
+    models, table, classes, tracker, _ = checkpoint_tracker(path, ds)
     evidence = {"templates": fit_operation_templates(ds, list(table.operation_program)), "spread": SpreadEvidence.fit(ds)}
     rng = np.random.default_rng(seed)
     tune = [s for c in ("start", "attached_loss5") for s in streams_for(models, ds, table, "val", c, rng, classes, evidence)]
