@@ -66,24 +66,11 @@ def run_features(ds, stride: int) -> dict:
 
 def fit_linear(x_train, y_train, n_classes: int, iters: int = 60) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression on standardised features (L-BFGS, full batch, small L2)
-    -> (w [F, classes], b [classes]) that apply to the raw features: logits = x @ w + b."""
-    import torch
+    -> (w [F, classes], b [classes]) that apply to the raw features: logits = x @ w + b. The core's
+    fitter, which the served spread evidence uses (gcodefp_core.fit_spread)."""
+    from gcodefp_core.fit_spread import fit_logistic
 
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    xt = torch.as_tensor((x_train - mu) / sd, dtype=torch.float32)
-    yt = torch.as_tensor(y_train)
-    lin = torch.nn.Linear(xt.shape[1], n_classes)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xt), yt) + 1e-3 * lin.weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    w = lin.weight.detach().numpy().astype(np.float64).T / sd[:, None]
-    return w, lin.bias.detach().numpy().astype(np.float64) - mu @ w
+    return fit_logistic(x_train, y_train, n_classes, iters=iters)
 
 
 def fit_predict(x_train, y_train, x_test, n_classes: int, iters: int = 60) -> np.ndarray:

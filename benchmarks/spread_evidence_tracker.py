@@ -1,14 +1,14 @@
-"""Does level-free operation evidence help the program tracker? An offline experiment.
+"""Does level-free operation evidence help the program tracker? Each kind, alone, on the test split.
 
 `stream_operation_evidence.py` found that each channel's spread over the last 16 rows names a
-run's operation across recording sessions better than the readings themselves. Here that evidence
-goes into the tracker through the slot the operation templates use (per window, a score per
-operation times `template_weight`): a logistic regression on the spread of the window's last 16
-rows, fitted on the training runs, its log-probabilities as the score. Per side-channel checkpoint:
-the tracker built and tuned as `side_channel_streams.py` does (temperatures on validation windows,
-emission weights on validation streams), then, for each kind of operation evidence (none, the
-shipped templates, the spread model), the weight `choose_template_weight` picks on the validation
-streams, and the test split scored under the monitor's conditions. The test figures at fixed
+run's operation across recording sessions better than the readings themselves. That evidence is
+the tracker's `spread` (gcodefp_core.runtime.operation_spread: a logistic regression on the spread
+of the window's last 16 rows, fitted on the training runs, its log-probabilities times
+`spread_weight`). Per side-channel checkpoint: the tracker built and tuned as `side_channel_streams.py`
+does (temperatures on validation windows, emission weights on validation streams), then, for each
+kind of operation evidence alone (none, the templates, the spread model), the weight
+`choose_evidence_weight` picks on the validation streams, and the test split scored under the
+monitor's conditions. (Training fits both kinds, one after the other: gcodefp_core.fit_program_tracker.) The test figures at fixed
 weights are reported too, for diagnosis only (choosing on them would be fitting the test split).
 
     .venv/bin/python benchmarks/spread_evidence_tracker.py --dataset data/side \
@@ -23,41 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from gcodefp_core.fileio import write_json
+from gcodefp_core.fit_program_tracker import SPREAD_WEIGHTS, TEMPLATE_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from operation_across_sessions import fit_linear  # noqa: E402
 from side_channel_streams import CONDITIONS, GRID, checkpoint_tracker  # noqa: E402
 
-SPREAD_ROWS = 16
-# Per kind: the templates' scores are cosines in [-1, 1] (the shipped grid); the spread model's are
-# log-probabilities, on the scale of the window model's operation evidence (op_weight 0.02-0.05).
-WEIGHTS = {"templates": (0.0, 0.3, 1.0, 3.0, 10.0), "spread": (0.0, 0.003, 0.01, 0.03, 0.1)}
-
-
-class SpreadEvidence:
-    """Duck-types OperationTemplates.scores: [B, W, F] normalised windows -> [B, ops] log p(op | spread)."""
-
-    def __init__(self, w: np.ndarray, b: np.ndarray):
-        self.w, self.b = w, b
-
-    @staticmethod
-    def features(windows: np.ndarray) -> np.ndarray:
-        return np.asarray(windows, np.float64)[:, -SPREAD_ROWS:].std(axis=1)
-
-    def scores(self, windows: np.ndarray) -> np.ndarray:
-        z = self.features(windows) @ self.w + self.b
-        z -= z.max(1, keepdims=True)
-        return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-    @classmethod
-    def fit(cls, ds, stride: int = 4) -> "SpreadEvidence":
-        x, ys, feats = ds.arrays["rows_continuous"], [], []
-        for run in (r for r in ds.manifest["runs"] if r["split"] == "train"):
-            ends = run["first_row"] + np.arange(SPREAD_ROWS - 1, run["rows"], stride)
-            feats.append(cls.features(x[ends[:, None] + np.arange(-SPREAD_ROWS + 1, 1)]))
-            ys.append(np.full(len(ends), ds.operations.index(run["operation"])))
-        return cls(*fit_linear(np.concatenate(feats), np.concatenate(ys), len(ds.operations), iters=80))
+# Per kind: the tracker's attribute, its weight param, the weights tried (the training grids).
+KINDS = {"templates": ("templates", "template_weight", TEMPLATE_WEIGHTS), "spread": ("spread", "spread_weight", SPREAD_WEIGHTS)}
+KEY = {"templates": "template", "spread": "spread"}   # the stream record's key (run_tracker's argument)
 
 
 def streams_for(models, ds, table, split: str, condition: str, rng, classes, evidence: dict) -> list[dict]:
@@ -66,9 +40,7 @@ def streams_for(models, ds, table, split: str, condition: str, rng, classes, evi
     out = []
     for run in (r for r in ds.manifest["runs"] if r["split"] == split):
         offsets = fit.make_stream(run["rows"], rng, **CONDITIONS[condition])
-        s = fit.stream_record(models, ds, run, offsets, classes)
-        rows, _ = fit.stream_windows(ds, run, offsets)
-        s |= {f"evidence_{k}": fit.template_scores(e, ds, rows) for k, e in evidence.items() if e is not None}
+        s = fit.stream_record(models, ds, run, offsets, classes, {KEY[k]: e for k, e in evidence.items()})
         s["from_start"] = "attach" not in CONDITIONS[condition]
         s["scored"] = np.arange(len(offsets)) >= (ds.window - 1 if s["from_start"] else 30)
         s["operation"] = run["operation"]
@@ -76,13 +48,13 @@ def streams_for(models, ds, table, split: str, condition: str, rng, classes, evi
     return out
 
 
-def score(tracker, streams: list[dict], kind: str | None) -> dict:
+def score(tracker, streams: list[dict]) -> dict:
     from gcodefp_core import fit_program_tracker as fit
 
     op, exact, per_op = [], [], {}
     for s in streams:
         out = fit.run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"], s["from_start"],
-                              template=s.get(f"evidence_{kind}") if kind else None)
+                              template=s.get("template"), spread=s.get("spread"))
         sel, y = s["scored"], s["line_target"]
         op.append(out["operation"][sel] == s["op_target"])
         exact.append((out["line"][sel] == y[sel]) & (y[sel] >= 0))
@@ -92,31 +64,32 @@ def score(tracker, streams: list[dict], kind: str | None) -> dict:
 
 def evaluate(path: Path, ds, seed: int) -> dict:
     from gcodefp_core import fit_program_tracker as fit
+    from gcodefp_core.fit_spread import fit_operation_spread
     from gcodefp_core.fit_templates import fit_operation_templates
 
     models, table, classes, tracker, _ = checkpoint_tracker(path, ds)
-    evidence = {"templates": fit_operation_templates(ds, list(table.operation_program)), "spread": SpreadEvidence.fit(ds)}
+    evidence = {"templates": fit_operation_templates(ds, list(table.operation_program)), "spread": fit_operation_spread(ds)}
     rng = np.random.default_rng(seed)
     tune = [s for c in ("start", "attached_loss5") for s in streams_for(models, ds, table, "val", c, rng, classes, evidence)]
     params, _ = fit.tune_tracker(tracker, tune, GRID)
     report = {"checkpoint": str(path), "params": params, "kinds": {}}
     tests = {c: streams_for(models, ds, table, "test", c, np.random.default_rng([seed, len(c)]), classes, evidence)
              for c in CONDITIONS}
-    for kind, e in ({"none": None} | evidence).items():
-        tracker.templates = e
-        if e is None:
+    for kind in ("none", *KINDS):
+        # this kind alone: the other's weight 0
+        tracker.templates, tracker.spread = evidence["templates"], evidence["spread"]
+        tracker.set_params(template_weight=0.0, spread_weight=0.0)
+        if kind == "none":
             chosen, validation = 0.0, None
         else:
-            for s in tune:
-                s["template"] = s[f"evidence_{kind}"]
-            chosen, validation = fit.choose_template_weight(tracker, tune, WEIGHTS[kind])
-        tracker.set_params(template_weight=chosen)
-        at_chosen = {c: score(tracker, tests[c], kind if e is not None else None) for c in CONDITIONS}
+            attr, param, weights = KINDS[kind]
+            chosen, validation = fit.choose_evidence_weight(tracker, tune, param, weights)
+        at_chosen = {c: score(tracker, tests[c]) for c in CONDITIONS}
         diagnosis = {}
-        if e is not None:
-            for w in WEIGHTS[kind][1:]:
-                tracker.set_params(template_weight=w)
-                diagnosis[w] = {c: {k: v for k, v in score(tracker, tests[c], kind).items() if k != "per_operation_runs"}
+        if kind != "none":
+            for w in weights[1:]:
+                tracker.set_params(**{param: w})
+                diagnosis[w] = {c: {k: v for k, v in score(tracker, tests[c]).items() if k != "per_operation_runs"}
                                 for c in ("start", "attached_loss5")}
         report["kinds"][kind] = {"weight": chosen, "validation": [r[:3] for r in validation or []],
                                  "test": at_chosen, "test_at_fixed_weights": diagnosis}

@@ -180,9 +180,11 @@ def tracker_stream_report(models, tracker, table, ds, split: str, every: int = 4
         hits: dict[str, list] = {}
         for run in (r for r in ds.manifest["runs"] if r["split"] == split):
             s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes,
-                              tracker.templates if tracker.uses_templates else None)
+                              {"template": tracker.templates if tracker.uses_templates else None,
+                               "spread": tracker.spread if tracker.uses_spread else None})
             out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
-                              from_start=not condition, every=every, template=s.get("template"))
+                              from_start=not condition, every=every, template=s.get("template"),
+                              spread=s.get("spread"))
             scored = out["judged"] & (np.arange(len(s["offsets"])) >= (30 if condition else ds.window - 1))
             y = s["line_target"][scored]
             hits.setdefault(run["operation"], []).append(

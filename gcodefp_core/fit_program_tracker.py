@@ -9,9 +9,10 @@ conditions it is tuned and evaluated under. Training-side code: torch is allowed
   pause) and the window model's logits over the windows of the received rows (a window with fewer
   than 64 received rows is padded with its first row, and its evidence weight is the share of real rows).
 - `run_tracker`, `tune_tracker`: replay streams through the tracker; choose the emission weights
-  on validation streams, then the operation templates' weight (gcodefp_core.fit_templates): the best
-  operation among weights within 0.5 points of the best exact line, kept only when exact line +
-  operation gain at least 0.5 points over none (choose_template_weight).
+  on validation streams, then the weight of each kind of operation evidence from the readings, the
+  templates (gcodefp_core.fit_templates) and then the spread model (gcodefp_core.fit_spread): the
+  best operation among weights within 0.5 points of the best exact line, kept only when exact line +
+  operation gain at least 0.5 points over none (choose_evidence_weight).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import itertools
 
 import numpy as np
 
+from .fit_spread import fit_operation_spread
 from .fit_templates import fit_operation_templates
-from .runtime.operation_templates import OperationTemplates
 from .runtime.program_tracker import PARAMS, ProgramTracker, log_softmax
 from .runtime.tracked_stream import judged_rows
 from .programs import LineTable, row_classes
@@ -128,22 +129,24 @@ def stream_outputs(models: list, ds, rows: np.ndarray, batch_size: int = 512) ->
     return {"op_logits": np.concatenate(op), "line_logits": np.concatenate(line)}
 
 
-def template_scores(templates: OperationTemplates, ds, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The template match per operation of windows given as dataset row indices [n, W]."""
+def evidence_scores(evidence, ds, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Operation evidence (OperationTemplates or OperationSpread: .scores) per operation of windows
+    given as dataset row indices [n, W]."""
     cont = ds.arrays["rows_continuous"]
-    return np.concatenate([templates.scores(cont[rows[s:s + batch_size]]) for s in range(0, len(rows), batch_size)])
+    return np.concatenate([evidence.scores(cont[rows[s:s + batch_size]]) for s in range(0, len(rows), batch_size)])
 
 
 def stream_record(models: list, ds, run: dict, offsets: np.ndarray, classes: np.ndarray,
-                  templates: OperationTemplates | None = None) -> dict:
+                  evidence: dict | None = None) -> dict:
     """One received stream of a run: the window model's logits, evidence weights (share of real rows),
-    repeated-row flags (the row's features equal the previous row's), targets, and with templates
-    each window's template match."""
+    repeated-row flags (the row's features equal the previous row's), targets, and per kind of
+    operation evidence given ({"template": OperationTemplates, "spread": OperationSpread}, None
+    values skipped) each window's scores under that key."""
     rows, weights = stream_windows(ds, run, offsets)
     got = run["first_row"] + np.asarray(offsets, np.int64)
     cont = ds.arrays["rows_continuous"][got]
     repeated = np.concatenate([[False], (cont[1:] == cont[:-1]).all(axis=1)])
-    extra = {"template": template_scores(templates, ds, rows)} if templates is not None else {}
+    extra = {k: evidence_scores(e, ds, rows) for k, e in (evidence or {}).items() if e is not None}
     return stream_outputs(models, ds, rows) | extra | {"weights": weights, "repeated": repeated, "line_target": classes[got],
                                                "op_target": ds.operations.index(run["operation"]), "offsets": offsets}
 
@@ -159,11 +162,13 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
     """What training stores in the checkpoint (and export in model.json): the tracker of the training
     runs, its temperatures fitted on the validation windows, its emission weights and window_weight
     chosen on validation streams (each run from its start, and attached 25-75% in with 5% of rows
-    lost). temperature_windows: at most this many validation windows fit the temperatures.
-    -> (tracker, report)."""
+    lost), then the operation evidence from the readings that ships (templates, spread: each only
+    where it gains there). temperature_windows: at most this many validation windows fit the
+    temperatures. -> (tracker, report)."""
     classes = row_classes(ds, table)
     tracker = build_program_tracker(ds, table)
     tracker.templates = fit_operation_templates(ds, list(table.operation_program))
+    tracker.spread = fit_operation_spread(ds, seed=seed)
     ids = ds.split_windows("val")
     if temperature_windows and len(ids) > temperature_windows:   # evenly spaced: every run keeps its share
         ids = ids[np.linspace(0, len(ids) - 1, temperature_windows).astype(np.int64)]
@@ -176,7 +181,8 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
     streams = []
     for condition in (dict(), dict(attach=0.25, loss=0.05)):
         for run in (r for r in ds.manifest["runs"] if r["split"] == "val"):
-            s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes, tracker.templates)
+            s = stream_record(models, ds, run, make_stream(run["rows"], rng, **condition), classes,
+                              {"template": tracker.templates, "spread": tracker.spread})
             s["from_start"] = "attach" not in condition
             s["scored"] = np.arange(len(s["offsets"])) >= (ds.window - 1 if s["from_start"] else 30)
             streams.append(s)
@@ -186,24 +192,27 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
     best = max(results, key=lambda r: (r[1], r[2]))
     report = {"temperatures": temps, "tuning": [r[:3] for r in results], "streams": len(streams),
               "exact_match": best[1], "op_acc": best[2], "conditions": best[3]}
-    if tracker.templates is not None:
-        weight, scored = choose_template_weight(tracker, streams)
-        report |= {"template_tuning": [r[:3] for r in scored]}
+    for kind, param, weights in (("templates", "template_weight", TEMPLATE_WEIGHTS),
+                                 ("spread", "spread_weight", SPREAD_WEIGHTS)):
+        if getattr(tracker, kind) is None:
+            continue
+        weight, scored = choose_evidence_weight(tracker, streams, param, weights)
+        report |= {f"{kind}_tuning": [r[:3] for r in scored]}
         if weight > 0:
             chosen = next(r for r in scored if r[0] == weight)
             report |= {"exact_match": chosen[1], "op_acc": chosen[2], "conditions": chosen[3]}
-        else:   # no help on validation: the package carries no templates and /stream pays nothing for them
-            tracker.templates = None
+        else:   # no help on validation: the package does not carry it and /stream pays nothing for it
+            setattr(tracker, kind, None)
     return tracker, report | {"params": dict(tracker.params)}
 
 
 def run_tracker(tracker: ProgramTracker, op_logits, line_logits, weights=None, repeated=None,
-                from_start: bool = False, every: int = 1, template=None) -> dict[str, np.ndarray]:
+                from_start: bool = False, every: int = 1, template=None, spread=None) -> dict[str, np.ndarray]:
     """One stream through a fresh session -> per row: operation, line, line_confidence, paused, and
     `judged`. every > 1: as a server that judges the last row and every `every`-th row before it
     (runtime.tracked_stream.judged_rows): the filter moves over the rows between judged ones, and
-    only judged rows get an answer (the others keep line -1, judged False). template: per row, the
-    window's template match per operation (used when the tracker has templates)."""
+    only judged rows get an answer (the others keep line -1, judged False). template, spread: per row,
+    the window's operation evidence of that kind (used when the tracker uses it)."""
     n = len(op_logits)
     repeated = np.zeros(n, bool) if repeated is None else np.asarray(repeated, bool)
     judged, gaps, repeats = judged_rows(n, every, repeated) if n else (np.zeros(0, np.int64),) * 3
@@ -212,7 +221,8 @@ def run_tracker(tracker: ProgramTracker, op_logits, line_logits, weights=None, r
            "line_confidence": np.zeros(n), "paused": np.zeros(n), "judged": np.zeros(n, bool)}
     for i, gap, rep in zip(judged, gaps, repeats):
         s = session.update(op_logits[i], line_logits[i], 1.0 if weights is None else float(weights[i]),
-                           int(rep), int(gap), None if template is None else template[i])
+                           int(rep), int(gap), None if template is None else template[i],
+                           None if spread is None else spread[i])
         out["operation"][i], out["line"][i], out["line_confidence"][i], out["paused"][i] = \
             s.operation, s.line, s.line_confidence, s.paused
         out["judged"][i] = True
@@ -246,7 +256,7 @@ def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, l
         exact, op = {w: [] for w in window_weights}, []
         for s in streams:
             out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
-                              s.get("from_start", False), template=s.get("template"))
+                              s.get("from_start", False), template=s.get("template"), spread=s.get("spread"))
             sel, y = s["scored"], s["line_target"]
             w_line, w_conf = window_lines(tracker, out["operation"], s["line_logits"])
             for w in window_weights:
@@ -274,23 +284,29 @@ def window_lines(tracker: ProgramTracker, operation: np.ndarray, line_logits: np
     return line, p[np.arange(len(line)), line] / p.sum(1)
 
 
+# The templates' scores are cosines in [-1, 1]; the spread model's are log-probabilities, on the scale
+# of the window model's operation evidence (op_weight 0.02-0.05): 0.01-0.03 won on the real data's
+# validation streams (benchmarks/spread_evidence_tracker.py).
 TEMPLATE_WEIGHTS = (0.0, 0.3, 1.0, 3.0, 10.0)
+SPREAD_WEIGHTS = (0.0, 0.003, 0.01, 0.03, 0.1)
 
 
-def choose_template_weight(tracker: ProgramTracker, streams: list[dict], weights=TEMPLATE_WEIGHTS,
-                           exact_tolerance: float = 0.005, min_gain: float = 0.005) -> tuple[float, list]:
-    """The templates' weight with the best mean operation accuracy on validation streams among those
-    within exact_tolerance of the best exact line (the templates are operation evidence: they should
-    not move the line), or 0 unless it gains at least min_gain in exact line + operation over no
-    templates: they cost /stream capacity (a `full` model, whose positions already name the
-    operation, gained 0.3 points). Sets it on the tracker -> (weight, [(weight, exact, op, conditions)])."""
+def choose_evidence_weight(tracker: ProgramTracker, streams: list[dict], param: str = "template_weight",
+                           weights=TEMPLATE_WEIGHTS, exact_tolerance: float = 0.005,
+                           min_gain: float = 0.005) -> tuple[float, list]:
+    """The weight `param` of one kind of operation evidence (template_weight, spread_weight) with the
+    best mean operation accuracy on validation streams among those within exact_tolerance of the best
+    exact line (it is operation evidence: it should not move the line), or 0 unless it gains at least
+    min_gain in exact line + operation over none: it costs /stream capacity (a `full` model, whose
+    positions already name the operation, gained 0.3 points from templates). Sets it on the tracker
+    -> (weight, [(weight, exact, op, conditions)])."""
     scored = []
     for w in weights:
-        tracker.set_params(template_weight=w)
+        tracker.set_params(**{param: w})
         exact, op, starts = [], [], []
         for s in streams:
             out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
-                              s.get("from_start", False), template=s.get("template"))
+                              s.get("from_start", False), template=s.get("template"), spread=s.get("spread"))
             sel, y, line = s["scored"], s["line_target"], out["line"]   # window_weight applied by the session
             exact.append(np.mean((line[sel] == y[sel]) & (y[sel] >= 0)))
             op.append(np.mean(out["operation"][sel] == s["op_target"]))
@@ -305,5 +321,5 @@ def choose_template_weight(tracker: ProgramTracker, streams: list[dict], weights
     off = next((r for r in scored if r[0] == 0), None)
     if off is not None and best[1] + best[2] < off[1] + off[2] + min_gain:
         best = off
-    tracker.set_params(template_weight=best[0])
+    tracker.set_params(**{param: best[0]})
     return best[0], scored

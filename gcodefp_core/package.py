@@ -85,9 +85,11 @@ def model_card(meta: dict, version: str, metrics: dict, benchmark: dict) -> str:
     streaming = (f"program clock over {len(clock['programs'])} programs, clock weight {clock['weight']:g} "
                  "(chosen on validation)" if clock.get("programs") else "operation evidence only (no program clock)")
     if tracker.get("programs") and "line_logits" in outputs:
-        templates = tracker.get("templates")
+        templates, spread = tracker.get("templates"), tracker.get("spread")
         evidence = (f"; operation templates of {len(templates['columns'])} channels, weight "
                     f"{tracker['params']['template_weight']:g}" if templates else "")
+        evidence += (f"; operation evidence from the spread of {len(spread['weights'])} channels over the last "
+                     f"{spread['rows']} rows, weight {tracker['params']['spread_weight']:g}" if spread else "")
         streaming = (f"program tracker (a forward filter over the row offsets of {len(tracker['programs'])} programs; "
                      f"no row counter needed{evidence})")
     path = meta.get("program_path") or {}

@@ -151,8 +151,8 @@ def tracked_windows(predictor, cont, cat, at_program_start: bool = False, judged
     window (padded with the first row until W rows have arrived) through OnnxPredictor.predict_lines,
     then a fresh tracker session fed the judged rows in order (default: every row), each window weighed
     by its share of real rows, moving the rows since the previous judged one, with the rows among them
-    equal to their previous one (normalised) counted as repeated, and each window's operation template
-    match when the tracker uses templates. session: continue this tracker session instead.
+    equal to their previous one (normalised) counted as repeated, and each window's operation evidence
+    from its readings when the tracker uses some. session: continue this tracker session instead.
     -> (graph outputs of every row, steps of the judged rows, repeated per row)."""
     import numpy as np
 
@@ -161,13 +161,13 @@ def tracked_windows(predictor, cont, cat, at_program_start: bool = False, judged
     pc, pk = np.concatenate([np.repeat(c[:1], w - 1, 0), c]), np.concatenate([np.repeat(k[:1], w - 1, 0), k])
     wc = np.stack([pc[i:i + w] for i in range(len(c))])
     out = predictor.predict_lines(wc, np.stack([pk[i:i + w] for i in range(len(c))]))
-    template = tracker.templates.scores(wc) if tracker.uses_templates else None
+    evidence = tracker.operation_evidence(wc)
     session = session or tracker.start(at_program_start=at_program_start)
     repeated = np.concatenate([[False], (c[1:] == c[:-1]).all(axis=1)])
     steps, previous = [], -1
     for j in range(len(c)) if judged is None else judged:
         steps.append(session.update(out["op_logits"][j], out["line_logits"][j], min(j + 1, w) / w,
                                     int(repeated[previous + 1:j + 1].sum()), rows=j - previous,
-                                    template=None if template is None else template[j]))
+                                    **{k: v[j] for k, v in evidence.items()}))
         previous = j
     return out, steps, repeated

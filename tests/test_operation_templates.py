@@ -92,7 +92,7 @@ def test_the_tracker_adds_template_evidence_to_each_operations_states_only_when_
 
 def test_templates_are_fitted_from_the_training_runs_of_a_dataset(synthetic_dataset):
     from gcodefp_core.dataset import load_dataset
-    from gcodefp_core.fit_program_tracker import template_scores
+    from gcodefp_core.fit_program_tracker import evidence_scores
     from gcodefp_core.programs import build_line_table
 
     ds = load_dataset(synthetic_dataset)
@@ -109,7 +109,7 @@ def test_templates_are_fitted_from_the_training_runs_of_a_dataset(synthetic_data
     # A training run's own windows: the templates were made from them, so its operation wins most of them.
     run = next(r for r in train if r["operation"] == "face")
     ends = run["first_row"] + np.arange(ds.window - 1, run["rows"], 7)
-    scores = template_scores(tpl, ds, ends[:, None] + np.arange(-ds.window + 1, 1))
+    scores = evidence_scores(tpl, ds, ends[:, None] + np.arange(-ds.window + 1, 1))
     assert (scores.argmax(1) == ds.operations.index("face")).mean() > 0.5
 
 
@@ -117,7 +117,7 @@ def test_the_template_weight_is_kept_only_where_it_gains_on_validation():
     """Streams of the damaged variant op2, which the window model cannot tell from op1: templates that
     point to op2 earn a weight; templates that say nothing (the same score for every operation) do
     not ship, whatever weight would tie."""
-    from gcodefp_core.fit_program_tracker import choose_template_weight
+    from gcodefp_core.fit_program_tracker import choose_evidence_weight
 
     lines = [np.repeat(np.arange(0, 3), 4)[:, None], np.repeat(np.arange(3, 6), 4)[:, None]]
     tracker = ProgramTracker(["op0", "op1", "op2"], ["p0", "p1"], [0, 1, 1], lines,
@@ -133,7 +133,7 @@ def test_the_template_weight_is_kept_only_where_it_gains_on_validation():
                  "line_target": 3 + np.arange(n) // 4, "op_target": 2, "scored": np.arange(n) >= 2,
                  "from_start": True, "template": np.tile(template, (n, 1))}]
 
-    weight, scored = choose_template_weight(tracker, streams([0.1, 0.2, 0.9]))
+    weight, scored = choose_evidence_weight(tracker, streams([0.1, 0.2, 0.9]))
     assert weight > 0 and max(r[2] for r in scored) > scored[0][2]
-    weight, _ = choose_template_weight(tracker, streams([0.5, 0.5, 0.5]))
+    weight, _ = choose_evidence_weight(tracker, streams([0.5, 0.5, 0.5]))
     assert weight == 0.0 and tracker.params["template_weight"] == 0.0

@@ -263,8 +263,11 @@ def test_fit_program_tracker_end_to_end_with_a_window_model(synthetic_dataset):
     assert report["streams"] == 2 and len(report["tuning"]) == 2 * 5
     assert set(report["conditions"]) == {"start", "attached"} and report["exact_match"] == max(r[1] for r in report["tuning"])
     assert tracker.params["line_weight"] in (0.0, 0.1) and tracker.params["op_temperature"] > 0
-    # The operation templates' weight is chosen last; without a gain on validation, no templates ship.
-    assert [r[0] for r in report["template_tuning"]] == list(fit.TEMPLATE_WEIGHTS)
+    # The operation evidence's weights are chosen last (templates, then spread); without a gain on
+    # validation, a kind does not ship.
+    assert [r[0] for r in report["templates_tuning"]] == list(fit.TEMPLATE_WEIGHTS)
+    assert [r[0] for r in report["spread_tuning"]] == list(fit.SPREAD_WEIGHTS)
     assert (tracker.templates is not None) == (tracker.params["template_weight"] > 0)
+    assert (tracker.spread is not None) == (tracker.params["spread_weight"] > 0)
     again = ProgramTracker.from_dict(json.loads(json.dumps(tracker.to_dict())))
     assert again.params == tracker.params and again.n_states == tracker.n_states

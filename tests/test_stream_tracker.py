@@ -41,18 +41,25 @@ def copy_export(src, dst, edit_meta=None, drop_line_logits=False):
     return dst
 
 
-def with_templates(dataset, weight: float = 3.0):
-    """A model.json edit: the tracker carries operation templates of the dataset with this weight."""
+def with_evidence(dataset, kind: str, weight: float):
+    """A model.json edit: the tracker carries operation evidence of the dataset's training runs, of one
+    kind ("templates" or "spread"), with this weight."""
     from gcodefp_core.dataset import load_dataset
+    from gcodefp_core.fit_spread import fit_operation_spread
     from gcodefp_core.fit_templates import fit_operation_templates
 
     def edit(meta):
         tracker = meta["program_tracker"]
         ds = load_dataset(dataset)
         assert ds.operations == tracker["operations"]
-        tracker["templates"] = fit_operation_templates(ds, tracker["operation_program"]).to_dict()
-        tracker["params"] |= {"window_weight": 0.0, "template_weight": weight}
+        fitted = (fit_operation_templates(ds, tracker["operation_program"]) if kind == "templates"
+                  else fit_operation_spread(ds))
+        tracker[kind] = fitted.to_dict()
+        tracker["params"] |= {"window_weight": 0.0, EVIDENCE_WEIGHT[kind]: weight}
     return edit
+
+
+EVIDENCE_WEIGHT = {"templates": "template_weight", "spread": "spread_weight"}
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +86,9 @@ def server(tiny_export, synthetic_dataset, tmp_path_factory):
     pkg.build_package(copy_export(tiny_export, tmp / "retrained", retrained), tmp / "reg", version="retrained")
     pkg.build_package(copy_export(tiny_export, tmp / "reshaped", reshaped), tmp / "reg", version="reshaped")
     pkg.build_package(copy_export(tiny_export, tmp / "old", drop_line_logits=True), tmp / "reg", version="old")
-    pkg.build_package(copy_export(tiny_export, tmp / "templated", with_templates(synthetic_dataset)), tmp / "reg",
-                      version="templated")
+    for kind, weight in (("templates", 3.0), ("spread", 1.0)):
+        pkg.build_package(copy_export(tiny_export, tmp / kind, with_evidence(synthetic_dataset, kind, weight)),
+                          tmp / "reg", version=kind)
     pkg.promote(tmp / "reg", "tracked")
     srv = start_uvicorn(tmp, GCODEFP_REGISTRY=tmp / "reg", GCODEFP_ADMIN_TOKEN=ADMIN_TOKEN)
     srv.registry = tmp / "reg"
@@ -297,25 +305,28 @@ def test_a_swap_to_a_tracker_of_the_same_programs_keeps_where_the_machine_is(ser
         assert client.post("/admin/reload", json={"version": "tracked"}, headers=auth).status_code == 200
 
 
-def test_operation_templates_in_the_package_take_part_in_every_judged_row(server, client, rows):
-    """A tracker that carries operation templates: the server matches each judged window's readings
-    against them as the in-process reference does (also when chunks split the windows), and they move
-    the answer: the same rows without templates give other operation confidences."""
+@pytest.mark.parametrize("kind", ["templates", "spread"])
+def test_operation_evidence_in_the_package_takes_part_in_every_judged_row(server, client, rows, kind):
+    """A tracker that carries operation evidence from the readings (templates, or the spread model):
+    the server scores each judged window's readings as the in-process reference does (also when chunks
+    split the windows), and the evidence moves the answer: the same rows without it give other
+    operation confidences."""
     cont, cat = rows
-    templated = OnnxPredictor.load(server.registry / "packages" / "templated")
-    assert templated.program_tracker.uses_templates and templated.program_tracker.params["template_weight"] == 3.0
+    carrying = OnnxPredictor.load(server.registry / "packages" / kind)
+    tracker = carrying.program_tracker
+    assert (tracker.uses_templates, tracker.uses_spread) == (kind == "templates", kind == "spread")
     auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
-        assert client.post("/admin/reload", json={"version": "templated"}, headers=auth).status_code == 200
+        assert client.post("/admin/reload", json={"version": kind}, headers=auth).status_code == 200
         served = [p for a, b in ((0, 37), (37, 80)) for p in
-                  post(client, "templated-mill", cont[a:b], cat[a:b], start=True if a == 0 else None)["predictions"]]
+                  post(client, f"{kind}-mill", cont[a:b], cat[a:b], start=True if a == 0 else None)["predictions"]]
     finally:
         assert client.post("/admin/reload", json={"version": "tracked"}, headers=auth).status_code == 200
-    steps, _ = tracked_reference(templated, cont[:80], cat[:80], at_program_start=True)
-    matches(templated, served, steps)
-    without = ProgramTracker.from_dict(templated.program_tracker.to_dict())
-    without.set_params(template_weight=0.0)
-    plain, _ = tracked_reference(templated, cont[:80], cat[:80], session=without.start(at_program_start=True))
+    steps, _ = tracked_reference(carrying, cont[:80], cat[:80], at_program_start=True)
+    matches(carrying, served, steps)
+    without = ProgramTracker.from_dict(tracker.to_dict())
+    without.set_params(**{EVIDENCE_WEIGHT[kind]: 0.0})
+    plain, _ = tracked_reference(carrying, cont[:80], cat[:80], session=without.start(at_program_start=True))
     assert max(abs(a.operation_confidence - b.operation_confidence) for (a, _), (b, _) in zip(steps, plain)) > 1e-3
 
 

@@ -53,12 +53,17 @@ class ModelBundle:
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing}")
         tok = {k: v for k, v in d["tokenizer"].items() if k != "vocab_size"}
-        return cls(FeatureSpec.from_dict(d["features"]), GCodeTokenizer.from_dict(tok), list(d["operations"]),
+        bundle = cls(FeatureSpec.from_dict(d["features"]), GCodeTokenizer.from_dict(tok), list(d["operations"]),
                    int(d["window"]), int(d["max_tokens"]),
                    LineTable.from_dict(d["line_table"]) if d.get("line_table") else None,
                    ProgramPath.from_dict(d["program_path"]) if d.get("program_path") else None,
                    ProgramClock.from_dict(d["program_clock"]) if d.get("program_clock") else None,
                    ProgramTracker.from_dict(d["program_tracker"]) if d.get("program_tracker") else None)
+        spread = bundle.program_tracker.spread if bundle.program_tracker else None
+        if spread is not None and spread.weights.shape[0] != len(bundle.features.continuous):
+            raise ValueError(f"{where}: program_tracker.spread reads {spread.weights.shape[0]} features, the model "
+                             f"{len(bundle.features.continuous)} continuous inputs")
+        return bundle
 
     def to_dict(self) -> dict:
         tokenizer = self.tokenizer.to_dict() | {"vocab_size": self.tokenizer.vocab_size}

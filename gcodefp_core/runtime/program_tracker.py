@@ -26,7 +26,10 @@ over the lines of the offset; consecutive windows overlap in 63 of 64 rows, so t
 are chosen on validation streams. A padded window (< 64 rows arrived) weighs less; a row identical
 to the previous one (stale readings) is evidence for pausing. With operation templates (kept when
 they help on validation), `template_weight` x each operation's best template match of the window's
-readings (gcodefp_core.runtime.operation_templates) is added to its states' log evidence. The
+readings (gcodefp_core.runtime.operation_templates) is added to its states' log evidence; with
+operation spread evidence (kept likewise), `spread_weight` x the log-probability a linear model of
+the channels' spread over the window's last rows gives each operation
+(gcodefp_core.runtime.operation_spread): evidence without the recording day's levels. The
 answer is the line with the most posterior mass, with that mass as its confidence, unless
 `window_weight` x the window's own line confidence is higher (the filter has not locked on yet, or
 the timeline lacks the line); also the operation's posterior, the pause probability, the most
@@ -42,13 +45,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .operation_spread import OperationSpread
 from .operation_templates import OperationTemplates
 from .tracker_session import STATE, TrackerSession, TrackStep  # noqa: F401  (TrackStep: re-exported)
 
 PARAMS = {"line_weight": 0.3, "op_weight": 0.3, "line_temperature": 1.0, "op_temperature": 1.0,
           "skip": 0.05, "pause_in": 1e-3, "pause_stay": 0.97, "restart": 0.05, "teleport": 1e-4,
           "switch": 1e-6, "repeat_moving": 0.02, "repeat_paused": 0.9, "window_weight": 0.0,
-          "template_weight": 0.0}
+          "template_weight": 0.0, "spread_weight": 0.0}
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -68,6 +72,7 @@ class ProgramTracker:
     line_log_prior: np.ndarray            # [n_lines] log frequency of each line class in training windows
     params: dict = field(default_factory=lambda: dict(PARAMS))
     templates: OperationTemplates | None = None   # operation evidence from the readings' shape (optional)
+    spread: OperationSpread | None = None         # operation evidence from the readings' spread (optional)
 
     def __post_init__(self) -> None:
         self._build()
@@ -197,13 +202,31 @@ class ProgramTracker:
     def uses_templates(self) -> bool:
         return self.templates is not None and self.params["template_weight"] > 0
 
-    def emission(self, op_logits: np.ndarray, line_logits: np.ndarray, template: np.ndarray | None = None) -> np.ndarray:
+    @property
+    def uses_spread(self) -> bool:
+        return self.spread is not None and self.params["spread_weight"] > 0
+
+    def operation_evidence(self, windows: np.ndarray) -> dict[str, np.ndarray]:
+        """What a judged window's readings add beyond the window model's answer, per kind the tracker
+        uses: [B, W, F] normalised windows -> {"template": [B, ops], "spread": [B, ops]} (either absent)."""
+        out = {}
+        if self.uses_templates:
+            out["template"] = self.templates.scores(windows)
+        if self.uses_spread:
+            out["spread"] = self.spread.scores(windows)
+        return out
+
+    def emission(self, op_logits: np.ndarray, line_logits: np.ndarray, template: np.ndarray | None = None,
+                 spread: np.ndarray | None = None) -> np.ndarray:
         """Log scaled likelihood of one window's answer under every state (up to a constant).
-        template: the window's best template match per operation (OperationTemplates.scores)."""
+        template: the window's best template match per operation (OperationTemplates.scores);
+        spread: its spread model's log-probability per operation (OperationSpread.scores)."""
         prm = self.params
         op = prm["op_weight"] * log_softmax(np.asarray(op_logits, np.float64) / prm["op_temperature"])
         if template is not None and self.uses_templates:
             op = op + prm["template_weight"] * np.asarray(template, np.float64)
+        if spread is not None and self.uses_spread:
+            op = op + prm["spread_weight"] * np.asarray(spread, np.float64)
         ratio = self.line_ratios(line_logits)
         line = np.einsum("ij,ij->i", ratio[self._row_idx], self._row_share)
         # per distinct row, then spread to the states in float32 (the state arrays' type: half the bytes)
@@ -218,7 +241,8 @@ class ProgramTracker:
                 "timeline_share": [np.round(a, 4).tolist() for a in self.timeline_share],
                 "tempo": [np.round(a, 5).tolist() for a in self.tempo],
                 "line_log_prior": np.round(self.line_log_prior, 4).tolist(), "params": dict(self.params),
-                "templates": self.templates.to_dict() if self.templates is not None else None}
+                "templates": self.templates.to_dict() if self.templates is not None else None,
+                "spread": self.spread.to_dict() if self.spread is not None else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProgramTracker":
@@ -248,5 +272,6 @@ class ProgramTracker:
         if unknown:
             raise ValueError(f"program tracker: unknown params {sorted(unknown)}")
         templates = OperationTemplates.from_dict(d["templates"], len(d["operations"])) if d.get("templates") else None
+        spread = OperationSpread.from_dict(d["spread"], len(d["operations"])) if d.get("spread") else None
         return cls(list(d["operations"]), list(d["programs"]), list(d["operation_program"]), lines, shares, tempo,
-                   np.asarray(d["line_log_prior"], np.float64), PARAMS | dict(d["params"]), templates)
+                   np.asarray(d["line_log_prior"], np.float64), PARAMS | dict(d["params"]), templates, spread)

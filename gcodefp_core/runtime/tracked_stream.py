@@ -35,13 +35,13 @@ def tracked_answers(predictor, session, out: dict, first: int, judged, gaps, rep
     """The session's answers at judged rows lo..hi-1. out[i]: the graph's answer for the window ending at
     row judged[i]; first: that row's number since the session started when judged[i] is 0; real_rows:
     rows the session had received before these (the weight of a padded window)."""
-    w, template = predictor.window, out.get("template")
+    w, template, spread = predictor.window, out.get("template"), out.get("spread")
     predictions = []
     for i in range(lo, hi):
         j, logits, line = int(judged[i]), out["op_logits"][i], int(out["line"][i])
         weight = min(real_rows + j + 1, w) / w
         step = session.update(logits, out["line_logits"][i], weight, int(repeats[i]), int(gaps[i]),
-                              None if template is None else template[i])
+                              None if template is None else template[i], None if spread is None else spread[i])
         source, answer, conf = step.line_source, step.line, step.line_confidence
         if out["on_path"][i]:  # the position lies on the program's tool path: that names the line exactly
             # (models that read positions); the tracker still gives the operation

@@ -38,20 +38,21 @@ class TrackerSession:
     rows: int = 0
 
     def update(self, op_logits, line_logits, weight: float = 1.0, repeated: int = 0, rows: int = 1,
-               template=None) -> TrackStep:
+               template=None, spread=None) -> TrackStep:
         """The window model's op_logits [ops] and line_logits [n_lines] for the window ending at the
         newest streamed row. weight in [0, 1] scales the window's evidence (a padded window is weaker).
         rows: streamed rows since the previous update (1: every row is judged). A server that judges
         only every k-th row passes k: the filter moves k rows and the window's evidence counts k
         times, as the k skipped windows, which overlap it in all but k of 64 rows, would have.
         repeated: how many of those rows equal the row before them (stale readings: pause evidence).
-        template: the window's template match per operation (used when the tracker has templates)."""
+        template, spread: the window's operation evidence (ProgramTracker.operation_evidence), used when
+        the tracker has that kind."""
         m, prm = self.model, self.model.params
         moving, paused = self.moving, self.paused
         for i in range(rows):
             # The first row of a session is where the start distribution is; later rows move on.
             moving, paused = self._move(moving, paused, advance=bool(self.rows or i))
-        e = m.emission(op_logits, line_logits, template)
+        e = m.emission(op_logits, line_logits, template, spread)
         e -= e.max()
         e *= weight * rows
         e = np.exp(np.maximum(e, -60.0, out=e), out=e)

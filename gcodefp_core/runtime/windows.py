@@ -43,10 +43,10 @@ def predict_windows(predictor, cont: np.ndarray, cat: np.ndarray, keys=None) -> 
     """predictor.predict_lines over [m, W, .] windows in calls of BATCH_WINDOWS (or the graph's fixed
     batch, padded by repeating the last window; the padding's answers are dropped). keys: the outputs
     kept (default: op_logits, line, line_confidence, on_path, and line_logits when the model has a program
-    tracker; with the default keys and a tracker that uses operation templates, also `template`: each
-    window's template match per operation)."""
+    tracker; with the default keys, also the operation evidence the tracker uses (`template`, `spread`:
+    ProgramTracker.operation_evidence per window))."""
     tracker = getattr(predictor, "program_tracker", None)
-    templates = tracker.templates if keys is None and tracker is not None and tracker.uses_templates else None
+    evidence = keys is None and tracker is not None and (tracker.uses_templates or tracker.uses_spread)
     if keys is None:
         keys = ("op_logits", "line", "line_confidence", "on_path") + (("line_logits",) if tracker else ())
     fixed = predictor.metadata.get("batch_size")
@@ -59,7 +59,7 @@ def predict_windows(predictor, cont: np.ndarray, cat: np.ndarray, keys=None) -> 
             c, k = (np.concatenate([a, np.repeat(a[-1:], step - n, axis=0)]) for a in (c, k))
         out = predictor.predict_lines(c, k)
         part = {key: out[key][:n] for key in keys}
-        if templates is not None:
-            part["template"] = templates.scores(c[:n])
+        if evidence:
+            part |= tracker.operation_evidence(c[:n])
         parts.append(part)
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {key: np.zeros(0) for key in keys}
