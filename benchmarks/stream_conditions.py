@@ -18,6 +18,8 @@ monitor would (chunks of --chunk rows, JSON bodies, nulls for absent readings):
                    (POST /admin/reload) to the next package of --packages (with one package: itself
                    under another version), as a scheduled retraining does; scored from the swap on.
 The conditions are gcodefp_core.fit_program_tracker.make_stream's, seeded per package and condition.
+--drop templates|spread serves each package with that kind of the tracker's operation evidence
+removed (its weight 0), on the same streams: an A/B of what the evidence adds.
 Scores per condition and operation: the streamed answer (top level of each prediction) and the window
 model's own answer on the same received rows (its `window` field: what /predict says), operation
 accuracy and exact line (the answer's line equals the row's canonical G-code line), over the answered
@@ -150,19 +152,41 @@ def score(run: dict, offsets: np.ndarray, answers: list[dict], first_scored: int
             "window_exact": np.array([x["window"]["gcode_sequence"] == y for x, y in zip(a, line)])}
 
 
+EVIDENCE_WEIGHT = {"templates": "template_weight", "spread": "spread_weight"}
+
+
+def without_evidence(package: Path, kind: str, work: Path) -> Path:
+    """A copy of the package's model whose tracker lacks operation evidence of this kind -> its model.json."""
+    import shutil
+
+    dst = work / f"without-{kind}-{package.name}"
+    if not dst.exists():
+        meta = json.loads((package / "model.json").read_text())
+        dst.mkdir(parents=True)
+        for name in set(meta["files"].values()):
+            shutil.copy2(package / name, dst / name)
+        tracker = meta.get("program_tracker") or {}
+        if tracker:
+            tracker[kind] = None
+            tracker["params"][EVIDENCE_WEIGHT[kind]] = 0.0
+        (dst / "model.json").write_text(json.dumps(meta))
+    return dst / "model.json"
+
+
 def measure_package(package: Path, swap_to: Path, runs: list[dict], seed: int, chunk: int, every: int | None,
-                    work: Path) -> dict:
+                    work: Path, drop: str | None = None) -> dict:
     import httpx
 
     from gcodefp_core import package as pkg
     from gcodefp_core.fit_program_tracker import make_stream
 
     registry = work / f"registry-{package.name}"
-    pkg.build_package(package / "model.json", registry, version="measured")
-    pkg.build_package(swap_to / "model.json", registry, version="next")
+    source = (lambda p: without_evidence(p, drop, work)) if drop else (lambda p: p / "model.json")
+    pkg.build_package(source(package), registry, version="measured")
+    pkg.build_package(source(swap_to), registry, version="next")
     pkg.promote(registry, "measured")
     proc, url = serve(registry, work / f"server-{package.name}.log")
-    result: dict = {"package": str(package), "swap_to": str(swap_to), "every": every, "conditions": {}}
+    result: dict = {"package": str(package), "swap_to": str(swap_to), "every": every, "dropped": drop, "conditions": {}}
     try:
         with httpx.Client() as client:
             info = client.get(f"{url}/info", timeout=30).json()
@@ -229,6 +253,8 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=32, help="rows per POST")
     ap.add_argument("--every", type=int, default=None,
                     help="tracker: answer every Nth row of a chunk (1: every row; default: the server's, 4)")
+    ap.add_argument("--drop", choices=sorted(EVIDENCE_WEIGHT), default=None,
+                    help="serve the packages without this kind of the tracker's operation evidence (an A/B)")
     ap.add_argument("--output", type=Path, default=REPO / "results" / "stream_conditions.json")
     args = ap.parse_args()
     from gcodefp_core.fileio import write_json
@@ -241,12 +267,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gcodefp-stream-conditions-"))
     # the swap condition swaps to the next package (seeds of one config: a retrained model of the same programs)
     swap_to = args.packages[1:] + args.packages[:1]
-    per_package = [measure_package(p, q, runs, seed, args.chunk, args.every, work)
+    per_package = [measure_package(p, q, runs, seed, args.chunk, args.every, work, args.drop)
                    for seed, (p, q) in enumerate(zip(args.packages, swap_to))]
     summary = summarise(per_package)
     print_table(summary)
     write_json(args.output, {"summary": summary, "per_package": per_package, "conditions": CONDITIONS,
-                             "chunk": args.chunk, "every": args.every, "dataset": str(args.dataset),
+                             "chunk": args.chunk, "every": args.every, "dropped": args.drop, "dataset": str(args.dataset),
                              "date": time.strftime("%Y-%m-%d %H:%M")})
     print(f"wrote {args.output}")
     return 0
