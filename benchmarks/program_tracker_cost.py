@@ -9,9 +9,10 @@ DIR is a built dataset (`gcodefp build-dataset`; the real one has 9 operations o
 repeat times `rows` streamed rows of one session (attached anywhere, every 50th row repeated) in
 process CPU time, so that other processes on a shared machine count less; the median repeat is the
 figure. --every N: one update per N rows (rows=N), as /stream judges by default (N = 4).
-With operation templates (gcodefp_core.fit_templates, fitted from the same training runs), each
-update also matches one window of random readings against them, as /stream does per judged window;
-both are timed, without and with. The window model's own call (the predict graph) is not included:
+With operation evidence from the readings, fitted from the same training runs (the templates,
+gcodefp_core.fit_templates; the spread model, gcodefp_core.fit_spread), each update also scores one
+window of random readings, as /stream does per judged window (ProgramTracker.operation_evidence);
+timed without, with each kind, and with both. The window model's own call (the predict graph) is not included:
 /stream pays it with or without the tracker.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np  # noqa: E402
 from gcodefp_core.dataset import load_dataset  # noqa: E402
 from gcodefp_core.fileio import write_json
 from gcodefp_core.fit_program_tracker import build_program_tracker
+from gcodefp_core.fit_spread import fit_operation_spread
 from gcodefp_core.fit_templates import fit_operation_templates
 from gcodefp_core.programs import build_line_table
 
@@ -34,22 +36,23 @@ from gcodefp_core.programs import build_line_table
 PARAMS = {"line_weight": 0.1, "op_weight": 0.05, "window_weight": 1.0}
 
 
-def measure(tracker, rows: int, repeats: int, every: int = 1, seed: int = 0, features: int = 0) -> dict:
-    """features > 0: the tracker's templates are matched against a window of that many features per update."""
+def measure(tracker, rows: int, repeats: int, every: int = 1, seed: int = 0, window: int = 64, features: int = 0,
+            evidence: str = "none") -> dict:
+    """With operation evidence in the tracker, each update scores a window of random readings [window, features]."""
     rng = np.random.default_rng(seed)
     ops = rng.normal(size=(rows, len(tracker.operations)))
     lines = rng.normal(size=(rows, tracker.n_lines)) * 3
-    windows = rng.normal(size=(8, tracker.templates.window, features)).astype(np.float32) if features else None
+    windows = rng.normal(size=(8, window, features)).astype(np.float32)
     per_row = []
     for _ in range(repeats):
         session = tracker.start()
         t0 = time.process_time()
         for i in range(every - 1, rows, every):
-            template = tracker.templates.scores(windows[i % 8][None])[0] if features else None
+            scores = {k: v[0] for k, v in tracker.operation_evidence(windows[i % 8][None]).items()}
             session.update(ops[i], lines[i], min(i + 1, 64) / 64, int(i // 50 != (i - every) // 50), rows=every,
-                           template=template)
+                           **scores)
         per_row.append((time.process_time() - t0) / rows * 1e6)
-    return {"every": every, "templates": bool(features), "us_per_row_median": float(np.median(per_row)),
+    return {"every": every, "evidence": evidence, "us_per_row_median": float(np.median(per_row)),
             "us_per_update_median": float(np.median(per_row)) * every, "us_per_row": [round(x, 1) for x in per_row]}
 
 
@@ -64,21 +67,27 @@ def main() -> None:
     ds = load_dataset(args.dataset)
     table = build_line_table(ds)
     tracker = build_program_tracker(ds, table, params=PARAMS)
-    templated = build_program_tracker(ds, table, params=PARAMS | {"template_weight": 1.0})
-    templated.templates = fit_operation_templates(ds, list(table.operation_program))
-    runs = [measure(tracker, args.rows, args.repeats, every) for every in args.every]
-    if templated.templates is not None:
-        runs += [measure(templated, args.rows, args.repeats, every, features=len(ds.continuous_features))
-                 for every in args.every]
+    templates = fit_operation_templates(ds, list(table.operation_program))
+    spread = fit_operation_spread(ds)
+    kinds = {"none": {}, "spread": {"spread_weight": 0.03}}
+    if templates is not None:
+        kinds |= {"templates": {"template_weight": 1.0}, "templates+spread": {"template_weight": 1.0, "spread_weight": 0.03}}
+    runs = []
+    for kind, weights in kinds.items():
+        tracker.templates, tracker.spread = templates, spread
+        tracker.set_params(**({"template_weight": 0.0, "spread_weight": 0.0} | weights))
+        runs += [measure(tracker, args.rows, args.repeats, every, window=ds.window, features=len(ds.continuous_features),
+                         evidence=kind) for every in args.every]
     result = {"dataset": str(args.dataset), "states": tracker.n_states, "operations": len(tracker.operations),
               "programs": len(tracker.programs), "line_classes": tracker.n_lines,
               "distinct_timeline_rows": int(len(tracker._row_idx)), "rows": args.rows,
-              "template_channels": len(templated.templates.columns) if templated.templates else 0, "runs": runs}
+              "template_channels": len(templates.columns) if templates else 0,
+              "spread_channels": int(spread.weights.shape[0]), "runs": runs}
     print(f"program tracker: {result['states']} states ({result['operations']} operations over {result['programs']} "
           f"programs), {result['line_classes']} line classes, {result['distinct_timeline_rows']} distinct timeline rows")
-    print(f"{'every':<7}{'templates':<11}{'us per streamed row (repeats)':<34}{'median':>8}{'us per update':>15}")
+    print(f"{'every':<7}{'evidence':<18}{'us per streamed row (repeats)':<34}{'median':>8}{'us per update':>15}")
     for r in result["runs"]:
-        print(f"{r['every']:<7}{'yes' if r['templates'] else 'no':<11}{', '.join(f'{x:.1f}' for x in r['us_per_row']):<34}"
+        print(f"{r['every']:<7}{r['evidence']:<18}{', '.join(f'{x:.1f}' for x in r['us_per_row']):<34}"
               f"{r['us_per_row_median']:>8.1f}"
               f"{r['us_per_update_median']:>15.1f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
