@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from side_channel_streams import CONDITIONS, GRID, checkpoint_tracker  # noqa: E402
 
-# Per kind: the tracker's attribute, its weight param, the weights tried (the training grids).
-KINDS = {"templates": ("templates", "template_weight", TEMPLATE_WEIGHTS), "spread": ("spread", "spread_weight", SPREAD_WEIGHTS)}
+# Per kind: its weight param and the weights tried (the training grids).
+KINDS = {"templates": ("template_weight", TEMPLATE_WEIGHTS), "spread": ("spread_weight", SPREAD_WEIGHTS)}
 KEY = {"templates": "template", "spread": "spread"}   # the stream record's key (run_tracker's argument)
 
 
@@ -82,7 +82,7 @@ def evaluate(path: Path, ds, seed: int) -> dict:
         if kind == "none":
             chosen, validation = 0.0, None
         else:
-            attr, param, weights = KINDS[kind]
+            param, weights = KINDS[kind]
             chosen, validation = fit.choose_evidence_weight(tracker, tune, param, weights)
         at_chosen = {c: score(tracker, tests[c]) for c in CONDITIONS}
         diagnosis = {}
