@@ -8,8 +8,8 @@ conditions it is tuned and evaluated under. Training-side code: torch is allowed
 - `make_stream` / `stream_outputs`: a run as a monitor receives it (attached late, rows lost, a
   pause) and the window model's logits over the windows of the received rows (a window with fewer
   than 64 received rows is padded with its first row, and its evidence weight is the share of real rows).
-- `run_tracker`, `tune_tracker`: replay streams through the tracker; choose the emission weights
-  on validation streams, then the weight of each kind of operation evidence from the readings, the
+- `run_tracker`, `tune_tracker`: replay streams through the tracker, judging every 4th row as /stream
+  does by default (SERVED_EVERY); choose the emission weights on validation streams, then the weight of each kind of operation evidence from the readings, the
   templates (gcodefp_core.fit_templates) and then the spread model (gcodefp_core.fit_spread): the
   best operation among weights within 0.5 points of the best exact line, kept only when exact line +
   operation gain at least 0.5 points over none (choose_evidence_weight).
@@ -151,6 +151,9 @@ def stream_record(models: list, ds, run: dict, offsets: np.ndarray, classes: np.
                                                "op_target": ds.operations.index(run["operation"]), "offsets": offsets}
 
 
+# The rows /stream judges by default (GCODEFP_STREAM_EVERY): training tunes the tracker as it is served,
+# and each replay costs a quarter of judging every row.
+SERVED_EVERY = 4
 DEFAULT_GRID = {"line_weight": [0.0, 0.01, 0.03, 0.1], "op_weight": [0.02, 0.05], "skip": [0.0]}
 # What training searches (every training run pays for it, the tests' tiny ones too): the emission
 # weights the offline benchmark chose lie inside it.
@@ -158,13 +161,15 @@ TRAINING_GRID = {"line_weight": [0.0, 0.03, 0.1], "op_weight": [0.05], "skip": [
 
 
 def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_streams: int | None = 16,
-                        grid: dict | None = None, temperature_windows: int | None = 4096) -> tuple[ProgramTracker, dict]:
+                        grid: dict | None = None, temperature_windows: int | None = 4096,
+                        every: int = SERVED_EVERY) -> tuple[ProgramTracker, dict]:
     """What training stores in the checkpoint (and export in model.json): the tracker of the training
     runs, its temperatures fitted on the validation windows, its emission weights and window_weight
     chosen on validation streams (each run from its start, and attached 25-75% in with 5% of rows
     lost), then the operation evidence from the readings that ships (templates, spread: each only
-    where it gains there). temperature_windows: at most this many validation windows fit the
-    temperatures. -> (tracker, report)."""
+    where it gains there). The replays judge every `every`-th row, as /stream does by default, so the
+    weights are chosen for the tracker as it is served. temperature_windows: at most this many
+    validation windows fit the temperatures. -> (tracker, report)."""
     classes = row_classes(ds, table)
     tracker = build_program_tracker(ds, table)
     tracker.templates = fit_operation_templates(ds, list(table.operation_program))
@@ -188,7 +193,7 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
             streams.append(s)
     if max_streams and len(streams) > max_streams:
         streams = streams[::len(streams) // max_streams + 1]
-    params, results = tune_tracker(tracker, streams, grid or DEFAULT_GRID)
+    params, results = tune_tracker(tracker, streams, grid or DEFAULT_GRID, every=every)
     best = max(results, key=lambda r: (r[1], r[2]))
     report = {"temperatures": temps, "tuning": [r[:3] for r in results], "streams": len(streams),
               "exact_match": best[1], "op_acc": best[2], "conditions": best[3]}
@@ -197,14 +202,14 @@ def fit_program_tracker(models: list, ds, table: LineTable, seed: int = 0, max_s
                                  ("spread", "spread_weight", SPREAD_WEIGHTS)):
         if getattr(tracker, kind) is None:
             continue
-        weight, scored = choose_evidence_weight(tracker, streams, param, weights, baseline=current)
+        weight, scored = choose_evidence_weight(tracker, streams, param, weights, baseline=current, every=every)
         report |= {f"{kind}_tuning": [r[:3] for r in scored]}
         if weight > 0:
             current = next(r for r in scored if r[0] == weight)[1:]
             report |= {"exact_match": current[0], "op_acc": current[1], "conditions": current[2]}
         else:   # no help on validation: the package does not carry it and /stream pays nothing for it
             setattr(tracker, kind, None)
-    return tracker, report | {"params": dict(tracker.params)}
+    return tracker, report | {"params": dict(tracker.params), "every": every}
 
 
 def run_tracker(tracker: ProgramTracker, op_logits, line_logits, weights=None, repeated=None,
@@ -242,12 +247,13 @@ def window_answers(table: LineTable, op_logits: np.ndarray, line_logits: np.ndar
 
 
 def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, list[float]],
-                 window_weights=(0.0, 0.5, 1.0, 2.0, 1e6)) -> tuple[dict, list]:
+                 window_weights=(0.0, 0.5, 1.0, 2.0, 1e6), every: int = 1) -> tuple[dict, list]:
     """Choose tracker params on validation streams by mean exact line over streams (ties: mean op
     accuracy). The filter params in `grid` are searched by replaying the streams; window_weight
     does not change the filter, so it is chosen for each grid point from the same replay.
     streams: dicts with op_logits, line_logits, weights, repeated, line_target (class, -1 unknown),
-    op_target, scored (bool mask), from_start (bool, optional).
+    op_target, scored (bool mask), from_start (bool, optional). every: score the rows a server judging
+    every `every`-th row answers (run_tracker).
     -> (best params, [(params, exact, op, {condition: {streams, exact_match, op_acc}})]), conditions
     "start" (streams with from_start) and "attached" (the others)."""
     results = []
@@ -257,8 +263,8 @@ def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, l
         exact, op = {w: [] for w in window_weights}, []
         for s in streams:
             out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
-                              s.get("from_start", False), template=s.get("template"), spread=s.get("spread"))
-            sel, y = s["scored"], s["line_target"]
+                              s.get("from_start", False), every, s.get("template"), s.get("spread"))
+            sel, y = s["scored"] & out["judged"], s["line_target"]
             w_line, w_conf = window_lines(tracker, out["operation"], s["line_logits"])
             for w in window_weights:
                 line = np.where(w * w_conf > out["line_confidence"], w_line, out["line"])
@@ -294,7 +300,7 @@ SPREAD_WEIGHTS = (0.0, 0.01, 0.03, 0.1)
 
 def choose_evidence_weight(tracker: ProgramTracker, streams: list[dict], param: str = "template_weight",
                            weights=TEMPLATE_WEIGHTS, exact_tolerance: float = 0.005, min_gain: float = 0.005,
-                           baseline: tuple | None = None) -> tuple[float, list]:
+                           baseline: tuple | None = None, every: int = 1) -> tuple[float, list]:
     """The weight `param` of one kind of operation evidence (template_weight, spread_weight) with the
     best mean operation accuracy on validation streams among those within exact_tolerance of the best
     exact line (it is operation evidence: it should not move the line), or 0 unless it gains at least
@@ -312,8 +318,8 @@ def choose_evidence_weight(tracker: ProgramTracker, streams: list[dict], param: 
         exact, op, starts = [], [], []
         for s in streams:
             out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
-                              s.get("from_start", False), template=s.get("template"), spread=s.get("spread"))
-            sel, y, line = s["scored"], s["line_target"], out["line"]   # window_weight applied by the session
+                              s.get("from_start", False), every, s.get("template"), s.get("spread"))
+            sel, y, line = s["scored"] & out["judged"], s["line_target"], out["line"]   # window_weight applied by the session
             exact.append(np.mean((line[sel] == y[sel]) & (y[sel] >= 0)))
             op.append(np.mean(out["operation"][sel] == s["op_target"]))
             starts.append(bool(s.get("from_start", False)))

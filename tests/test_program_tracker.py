@@ -227,6 +227,12 @@ def test_fitted_from_a_dataset_and_tuned_on_its_streams(synthetic_dataset):
     params, grid = fit.tune_tracker(tracker, [stream], {"line_weight": [0.0, 1.0]}, window_weights=(0.0,))
     assert params["line_weight"] == 1.0 and len(grid) == 2
     assert grid[1][1] > grid[0][1]               # evidence beats none when attached mid-run
+    # Tuned as served (every 4th row judged): scored on the rows the server answers, not every row.
+    _, served = fit.tune_tracker(tracker, [stream], {"line_weight": [1.0]}, window_weights=(0.0,), every=4)
+    out = fit.run_tracker(tracker, op_logits, line_logits, every=4)
+    sel = stream["scored"] & out["judged"]
+    assert 0 < sel.sum() <= stream["scored"].sum() / 4 + 1
+    assert served[0][1] == pytest.approx(np.mean(out["line"][sel] == y[sel])) and served[0][1] > 0.5
 
 
 def test_temperature_and_reliability():
@@ -260,7 +266,7 @@ def test_fit_program_tracker_end_to_end_with_a_window_model(synthetic_dataset):
     model.set_line_mask(table.mask)
     tracker, report = fit.fit_program_tracker([model], ds, table, max_streams=2,
                                               grid={"line_weight": [0.0, 0.1], "op_weight": [0.05]})
-    assert report["streams"] == 2 and len(report["tuning"]) == 2 * 5
+    assert report["streams"] == 2 and len(report["tuning"]) == 2 * 5 and report["every"] == fit.SERVED_EVERY
     assert set(report["conditions"]) == {"start", "attached"} and report["exact_match"] == max(r[1] for r in report["tuning"])
     assert tracker.params["line_weight"] in (0.0, 0.1) and tracker.params["op_temperature"] > 0
     # The operation evidence's weights are chosen last (templates, then spread); without a gain on
