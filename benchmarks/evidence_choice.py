@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gcodefp_core import monitor_streams as monitor
 from gcodefp_core.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,14 +41,12 @@ CONDITIONS = {"start": dict(), "attached_loss5": dict(attach=0.25, loss=0.05)}
 
 
 def streams(models, ds, split: str, rng, classes, evidence: dict, draws: int) -> list[dict]:
-    from gcodefp_core import fit_program_tracker as fit
-
     out = []
     for draw in range(draws):
         for name, condition in CONDITIONS.items():
             for run in (r for r in ds.manifest["runs"] if r["split"] == split):
-                offsets = fit.make_stream(run["rows"], rng, **condition)
-                s = fit.stream_record(models, ds, run, offsets, classes, evidence)
+                offsets = monitor.make_stream(run["rows"], rng, **condition)
+                s = monitor.stream_record(models, ds, run, offsets, classes, evidence)
                 s["from_start"] = name == "start"
                 s["scored"] = np.arange(len(offsets)) >= (ds.window - 1 if s["from_start"] else 30)
                 s |= {"run": run["name"], "draw": draw, "condition": name}

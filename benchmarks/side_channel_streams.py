@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gcodefp_core import monitor_streams as monitor
 from gcodefp_core.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +40,10 @@ GRID = {"line_weight": [0.0, 0.01, 0.03, 0.1], "op_weight": [0.02, 0.05], "skip"
 
 
 def condition_streams(models, ds, table, split: str, name: str, rng, classes) -> list[dict]:
-    from gcodefp_core import fit_program_tracker as fit
-
     streams = []
     for run in (r for r in ds.manifest["runs"] if r["split"] == split):
-        offsets = fit.make_stream(run["rows"], rng, **CONDITIONS[name])
-        s = fit.stream_record(models, ds, run, offsets, classes)
+        offsets = monitor.make_stream(run["rows"], rng, **CONDITIONS[name])
+        s = monitor.stream_record(models, ds, run, offsets, classes)
         idx = np.arange(len(offsets))
         s["scored"] = idx >= (30 if "attach" in CONDITIONS[name] else ds.window - 1)
         s["from_start"] = "attach" not in CONDITIONS[name]
@@ -103,7 +102,7 @@ def calibration(ds, table, models, classes, temps: dict) -> dict:
     from gcodefp_core.runtime.program_tracker import log_softmax
 
     ids = ds.split_windows("test")
-    out = fit.stream_outputs(models, ds, ids[:, None] + np.arange(-ds.window + 1, 1))
+    out = monitor.stream_outputs(models, ds, ids[:, None] + np.arange(-ds.window + 1, 1))
     y_op, y_line = ds.operation_labels(ids), classes[ids]
     report = {}
     for label, t_op, t_line in (("before", 1.0, 1.0), ("after", temps["op_temperature"], temps["line_temperature"])):
@@ -126,7 +125,7 @@ def checkpoint_tracker(path: Path, ds) -> tuple[list, object, np.ndarray, object
     classes = row_classes(ds, table)
     tracker = fit.build_program_tracker(ds, table)
     val_ids = ds.split_windows("val")
-    val = fit.stream_outputs(models, ds, val_ids[:, None] + np.arange(-ds.window + 1, 1))
+    val = monitor.stream_outputs(models, ds, val_ids[:, None] + np.arange(-ds.window + 1, 1))
     temps = {"op_temperature": fit.fit_temperature(val["op_logits"], ds.operation_labels(val_ids)),
              "line_temperature": fit.fit_temperature(val["line_logits"], classes[val_ids])}
     tracker.params |= temps

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gcodefp_core import monitor_streams as monitor
 from gcodefp_core.fileio import write_json
 from gcodefp_core.fit_program_tracker import SPREAD_WEIGHTS, TEMPLATE_WEIGHTS
 
@@ -35,12 +36,10 @@ KEY = {"templates": "template", "spread": "spread"}   # the stream record's key 
 
 
 def streams_for(models, ds, table, split: str, condition: str, rng, classes, evidence: dict) -> list[dict]:
-    from gcodefp_core import fit_program_tracker as fit
-
     out = []
     for run in (r for r in ds.manifest["runs"] if r["split"] == split):
-        offsets = fit.make_stream(run["rows"], rng, **CONDITIONS[condition])
-        s = fit.stream_record(models, ds, run, offsets, classes, {KEY[k]: e for k, e in evidence.items()})
+        offsets = monitor.make_stream(run["rows"], rng, **CONDITIONS[condition])
+        s = monitor.stream_record(models, ds, run, offsets, classes, {KEY[k]: e for k, e in evidence.items()})
         s["from_start"] = "attach" not in CONDITIONS[condition]
         s["scored"] = np.arange(len(offsets)) >= (ds.window - 1 if s["from_start"] else 30)
         s["operation"] = run["operation"]

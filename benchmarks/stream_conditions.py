@@ -17,7 +17,7 @@ monitor would (chunks of --chunk rows, JSON bodies, nulls for absent readings):
 - swap:            from the start; at a chunk boundary in the middle third the server swaps models
                    (POST /admin/reload) to the next package of --packages (with one package: itself
                    under another version), as a scheduled retraining does; scored from the swap on.
-The conditions are gcodefp_core.fit_program_tracker.make_stream's, seeded per package and condition.
+The conditions are gcodefp_core.monitor_streams.make_stream's, seeded per package and condition.
 --drop templates|spread serves each package with that kind of the tracker's operation evidence
 removed (its weight 0), on the same streams: an A/B of what the evidence adds.
 Scores per condition and operation: the streamed answer (top level of each prediction) and the window
@@ -178,7 +178,7 @@ def measure_package(package: Path, swap_to: Path, runs: list[dict], seed: int, c
     import httpx
 
     from gcodefp_core import package as pkg
-    from gcodefp_core.fit_program_tracker import make_stream
+    from gcodefp_core.monitor_streams import make_stream
 
     registry = work / f"registry-{package.name}"
     source = (lambda p: without_evidence(p, drop, work)) if drop else (lambda p: p / "model.json")

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import side_channel_streams as scs
 import template_emission as te
 
+from gcodefp_core import monitor_streams as monitor
 from gcodefp_core.fileio import write_json
 from gcodefp_core.runtime.program_tracker import ProgramTracker
 
@@ -58,7 +59,7 @@ class TemplateTracker(ProgramTracker):
 def template_scores(ds, seg: np.ndarray, cols: list[int], run: dict, offsets: np.ndarray, basis=None) -> np.ndarray:
     """[received rows, states] cosine of each row's last L received rows with every state's segment
     (projected on `basis` first when given: a run's level is removed by the per-window centring)."""
-    from gcodefp_core.fit_program_tracker import stream_windows
+    from gcodefp_core.monitor_streams import stream_windows
 
     rows, _ = stream_windows(ds, run, offsets)                  # [n, 64], padded with the first row
     x = ds.arrays["rows_continuous"][rows[:, ::-1][:, ::STEP][:, ::-1]][..., cols]
@@ -135,7 +136,7 @@ def evaluate(path: Path, seed: int, ds, data, seg, cols, basis, cached: Path | N
     else:   # as side_channel_streams.evaluate_checkpoint: temperatures, then the emission grid
         base = fit.build_program_tracker(ds, table)
         ids = ds.split_windows("val")
-        val = fit.stream_outputs(models, ds, ids[:, None] + np.arange(-ds.window + 1, 1))
+        val = monitor.stream_outputs(models, ds, ids[:, None] + np.arange(-ds.window + 1, 1))
         base.params |= {"op_temperature": fit.fit_temperature(val["op_logits"], ds.operation_labels(ids)),
                         "line_temperature": fit.fit_temperature(val["line_logits"], classes[ids])}
         rng = np.random.default_rng(seed)

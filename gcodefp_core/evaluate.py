@@ -171,7 +171,8 @@ def tracker_stream_report(models, tracker, table, ds, split: str, every: int = 4
     start, and attached at a random point 25-75% in with 5% of rows lost. Scored at judged rows from
     the first full window (start) or from 30 received rows on (attached), as the tracker is tuned.
     The top-level overall / per_operation are the "start" condition's."""
-    from .fit_program_tracker import make_stream, run_tracker, stream_record
+    from .fit_program_tracker import run_tracker
+    from .monitor_streams import make_stream, stream_record
     from .programs import row_classes
 
     classes, rng = row_classes(ds, table), np.random.default_rng(seed)

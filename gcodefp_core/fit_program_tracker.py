@@ -5,9 +5,7 @@ conditions it is tuned and evaluated under. Training-side code: torch is allowed
   and the tempo spread; the line prior from the training windows.
 - `fit_temperature`: temperature scaling of logits on validation (minimum NLL), the calibration the
   tracker's emissions and window mode's confidences use.
-- `make_stream` / `stream_outputs`: a run as a monitor receives it (attached late, rows lost, a
-  pause) and the window model's logits over the windows of the received rows (a window with fewer
-  than 64 received rows is padded with its first row, and its evidence weight is the share of real rows).
+- the validation streams come from gcodefp_core.monitor_streams (a run as a monitor receives it).
 - `run_tracker`, `tune_tracker`: replay streams through the tracker, judging every 4th row as /stream
   does by default (SERVED_EVERY); choose the emission weights on validation streams, then the weight of each kind of operation evidence from the readings, the
   templates (gcodefp_core.fit_templates) and then the spread model (gcodefp_core.fit_spread): the
@@ -22,6 +20,7 @@ import numpy as np
 
 from .fit_spread import fit_operation_spread
 from .fit_templates import fit_operation_templates
+from .monitor_streams import make_stream, stream_outputs, stream_record
 from .runtime.program_tracker import PARAMS, ProgramTracker, log_softmax
 from .runtime.tracked_stream import judged_rows
 from .programs import LineTable, row_classes
@@ -79,76 +78,6 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> 
             rows.append({"bin": [round(edges[b], 2), round(edges[b + 1], 2)], "n": int(sel.sum()),
                          "confidence": round(conf, 4), "accuracy": round(acc, 4)})
     return {"ece": float(ece), "bins": rows}
-
-
-def make_stream(n_rows: int, rng: np.random.Generator, attach: float | None = None, loss: float = 0.0,
-                pause_rows: int = 0) -> np.ndarray:
-    """The row offsets (within the run) a monitor receives, in order.
-    attach: attach at a uniformly random fraction in [attach, 0.75] of the run (None: from row 0);
-    loss: each row after attachment is lost with this probability; pause_rows: at a random row in
-    the middle third, that row's readings repeat this many extra times (the machine stands still)."""
-    first = int(rng.uniform(attach, max(attach, 0.75)) * n_rows) if attach is not None else 0
-    rows = np.arange(first, n_rows)
-    if loss:
-        keep = rng.random(len(rows)) >= loss
-        keep[0] = True
-        rows = rows[keep]
-    if pause_rows:
-        at = int(rng.integers(len(rows) // 3, 2 * len(rows) // 3))
-        rows = np.concatenate([rows[:at + 1], np.full(pause_rows, rows[at]), rows[at + 1:]])
-    return rows
-
-
-def stream_windows(ds, run: dict, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dataset row indices of the window ending at each received row [len, W] (padded with the
-    first received row) and each window's share of real rows."""
-    w = ds.window
-    got = run["first_row"] + np.asarray(offsets, np.int64)
-    j = np.arange(len(got))[:, None] + np.arange(-w + 1, 1)[None, :]
-    return got[np.clip(j, 0, None)], np.minimum(np.arange(len(got)) + 1, w) / w
-
-
-def stream_outputs(models: list, ds, rows: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
-    """Mean (over ensemble members) op and line logits of windows given as dataset row indices."""
-    import torch
-
-    cont = ds.arrays["rows_continuous"]
-    cat = ds.arrays["rows_categorical"]
-    op, line = [], []
-    with torch.no_grad():
-        for s in range(0, len(rows), batch_size):
-            r = rows[s:s + batch_size]
-            c, k = torch.as_tensor(cont[r]), torch.as_tensor(cat[r].astype(np.int64))
-            o, li = 0.0, 0.0
-            for m in models:
-                m.eval()
-                oo, ll = m.heads(m.summarise(c, k))
-                o, li = o + oo.double() / len(models), li + ll.double() / len(models)
-            op.append(o.numpy())
-            line.append(li.numpy())
-    return {"op_logits": np.concatenate(op), "line_logits": np.concatenate(line)}
-
-
-def evidence_scores(evidence, ds, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Operation evidence (OperationTemplates or OperationSpread: .scores) per operation of windows
-    given as dataset row indices [n, W]."""
-    cont = ds.arrays["rows_continuous"]
-    return np.concatenate([evidence.scores(cont[rows[s:s + batch_size]]) for s in range(0, len(rows), batch_size)])
-
-
-def stream_record(models: list, ds, run: dict, offsets: np.ndarray, classes: np.ndarray,
-                  evidence: dict | None = None) -> dict:
-    """One received stream of a run: the window model's logits, evidence weights (share of real rows),
-    repeated-row flags (the row's features equal the previous row's), targets, and per kind of
-    operation evidence given ({"template": OperationTemplates, "spread": OperationSpread}, None
-    values skipped) each window's scores under that key."""
-    rows, weights = stream_windows(ds, run, offsets)
-    got = run["first_row"] + np.asarray(offsets, np.int64)
-    cont = ds.arrays["rows_continuous"][got]
-    repeated = np.concatenate([[False], (cont[1:] == cont[:-1]).all(axis=1)])
-    extra = {k: evidence_scores(e, ds, rows) for k, e in (evidence or {}).items() if e is not None}
-    return stream_outputs(models, ds, rows) | extra | {"weights": weights, "repeated": repeated, "line_target": classes[got],
-                                               "op_target": ds.operations.index(run["operation"]), "offsets": offsets}
 
 
 # The rows /stream judges by default (GCODEFP_STREAM_EVERY): training tunes the tracker as it is served,

@@ -98,7 +98,7 @@ def test_the_spread_model_is_fitted_from_the_training_runs_of_a_dataset(syntheti
     """The synthetic operations cut at their own feeds and loads: on windows of training runs, the
     fitted model names the run's operation for most of them, and the fit is deterministic."""
     from gcodefp_core.dataset import load_dataset
-    from gcodefp_core.fit_program_tracker import evidence_scores
+    from gcodefp_core.monitor_streams import evidence_scores
     from gcodefp_core.fit_spread import fit_operation_spread
 
     ds = load_dataset(synthetic_dataset)

@@ -92,7 +92,7 @@ def test_the_tracker_adds_template_evidence_to_each_operations_states_only_when_
 
 def test_templates_are_fitted_from_the_training_runs_of_a_dataset(synthetic_dataset):
     from gcodefp_core.dataset import load_dataset
-    from gcodefp_core.fit_program_tracker import evidence_scores
+    from gcodefp_core.monitor_streams import evidence_scores
     from gcodefp_core.programs import build_line_table
 
     ds = load_dataset(synthetic_dataset)

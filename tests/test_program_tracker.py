@@ -202,6 +202,7 @@ def test_bad_tracker_dicts_name_the_field(field, change, message):
 
 def test_fitted_from_a_dataset_and_tuned_on_its_streams(synthetic_dataset):
     from gcodefp_core import fit_program_tracker as fit
+    from gcodefp_core import monitor_streams as monitor
     from gcodefp_core.dataset import load_dataset
     from gcodefp_core.programs import build_line_table, row_classes
 
@@ -216,7 +217,7 @@ def test_fitted_from_a_dataset_and_tuned_on_its_streams(synthetic_dataset):
     # Oracle evidence (one-hot on the true line) streamed from a late attachment with lost rows.
     classes = row_classes(ds, table)
     run = next(r for r in ds.manifest["runs"] if r["split"] == "test")
-    offsets = fit.make_stream(run["rows"], np.random.default_rng(0), attach=0.25, loss=0.05)
+    offsets = monitor.make_stream(run["rows"], np.random.default_rng(0), attach=0.25, loss=0.05)
     y = classes[run["first_row"] + offsets]
     line_logits = np.where(np.arange(table.n_lines)[None, :] == y[:, None], 5.0, 0.0)
     op_logits = np.zeros((len(y), len(ds.operations)))
