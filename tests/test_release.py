@@ -90,6 +90,13 @@ def test_choose_variant_ships_the_fastest_that_kept_the_answer():
             "int8_dynamic": {"p95_ms": 1.0, "within_accuracy_bar": False},
             "int8_static": {"p95_ms": 2.0, "within_accuracy_bar": True}}
     assert release.choose_variant(rows)[0] == "int8_static"
+    # Within the benchmark's noise (10%) of the fastest, the smallest ships; beyond it, the fastest.
+    sized = {"fp32": {"p95_ms": 1.39, "size_mb": 22.2, "within_accuracy_bar": True},
+             "int8_static": {"p95_ms": 1.49, "size_mb": 5.9, "within_accuracy_bar": True},
+             "int8_dynamic": {"p95_ms": 1.40, "size_mb": 5.8, "within_accuracy_bar": False}}
+    assert release.choose_variant(sized)[0] == "int8_static"
+    sized["int8_static"]["p95_ms"] = 1.60
+    assert release.choose_variant(sized)[0] == "fp32"
     assert release.choose_variant(rows, "int8_dynamic") == ("int8_dynamic", "requested in config")
     with pytest.raises(ValueError, match="ship_variant"):
         release.choose_variant(rows, "fp64")
