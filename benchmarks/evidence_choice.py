@@ -8,13 +8,15 @@ per checkpoint, every weight of one kind on several independent draws of validat
 run from its start, and attached 25-75% in with 5% of rows lost) and on the test split, per stream,
 and reports for each decision rule the weight it chooses and what that weight does on test:
 
-- `mean`: the training rule as it was: the best weight if it gains >= 0.5 points of exact line +
-  operation over none on one draw;
-- `smallest`: the least weight within 0.5 points of the best exact line + operation on all draws,
-  kept if it gains >= 0.5 points over none;
-- `paired`: the best on all draws, and the gain must hold for the runs, not a few of them: in at least
-  `--confidence` of bootstrap resamples of the validation runs (all draws of a run together), the
-  resampled gain is positive.
+- `best_op`: the rule training used up to commit 6a9bcf3: on one draw, the best operation among the
+  weights within 0.5 points of the best exact line, kept if it gains >= 0.5 points of exact line +
+  operation over none;
+- `least`: the rule training uses now (fit_program_tracker.pick_evidence_weight): the least weight
+  within 0.5 points of the best exact line and of the best operation, same gain; `least_all_draws`:
+  the same on every draw;
+- `paired`: `best_op` on every draw, and the gain must hold for the runs, not a few of them: in at
+  least `--confidence` of bootstrap resamples of the validation runs (all draws of a run together),
+  the resampled gain is positive.
 
 Tuning replays judge every `--every`-th row as the server does (4, its default).
 
@@ -110,22 +112,19 @@ def evaluate(path: Path, ds, seed: int, kind: str, draws: int, every: int, confi
                                     zip(test, scores[w]["test"][:, 1] - scores[0.0]["test"][:, 1]) if abs(g) > 0.005},
             "test_by_condition": {c: scores[w]["test"][[s["condition"] == c for s in test]].mean(0).tolist()
                                   for c in CONDITIONS}}
-    # the rule as it was: one draw, exact within 0.5 of the best, best op, kept if the sum gains >= 0.5
-    def choose(vals: dict, ok=lambda w: True) -> float:
+    def best_op(vals: dict, ok=lambda w: True) -> float:
+        """The rule before pick_evidence_weight: the best operation among weights within 0.5 points
+        of the best exact line, kept if exact + op gain >= 0.5 points over none."""
         top = max(v[0] for v in vals.values())
         best = max((w for w, v in vals.items() if v[0] >= top - 0.005), key=lambda w: (vals[w][1], vals[w][0], -w))
         return best if sum(vals[best]) >= sum(vals[0.0]) + 0.005 and ok(best) else 0.0
-    def smallest(vals: dict) -> float:   # the least weight within 0.5 points of the best sum
-        top = max(sum(v) for v in vals.values())
-        w = min(w for w, v in vals.items() if sum(v) >= top - 0.005)
-        return w if sum(vals[w]) >= sum(vals[0.0]) + 0.005 else 0.0
     first_draw = {w: r["val_first_draw"] for w, r in report["weights"].items()}
     all_draws = {w: r["val_all_draws"] for w, r in report["weights"].items()}
     report["rules"] = {
-        "mean": choose(first_draw),
-        "mean_all_draws": choose(all_draws),
-        "paired": choose(all_draws, lambda w: report["weights"][w]["val_paired_confidence"] >= confidence),
-        "smallest": smallest(all_draws)}
+        "best_op": best_op(first_draw),
+        "least": fit.pick_evidence_weight([(w, *v) for w, v in first_draw.items()]),
+        "least_all_draws": fit.pick_evidence_weight([(w, *v) for w, v in all_draws.items()]),
+        "paired": best_op(all_draws, lambda w: report["weights"][w]["val_paired_confidence"] >= confidence)}
     base = report["weights"][0.0]["test"]
     for rule, w in report["rules"].items():
         t = report["weights"][w]["test"]

@@ -137,3 +137,17 @@ def test_the_template_weight_is_kept_only_where_it_gains_on_validation():
     assert weight > 0 and max(r[2] for r in scored) > scored[0][2]
     weight, _ = choose_evidence_weight(tracker, streams([0.5, 0.5, 0.5]))
     assert weight == 0.0 and tracker.params["template_weight"] == 0.0
+
+
+def test_the_least_evidence_weight_that_does_as_well_ships():
+    """A larger weight that beats a smaller one by a hair on validation is noise: the least weight within
+    0.5 points of the best exact line and operation ships; nothing ships without a 0.5-point gain."""
+    from gcodefp_core.fit_program_tracker import pick_evidence_weight
+
+    scored = [(0.0, 0.890, 0.940), (0.01, 0.890, 0.969), (0.03, 0.890, 0.968), (0.1, 0.889, 0.970)]
+    assert pick_evidence_weight(scored) == 0.01
+    scored[3] = (0.1, 0.889, 0.990)                       # a real gain in operation: the larger weight
+    assert pick_evidence_weight(scored) == 0.1
+    scored[3] = (0.1, 0.870, 0.990)                       # ... unless it moves the line
+    assert pick_evidence_weight(scored) == 0.01
+    assert pick_evidence_weight([(0.0, 0.89, 0.97), (0.01, 0.89, 0.973)]) == 0.0
