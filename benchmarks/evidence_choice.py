@@ -78,6 +78,14 @@ def paired_confidence(gain: np.ndarray, runs: list[str], rng, resamples: int = 2
     return float((by_run[picks].mean(axis=1) > 0).mean())
 
 
+def best_op(vals: dict, ok=lambda w: True) -> float:
+    """The rule before pick_evidence_weight, on {weight: [exact, op]}: the best operation among weights
+    within 0.5 points of the best exact line, kept if exact + op gain >= 0.5 points over none (and ok)."""
+    top = max(v[0] for v in vals.values())
+    best = max((w for w, v in vals.items() if v[0] >= top - 0.005), key=lambda w: (vals[w][1], vals[w][0], -w))
+    return best if sum(vals[best]) >= sum(vals[0.0]) + 0.005 and ok(best) else 0.0
+
+
 def evaluate(path: Path, ds, seed: int, kind: str, draws: int, every: int, confidence: float) -> dict:
     from gcodefp_core import fit_program_tracker as fit
     from gcodefp_core.fit_spread import fit_operation_spread
@@ -112,12 +120,6 @@ def evaluate(path: Path, ds, seed: int, kind: str, draws: int, every: int, confi
                                     zip(test, scores[w]["test"][:, 1] - scores[0.0]["test"][:, 1]) if abs(g) > 0.005},
             "test_by_condition": {c: scores[w]["test"][[s["condition"] == c for s in test]].mean(0).tolist()
                                   for c in CONDITIONS}}
-    def best_op(vals: dict, ok=lambda w: True) -> float:
-        """The rule before pick_evidence_weight: the best operation among weights within 0.5 points
-        of the best exact line, kept if exact + op gain >= 0.5 points over none."""
-        top = max(v[0] for v in vals.values())
-        best = max((w for w, v in vals.items() if v[0] >= top - 0.005), key=lambda w: (vals[w][1], vals[w][0], -w))
-        return best if sum(vals[best]) >= sum(vals[0.0]) + 0.005 and ok(best) else 0.0
     first_draw = {w: r["val_first_draw"] for w, r in report["weights"].items()}
     all_draws = {w: r["val_all_draws"] for w, r in report["weights"].items()}
     report["rules"] = {
