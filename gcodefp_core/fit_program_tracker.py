@@ -267,7 +267,7 @@ def pick_evidence_weight(scored: list[tuple], exact_tolerance: float = 0.005, mi
     the best exact line, the least nonzero one within exact_tolerance of their best operation; 0 unless
     it gains min_gain in exact + op over weight 0. The least, because on 21 validation runs a larger
     weight that wins by a hair is noise, and on the test split it costs (benchmarks/evidence_choice.py:
-    on `full`, spread weight 0.1 cost 1.4-4.2 points of operation where 0.01 cost 0-0.2)."""
+    on `full`, spread weight 0.1 cost 1.2-4.2 points of operation where 0.01 moved it by 0.2 at most)."""
     top = max(r[1] for r in scored)
     near = [r for r in scored if r[1] >= top - exact_tolerance]
     best_op = max(r[2] for r in near)
