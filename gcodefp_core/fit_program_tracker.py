@@ -1,7 +1,7 @@
 """Fitting the program tracker (gcodefp_core.runtime.program_tracker) from training runs, and the streamed
 conditions it is tuned and evaluated under. Training-side code: torch is allowed here.
 
-- `build_program_tracker`: per program, the lines the training runs execute at each row offset
+- `build_program_tracker`: per operation, the lines its training runs execute at each row offset
   and the tempo spread; the line prior from the training windows.
 - `fit_temperature`: temperature scaling of logits on validation (minimum NLL), the calibration the
   tracker's emissions and window mode's confidences use.
@@ -27,16 +27,30 @@ from .runtime.tracked_stream import judged_rows
 from .programs import LineTable, row_classes
 
 
-def build_program_tracker(ds, table: LineTable, top_k: int = 6, params: dict | None = None) -> ProgramTracker:
-    """The tracker of a dataset's training runs over the line classes of `table`: per program and
+def build_program_tracker(ds, table: LineTable, top_k: int = 6, params: dict | None = None,
+                          per_operation: bool = True) -> ProgramTracker:
+    """The tracker of a dataset's training runs over the line classes of `table`: per timeline and
     row offset, the top_k most common line classes and their shares; the tempo from the spread of
     the runs' lengths (a robust standard deviation s over length n: a per-row chance e of a
-    0- or 2-row step gives a spread of sqrt(2 e n), so e = s^2 / 2n, kept within 0.3-5%)."""
+    0- or 2-row step gives a spread of sqrt(2 e n), so e = s^2 / 2n, kept within 0.3-5%).
+    per_operation: each operation's timeline comes from its own training runs (from its program's
+    runs when it has none). A damaged run executes its program's lines at its own pace (the real
+    damageadaptive runs take 498 rows, their program's normal runs 500-506), so a timeline shared with
+    the normal runs names the wrong line at a given row offset: the row clock on the shared timeline
+    scores 34% exact line on the unseen damageadaptive runs, on their own 78-92%. False: one timeline
+    per program (the packages before this option; they load unchanged)."""
     classes = row_classes(ds, table)
     runs = [r for r in ds.manifest["runs"] if r["split"] == "train"]
+    program_of = {op: table.operation_program[o] for o, op in enumerate(ds.operations)}
+    if per_operation:
+        names, timeline_of = list(ds.operations), list(range(len(ds.operations)))
+        groups = [[r for r in runs if r["operation"] == op] or [r for r in runs if program_of[r["operation"]] == program_of[op]]
+                  for op in ds.operations]
+    else:
+        names, timeline_of = list(table.programs), list(table.operation_program)
+        groups = [[r for r in runs if program_of[r["operation"]] == p] for p in range(len(table.programs))]
     lines, shares, tempo = [], [], []
-    for p, name in enumerate(table.programs):
-        mine = [r for r in runs if table.operation_program[ds.operations.index(r["operation"])] == p]
+    for name, mine in zip(names, groups):
         if not mine:
             raise ValueError(f"program {name!r}: no training run")
         length = max(r["rows"] for r in mine)
@@ -54,8 +68,8 @@ def build_program_tracker(ds, table: LineTable, top_k: int = 6, params: dict | N
         tempo.append(np.array([e, 1 - 2 * e, e]))
     train_cls = classes[ds.split_windows("train")]
     freq = np.bincount(train_cls[train_cls >= 0], minlength=table.n_lines) + 1.0
-    return ProgramTracker(list(ds.operations), list(table.programs), list(table.operation_program), lines, shares,
-                          tempo, np.log(freq / freq.sum()), PARAMS | (params or {}))
+    return ProgramTracker(list(ds.operations), names, timeline_of, lines, shares, tempo, np.log(freq / freq.sum()),
+                          PARAMS | (params or {}))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, grid=np.exp(np.linspace(np.log(0.25), np.log(8), 61))) -> float:

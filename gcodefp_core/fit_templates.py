@@ -75,7 +75,7 @@ def registered_mean(runs: list[np.ndarray], signals: list[np.ndarray], length: i
 
 def fit_operation_templates(ds, program_of_operation: list[int]) -> OperationTemplates | None:
     """The templates of a dataset's training runs (None when the features hold no template channel).
-    A template spans the longest training run of its operation's program, as the tracker's timeline does."""
+    A template spans the longest training run of its operation's program."""
     features = ds.continuous_features
     cols = template_columns(features)
     if not cols:

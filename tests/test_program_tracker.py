@@ -210,12 +210,23 @@ def test_fitted_from_a_dataset_and_tuned_on_its_streams(synthetic_dataset):
     table = build_line_table(ds)
     tracker = fit.build_program_tracker(ds, table, top_k=3)
     train = [r for r in ds.manifest["runs"] if r["split"] == "train"]
-    for p, name in enumerate(table.programs):
-        runs = [r for r in train if table.operation_program[ds.operations.index(r["operation"])] == p]
-        assert tracker.timeline_line[p].shape == (max(r["rows"] for r in runs), 3)
-        assert np.allclose(tracker.timeline_share[p].sum(1), 1.0)
-    # Oracle evidence (one-hot on the true line) streamed from a late attachment with lost rows.
     classes = row_classes(ds, table)
+    # One timeline per operation, from its own training runs: a damaged variant keeps its own pace.
+    assert tracker.programs == list(ds.operations) and tracker.operation_program == list(range(len(ds.operations)))
+    single = 0
+    for o, op in enumerate(ds.operations):
+        runs = [r for r in train if r["operation"] == op]
+        assert tracker.timeline_line[o].shape == (max(r["rows"] for r in runs), 3)
+        assert np.allclose(tracker.timeline_share[o].sum(1), 1.0)
+        if len(runs) == 1:   # its one run's line at every offset, with share 1
+            c = classes[runs[0]["first_row"]:runs[0]["first_row"] + runs[0]["rows"]]
+            np.testing.assert_array_equal(tracker.timeline_line[o][:, 0], np.where(c >= 0, c, table.n_lines))
+            assert (tracker.timeline_share[o][:, 0] == 1.0).all()
+            single += 1
+    assert single and any(op.startswith("damage") for op in ds.operations)
+    shared = fit.build_program_tracker(ds, table, top_k=3, per_operation=False)   # the older packages' layout
+    assert shared.programs == list(table.programs) and shared.operation_program == list(table.operation_program)
+    # Oracle evidence (one-hot on the true line) streamed from a late attachment with lost rows.
     run = next(r for r in ds.manifest["runs"] if r["split"] == "test")
     offsets = monitor.make_stream(run["rows"], np.random.default_rng(0), attach=0.25, loss=0.05)
     y = classes[run["first_row"] + offsets]

@@ -6,11 +6,12 @@ instead of counting rows, so it needs no row counter from the client, survives a
 mid-run, lost rows and pauses, and says how sure it is.
 
 Hidden state, one per (operation, row offset since the program started), plus a paused twin:
-- runs of one program take almost the same number of rows (adaptive 345-346, pocket 296-301), so
+- runs of one operation take almost the same number of rows (adaptive 345-346, pocket 296-301), so
   the row offset says where in the program the machine is: at each offset the training runs give
   the lines executed there and their shares (`timeline_*`, the K most common). How long each line
-  dwells is in that table: a line held for 5 rows spans 5 offsets. Damaged runs share their
-  program's timeline but are separate states, so the damaged-or-not evidence adds up over a run;
+  dwells is in that table: a line held for 5 rows spans 5 offsets. A damaged variant runs its
+  program at its own pace and has its own timeline (`programs` names the timelines; packages before
+  this shared one per program); its states are separate, so the damaged-or-not evidence adds up;
 - the *paused* twin of a state holds the same line while the machine stands still.
 Transitions per streamed row:
 - `tempo` (per program, from the spread of the training runs' lengths): the offset advances by 1,
@@ -64,8 +65,8 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 @dataclass
 class ProgramTracker:
     operations: list[str]
-    programs: list[str]
-    operation_program: list[int]          # per operation: index into programs
+    programs: list[str]                   # the timelines' names (one per operation; older packages: per program)
+    operation_program: list[int]          # per operation: index into programs (its timeline)
     timeline_line: list[np.ndarray]       # per program [T, K]: the K most common line classes at row offset t
     timeline_share: list[np.ndarray]      # per program [T, K]: the share of training runs on each (index n_lines: a line the table lacks)
     tempo: list[np.ndarray]               # per program: P(the offset advances by 0, 1, 2, .. per row)
