@@ -6,7 +6,8 @@ Each operation runs one fixed program, and runs of one program take almost the s
 in the training runs of the same program (the most common line at that offset), predicts the line.
 This is not something a window model can use: a 64-row window does not say where the program
 started. It measures what a streaming monitor would gain by keeping that one number per machine,
-and it is the reference for the side-channel exact-line bar. Streaming mode (gcodefp_core.runtime.clock)
+and it is the reference for the side-channel exact-line bar: the ceiling of a tracker that names
+the line from the offset. Timelines per program (the row clock) and per operation (the tracker's). Streaming mode (gcodefp_core.runtime.clock)
 uses the same clock with the operation inferred from the sensors.
 
     .venv/bin/python benchmarks/program_clock.py --dataset DIR [--output results/program_clock.json]
@@ -25,23 +26,35 @@ import numpy as np
 from gcodefp_core.clock_fitting import build_program_clock
 from gcodefp_core.dataset import load_dataset
 from gcodefp_core.fileio import write_json
+from gcodefp_core.fit_program_tracker import build_program_tracker
 from gcodefp_core.programs import build_line_table
 
 
 def evaluate(ds, split: str = "test") -> dict:
-    """The clock alone (gcodefp_core.runtime.clock.ProgramClock, the operation known): per window, is the
-    most common training line at its row offset the target line?"""
+    """The clock alone, the operation known: per window, is the most common training line at its row
+    offset the target line? Two lookups: `per_program` (gcodefp_core.runtime.clock.ProgramClock: one
+    timeline per program, damaged variants mixed with the normal runs) and `per_operation` (the
+    program tracker's timelines since ba282ab: each operation's own runs, so a damaged variant keeps
+    its own pace)."""
     table = build_line_table(ds)
     clock = build_program_clock(ds, table)
+    tracker = build_program_tracker(ds, table, top_k=1)
     run_of, runs = ds.arrays["row_run"], ds.manifest["runs"]
     ids = ds.split_windows(split)
-    hits: dict[str, list[bool]] = defaultdict(list)
+    hits = {"per_program": defaultdict(list), "per_operation": defaultdict(list)}
     for w, op, target in zip(ids, ds.operation_labels(ids), ds.target_lines(ids)):
         run = runs[int(run_of[w])]
-        hit = clock.lookup(table.operation_program[op], int(w) - run["first_row"])
-        hits[run["operation"]].append(hit is not None and table.lines[hit[0]] == target)
-    out = {"overall": float(np.mean([h for v in hits.values() for h in v])), "windows": len(ids)}
-    out["per_operation"] = {op: {"exact_match": float(np.mean(v)), "windows": len(v)} for op, v in sorted(hits.items())}
+        offset = int(w) - run["first_row"]
+        hit = clock.lookup(table.operation_program[op], offset)
+        hits["per_program"][run["operation"]].append(hit is not None and table.lines[hit[0]] == target)
+        timeline = tracker.timeline_line[tracker.operation_program[op]][:, 0]
+        line = int(timeline[min(offset, len(timeline) - 1)])
+        hits["per_operation"][run["operation"]].append(line < table.n_lines and table.lines[line] == target)
+    out = {"windows": len(ids)}
+    for kind, per in hits.items():
+        out[kind] = {"overall": float(np.mean([h for v in per.values() for h in v])),
+                     "per_operation": {op: {"exact_match": float(np.mean(v)), "windows": len(v)}
+                                       for op, v in sorted(per.items())}}
     return out
 
 
@@ -52,11 +65,13 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=Path("results/program_clock.json"))
     args = ap.parse_args()
     result = evaluate(load_dataset(args.dataset), args.split)
-    print(f"program clock (row offset since the program started + known operation), {args.split} split:")
-    print(f"{'operation':<16}{'windows':>9}{'exact line':>12}")
-    for op, m in result["per_operation"].items():
-        print(f"{op:<16}{m['windows']:>9}{100 * m['exact_match']:>11.1f}%")
-    print(f"{'OVERALL':<16}{result['windows']:>9}{100 * result['overall']:>11.1f}%")
+    print(f"program clock (row offset since the program started + known operation), {args.split} split, exact line:")
+    print(f"{'operation':<16}{'windows':>9}{'per program':>13}{'per operation':>15}")
+    per_program, per_operation = result["per_program"], result["per_operation"]
+    for op, m in per_program["per_operation"].items():
+        print(f"{op:<16}{m['windows']:>9}{100 * m['exact_match']:>12.1f}%"
+              f"{100 * per_operation['per_operation'][op]['exact_match']:>14.1f}%")
+    print(f"{'OVERALL':<16}{result['windows']:>9}{100 * per_program['overall']:>12.1f}%{100 * per_operation['overall']:>14.1f}%")
     write_json(args.output, result)
     print(f"wrote {args.output}")
 

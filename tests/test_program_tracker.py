@@ -289,3 +289,20 @@ def test_fit_program_tracker_end_to_end_with_a_window_model(synthetic_dataset):
     assert (tracker.spread is not None) == (tracker.params["spread_weight"] > 0)
     again = ProgramTracker.from_dict(json.loads(json.dumps(tracker.to_dict())))
     assert again.params == tracker.params and again.n_states == tracker.n_states
+
+
+def test_tuning_takes_the_least_weights_among_near_ties():
+    """Grid points within half a point of the best exact line (and of their best operation) tie; the
+    least weights win, in the grid's order. A real gain still wins."""
+    from gcodefp_core.fit_program_tracker import pick_tracker_params
+
+    def point(line_weight, window_weight, exact, op):
+        return ({"line_weight": line_weight, "op_weight": 0.05, "window_weight": window_weight}, exact, op, {})
+
+    tie = [point(0.0, 0.0, 0.4130, 0.898), point(0.0, 1.0, 0.4404, 0.898), point(0.03, 0.5, 0.4407, 0.9026),
+           point(0.1, 0.0, 0.4015, 0.9021)]
+    assert pick_tracker_params(tie)[0] == {"line_weight": 0.0, "op_weight": 0.05, "window_weight": 1.0}
+    gain = tie[:2] + [point(0.03, 0.5, 0.4600, 0.9026)]
+    assert pick_tracker_params(gain)[0]["line_weight"] == 0.03
+    worse_op = [point(0.0, 1.0, 0.4404, 0.880), point(0.03, 0.5, 0.4407, 0.9026)]
+    assert pick_tracker_params(worse_op)[0]["line_weight"] == 0.03
