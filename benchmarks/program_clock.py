@@ -7,8 +7,9 @@ in the training runs of the same program (the most common line at that offset), 
 This is not something a window model can use: a 64-row window does not say where the program
 started. It measures what a streaming monitor would gain by keeping that one number per machine,
 and it is the reference for the side-channel exact-line bar: the ceiling of a tracker that names
-the line from the offset. Timelines per program (the row clock) and per operation (the tracker's). Streaming mode (gcodefp_core.runtime.clock)
-uses the same clock with the operation inferred from the sensors.
+the line from the offset. Two lookups: timelines per program (the row clock; streaming mode of older
+packages, gcodefp_core.runtime.clock, uses it with the operation inferred from the sensors) and per
+operation (the program tracker's).
 
     .venv/bin/python benchmarks/program_clock.py --dataset DIR [--output results/program_clock.json]
 
