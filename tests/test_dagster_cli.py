@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import dagster as dg
 import pytest
+
+from gcodefp_dagster.cli import threads_per_run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -23,6 +26,8 @@ def test_three_seeds_are_three_runs_with_progress(tmp_path):
                            "--registry", str(tmp_path / "registry")],
                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-4000:]
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert f"(2 at a time, {threads} torch thread(s) each)" in proc.stdout
     for seed in (1, 2, 3):
         assert f"train_seed[{seed}] seed {seed} epoch 1/1: loss" in proc.stdout and "ETA" in proc.stdout
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -33,4 +38,18 @@ def test_three_seeds_are_three_runs_with_progress(tmp_path):
             mats = [e.dagster_event.event_specific_data.materialization for e in
                     instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)]
             assert [m.partition for m in mats] == [run.tags["dagster/partition"]]
+            assert run.run_config["ops"]["checkpoint"]["config"]["num_threads"] == threads
     assert not list((tmp_path / "store").rglob(".staging-*"))
+
+
+def test_seed_runs_share_the_cores_unless_threads_are_given():
+    # Each concurrent seed run gets its share of the cores; torch's own default (a thread per core in
+    # every run) oversubscribes them.
+    def args(parallel, seeds=(42, 43, 44), threads=None):
+        return SimpleNamespace(parallel_seeds=parallel, seeds=list(seeds), threads=threads)
+
+    assert threads_per_run(args(3), cores=2) == 1
+    assert threads_per_run(args(1), cores=2) == 2
+    assert threads_per_run(args(2), cores=16) == 8
+    assert threads_per_run(args(8, seeds=(1, 2)), cores=16) == 8   # only 2 runs can be at once
+    assert threads_per_run(args(3, threads=4), cores=2) == 4       # --threads wins
