@@ -52,7 +52,9 @@ def build_program_tracker(ds, table: LineTable, top_k: int = 6, params: dict | N
     lines, shares, tempo = [], [], []
     for name, mine in zip(names, groups):
         if not mine:
-            raise ValueError(f"program {name!r}: no training run")
+            kind = "operation" if per_operation else "program"
+            raise ValueError(f"program tracker: {kind} {name!r} has no training run to make its timeline of "
+                             "(every operation needs a run in the dataset's train split)")
         length = max(r["rows"] for r in mine)
         counts = np.zeros((length, table.n_lines + 1))    # last column: a line the table lacks
         for r in mine:
