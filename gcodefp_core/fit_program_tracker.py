@@ -233,10 +233,16 @@ def pick_tracker_params(results: list[tuple], exact_tolerance: float = 0.005) ->
     (in the grid's order: line_weight first). On 21 validation runs such points tie: a side-channel
     checkpoint took line weight 0.03 over 0 by 0.03 points, so its templates (+2 points over line
     weight 0) did not ship, and its test operation from the program start fell from 97.7% to 89.7%."""
-    top = max(r[1] for r in results)
-    near = [r for r in results if r[1] >= top - exact_tolerance]
+    return min(near_best(results, exact_tolerance), key=lambda r: tuple(r[0].values()))
+
+
+def near_best(scored: list[tuple], tolerance: float) -> list[tuple]:
+    """The rows [(choice, exact, op, ...)] within `tolerance` of the best exact line and, among those,
+    within it of their best operation: the near-ties the tuning rules break towards the least weights."""
+    top = max(r[1] for r in scored)
+    near = [r for r in scored if r[1] >= top - tolerance]
     best_op = max(r[2] for r in near)
-    return min((r for r in near if r[2] >= best_op - exact_tolerance), key=lambda r: tuple(r[0].values()))
+    return [r for r in near if r[2] >= best_op - tolerance]
 
 
 def window_lines(tracker: ProgramTracker, operation: np.ndarray, line_logits: np.ndarray):
@@ -295,10 +301,7 @@ def pick_evidence_weight(scored: list[tuple], exact_tolerance: float = 0.005, mi
     it gains min_gain in exact + op over weight 0. The least, because on 21 validation runs a larger
     weight that wins by a hair is noise, and on the test split it costs (benchmarks/evidence_choice.py:
     on `full`, spread weight 0.1 cost 1.2-4.2 points of operation where 0.01 moved it by 0.2 at most)."""
-    top = max(r[1] for r in scored)
-    near = [r for r in scored if r[1] >= top - exact_tolerance]
-    best_op = max(r[2] for r in near)
-    best = min((r for r in near if r[2] >= best_op - exact_tolerance), key=lambda r: (r[0] == 0, r[0]))
+    best = min(near_best(scored, exact_tolerance), key=lambda r: (r[0] == 0, r[0]))
     off = next((r for r in scored if r[0] == 0), None)
     if off is not None and best[1] + best[2] < off[1] + off[2] + min_gain:
         return 0.0
