@@ -46,7 +46,7 @@ def save(folder: Path, sessions) -> int:
         meta = {"machine_id": s.machine_id, "version": s.version, "saved_at": time.time(),
                 "rows_since_start": s.rows_since_start, "windows": s.windows, "real_rows": s.real_rows,
                 "started_at": s.started_at, "operation": s.operation, "signature": _signature(s.tracker.model),
-                "tracker_rows": s.tracker.rows}
+                "tracker_rows": s.tracker.rows, "from_start": s.tracker.from_start}
         arrays = {"moving": s.tracker.moving, "paused": s.tracker.paused}
         if s.cont is not None:
             arrays |= {"cont": s.cont, "cat": s.cat}
@@ -82,7 +82,8 @@ def restore(folder: Path, session, model, max_age_s: float) -> bool:
             or moving.shape != (tracker.n_states,) or paused.shape != moving.shape):
         return False
     session.mode, session.tracker = "tracker", TrackerSession(tracker, moving.astype(np.float32),
-                                                              paused.astype(np.float32), saved["tracker_rows"])
+                                                              paused.astype(np.float32), saved["tracker_rows"],
+                                                              bool(meta.get("from_start", False)))
     # The saved version: if another model is served now, the request's own swap logic takes over (the
     # posterior carries, the buffered rows of the other model do not: api/streams.post_rows).
     session.version, session.clock = version, model.predictor.program_clock is not None

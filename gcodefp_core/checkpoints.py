@@ -135,8 +135,9 @@ def attach_program_tracker(best_path: Path, ds, seed: int = 0, max_streams: int 
     save_checkpoint(best_path, ckpt)
     metrics["val_tracker_template_weight"] = tracker.params["template_weight"]
     metrics["val_tracker_spread_weight"] = tracker.params["spread_weight"]
-    log.info("program tracker: %d states, line weight %g, op weight %g, window weight %g, template weight %g, "
-             "spread weight %g; validation streams: exact %.4f op %.4f", tracker.n_states,
+    log.info("program tracker: %d states, line weight %g, op weight %g, window weight %g (from a program start "
+             "%g), template weight %g, spread weight %g; validation streams: exact %.4f op %.4f", tracker.n_states,
              tracker.params["line_weight"], tracker.params["op_weight"], tracker.params["window_weight"],
+             tracker.params["window_weight_start"],
              tracker.params["template_weight"], tracker.params["spread_weight"], report["exact_match"], report["op_acc"])
     return metrics

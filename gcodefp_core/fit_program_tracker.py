@@ -195,8 +195,10 @@ def window_answers(table: LineTable, op_logits: np.ndarray, line_logits: np.ndar
 def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, list[float]],
                  window_weights=(0.0, 0.5, 1.0, 2.0, 1e6), every: int = 1) -> tuple[dict, list]:
     """Choose tracker params on validation streams by mean exact line over streams (pick_tracker_params:
-    near-ties go to the least weights). The filter params in `grid` are searched by replaying the streams; window_weight
-    does not change the filter, so it is chosen for each grid point from the same replay.
+    near-ties go to the least weights). The filter params in `grid` are searched by replaying the streams; the
+    window weights do not change the filter, so they are chosen for each grid point from the same replay:
+    window_weight_start on the streams followed from their start, window_weight on the others (every pair
+    is a result row; the best pair is the best of each, since the two score disjoint streams).
     streams: dicts with op_logits, line_logits, weights, repeated, line_target (class, -1 unknown),
     op_target, scored (bool mask), from_start (bool, optional). every: score the rows a server judging
     every `every`-th row answers (run_tracker).
@@ -205,7 +207,7 @@ def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, l
     results = []
     base = dict(tracker.params)
     for values in itertools.product(*grid.values()):
-        tracker.set_params(**(base | dict(zip(grid, values)) | {"window_weight": 0.0}))
+        tracker.set_params(**(base | dict(zip(grid, values)) | {"window_weight": 0.0, "window_weight_start": 0.0}))
         exact, op = {w: [] for w in window_weights}, []
         for s in streams:
             out = run_tracker(tracker, s["op_logits"], s["line_logits"], s["weights"], s["repeated"],
@@ -217,12 +219,14 @@ def tune_tracker(tracker: ProgramTracker, streams: list[dict], grid: dict[str, l
                 exact[w].append(np.mean((line[sel] == y[sel]) & (y[sel] >= 0)))
             op.append(np.mean(out["operation"][sel] == s["op_target"]))
         starts = np.array([bool(s.get("from_start", False)) for s in streams])
-        for w in window_weights:
-            conditions = {name: {"streams": int(mine.sum()), "exact_match": float(np.mean(np.asarray(exact[w])[mine])),
+        pairs = itertools.product(window_weights, window_weights if starts.any() else window_weights[:1])
+        for w, w_start in pairs:
+            per_stream = np.where(starts, exact[w_start], exact[w])
+            conditions = {name: {"streams": int(mine.sum()), "exact_match": float(np.mean(per_stream[mine])),
                                  "op_acc": float(np.mean(np.asarray(op)[mine]))}
                           for name, mine in (("start", starts), ("attached", ~starts)) if mine.any()}
-            results.append((dict(zip(grid, values)) | {"window_weight": w}, float(np.mean(exact[w])),
-                            float(np.mean(op)), conditions))
+            results.append((dict(zip(grid, values)) | {"window_weight": w, "window_weight_start": w_start},
+                            float(np.mean(per_stream)), float(np.mean(op)), conditions))
     tracker.set_params(**(base | pick_tracker_params(results)[0]))
     return tracker.params, results
 

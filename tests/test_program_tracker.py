@@ -103,6 +103,23 @@ def test_a_sure_window_answers_until_the_filter_locks_on():
     assert line[0] == 9 and conf[0] == pytest.approx(first.line_confidence)
 
 
+def test_a_session_from_the_program_start_has_its_own_window_weight_and_keeps_it():
+    tracker = tiny_tracker(window_weight=1e6, window_weight_start=0.0, line_weight=0.0)
+    sure_window = evidence(9, 1, strength=8.0)
+    attached, started = tracker.start(), tracker.start(at_program_start=True)
+    assert attached.update(*sure_window).line_source == "window"     # attached: the window answers
+    assert started.update(*sure_window).line_source == "tracker"     # from the start: the filter does
+    # The kind travels with the session: saved state, and a swap to a tracker of the same programs.
+    for again in (type(started).from_dict(tracker, json.loads(json.dumps(started.to_dict()))),
+                  tiny_tracker(window_weight=1e6).resume(started)):
+        assert again.from_start and again.update(*sure_window).line_source == "tracker"
+    assert not type(attached).from_dict(tracker, attached.to_dict()).from_start
+    # A package from before the split had one weight for every session: it keeps answering so.
+    old = tiny_tracker(window_weight=1e6).to_dict()
+    del old["params"]["window_weight_start"]
+    assert ProgramTracker.from_dict(old).params["window_weight_start"] == 1e6
+
+
 def test_the_banded_transition_and_the_shared_row_emission_equal_their_dense_definitions():
     """advance() (shifted multiply-adds) and emission() (per distinct (lines, shares) row) against the
     plain definitions: a dense transition matrix and sum_k share_k * ratio[line_k] per state."""
@@ -239,6 +256,14 @@ def test_fitted_from_a_dataset_and_tuned_on_its_streams(synthetic_dataset):
     params, grid = fit.tune_tracker(tracker, [stream], {"line_weight": [0.0, 1.0]}, window_weights=(0.0,))
     assert params["line_weight"] == 1.0 and len(grid) == 2
     assert grid[1][1] > grid[0][1]               # evidence beats none when attached mid-run
+    # Each kind of session gets the window weight that does best on its own streams: attached, the
+    # (here perfect) window; from the start, the clock the filter keeps, over a window that is wrong.
+    y0 = classes[run["first_row"]:run["first_row"] + run["rows"]]
+    wrong = np.where(np.arange(table.n_lines)[None, :] == (y0[:, None] + 1) % table.n_lines, 5.0, 0.0)
+    start = stream | {"op_logits": np.repeat(op_logits[:1], len(y0), 0), "line_logits": wrong, "line_target": y0,
+                      "scored": np.arange(len(y0)) >= 10, "from_start": True}
+    params, grid = fit.tune_tracker(tracker, [stream, start], {"line_weight": [0.0]}, window_weights=(0.0, 1e6))
+    assert (params["window_weight"], params["window_weight_start"]) == (1e6, 0.0) and len(grid) == 4
     # Tuned as served (every 4th row judged): scored on the rows the server answers, not every row.
     _, served = fit.tune_tracker(tracker, [stream], {"line_weight": [1.0]}, window_weights=(0.0,), every=4)
     out = fit.run_tracker(tracker, op_logits, line_logits, every=4)
@@ -278,7 +303,7 @@ def test_fit_program_tracker_end_to_end_with_a_window_model(synthetic_dataset):
     model.set_line_mask(table.mask)
     tracker, report = fit.fit_program_tracker([model], ds, table, max_streams=2,
                                               grid={"line_weight": [0.0, 0.1], "op_weight": [0.05]})
-    assert report["streams"] == 2 and len(report["tuning"]) == 2 * 5 and report["every"] == fit.SERVED_EVERY
+    assert report["streams"] == 2 and len(report["tuning"]) == 2 * 5 * 5 and report["every"] == fit.SERVED_EVERY
     assert set(report["conditions"]) == {"start", "attached"} and report["exact_match"] == max(r[1] for r in report["tuning"])
     assert tracker.params["line_weight"] in (0.0, 0.1) and tracker.params["op_temperature"] > 0
     # The operation evidence's weights are chosen last (templates, then spread); without a gain on

@@ -55,7 +55,7 @@ def with_evidence(dataset, kind: str, weight: float):
         fitted = (fit_operation_templates(ds, tracker["operation_program"]) if kind == "templates"
                   else fit_operation_spread(ds))
         tracker[kind] = fitted.to_dict()
-        tracker["params"] |= {"window_weight": 0.0, EVIDENCE_WEIGHT[kind]: weight}
+        tracker["params"] |= {"window_weight": 0.0, "window_weight_start": 0.0, EVIDENCE_WEIGHT[kind]: weight}
     return edit
 
 
@@ -72,10 +72,11 @@ def server(tiny_export, synthetic_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracker_server")
 
     def tracker_only(meta):
-        meta["program_tracker"]["params"]["window_weight"] = 0.0
+        meta["program_tracker"]["params"] |= {"window_weight": 0.0, "window_weight_start": 0.0}
 
     def retrained(meta):
-        meta["program_tracker"]["params"] |= {"window_weight": 0.0, "line_weight": 0.5, "op_weight": 0.2}
+        meta["program_tracker"]["params"] |= {"window_weight": 0.0, "window_weight_start": 0.0, "line_weight": 0.5,
+                                              "op_weight": 0.2}
 
     def reshaped(meta):
         tracker_only(meta)

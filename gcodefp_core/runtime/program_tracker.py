@@ -33,7 +33,7 @@ the channels' spread over the window's last rows gives each operation
 (gcodefp_core.runtime.operation_spread): evidence without the recording day's levels. The
 answer is the line with the most posterior mass, with that mass as its confidence, unless
 `window_weight` x the window's own line confidence is higher (the filter has not locked on yet, or
-the timeline lacks the line); also the operation's posterior, the pause probability, the most
+the timeline lacks the line; `window_weight_start` for a session started at a program start); also the operation's posterior, the pause probability, the most
 probable row offset and the entropy.
 
 `ProgramTracker` is plain data (to_dict / from_dict, stored in model.json) shared by all
@@ -53,7 +53,7 @@ from .tracker_session import STATE, TrackerSession, TrackStep  # noqa: F401  (Tr
 PARAMS = {"line_weight": 0.3, "op_weight": 0.3, "line_temperature": 1.0, "op_temperature": 1.0,
           "skip": 0.05, "pause_in": 1e-3, "pause_stay": 0.97, "restart": 0.05, "teleport": 1e-4,
           "switch": 1e-6, "repeat_moving": 0.02, "repeat_paused": 0.9, "window_weight": 0.0,
-          "template_weight": 0.0, "spread_weight": 0.0}
+          "window_weight_start": 0.0, "template_weight": 0.0, "spread_weight": 0.0}
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -153,7 +153,7 @@ class ProgramTracker:
         """A new machine. Attached at an unknown point (default): any row offset of any operation.
         at_program_start: the client knows a program is starting (any program, offset 0)."""
         moving = self._start.copy() if at_program_start else self._uniform_in_op / len(self.operations)
-        return TrackerSession(self, moving, np.zeros(self.n_states, STATE))
+        return TrackerSession(self, moving, np.zeros(self.n_states, STATE), from_start=at_program_start)
 
     def resume(self, session: "TrackerSession") -> "TrackerSession | None":
         """Another tracker's session carried over to this one (a model swap): where the machine is in
@@ -163,7 +163,7 @@ class ProgramTracker:
         if (old.operations, old.operation_program, list(old._sizes)) != (self.operations, self.operation_program,
                                                                           list(self._sizes)):
             return None
-        return TrackerSession(self, session.moving.copy(), session.paused.copy(), session.rows)
+        return TrackerSession(self, session.moving.copy(), session.paused.copy(), session.rows, session.from_start)
 
     def advance(self, a: np.ndarray) -> np.ndarray:
         """One row of program progress applied to a distribution over states, times `_moving_keep`: the
@@ -272,7 +272,10 @@ class ProgramTracker:
         unknown = set(d["params"]) - set(PARAMS)
         if unknown:
             raise ValueError(f"program tracker: unknown params {sorted(unknown)}")
+        params = dict(d["params"])
+        # Packages before window_weight_start had one window weight for every session.
+        params.setdefault("window_weight_start", params.get("window_weight", PARAMS["window_weight"]))
         templates = OperationTemplates.from_dict(d["templates"], len(d["operations"])) if d.get("templates") else None
         spread = OperationSpread.from_dict(d["spread"], len(d["operations"])) if d.get("spread") else None
         return cls(list(d["operations"]), list(d["programs"]), list(d["operation_program"]), lines, shares, tempo,
-                   np.asarray(d["line_log_prior"], np.float64), PARAMS | dict(d["params"]), templates, spread)
+                   np.asarray(d["line_log_prior"], np.float64), PARAMS | params, templates, spread)

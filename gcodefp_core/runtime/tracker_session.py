@@ -36,6 +36,7 @@ class TrackerSession:
     moving: np.ndarray
     paused: np.ndarray
     rows: int = 0
+    from_start: bool = False  # started at a program start (the client said so): its own window weight
 
     def update(self, op_logits, line_logits, weight: float = 1.0, repeated: int = 0, rows: int = 1,
                template=None, spread=None) -> TrackStep:
@@ -73,13 +74,17 @@ class TrackerSession:
         self.rows += rows
         step = self.answer()
         # The window's own line (among the lines of the tracker's operation), calibrated: while
-        # the filter has not locked on, a window that is sure of its line answers instead.
-        if prm["window_weight"] > 0 and m._op_lines[step.operation].any():
+        # the filter has not locked on, a window that is sure of its line answers instead. A session
+        # that saw its program start knows where the machine is and a monitor attached mid-run does
+        # not, so each kind has its own weight (on the real side-channel validation streams: 0-0.5
+        # from the start, 1 to "always" attached).
+        window_weight = prm["window_weight_start"] if self.from_start else prm["window_weight"]
+        if window_weight > 0 and m._op_lines[step.operation].any():
             z = np.where(m._op_lines[step.operation], np.asarray(line_logits, np.float64) / prm["line_temperature"], -np.inf)
             p = np.exp(z - z.max())
             line = int(p.argmax())
             confidence = float(p[line] / p.sum())
-            if prm["window_weight"] * confidence > step.line_confidence:
+            if window_weight * confidence > step.line_confidence:
                 step.line, step.line_confidence, step.line_source = line, confidence, "window"
         return step
 
@@ -122,7 +127,7 @@ class TrackerSession:
         """The filter state (sparse: states above 1e-9), to keep a session across restarts."""
         keep = np.flatnonzero((self.moving > 1e-9) | (self.paused > 1e-9))
         return {"rows": self.rows, "states": keep.tolist(), "moving": self.moving[keep].tolist(),
-                "paused": self.paused[keep].tolist()}
+                "paused": self.paused[keep].tolist(), "from_start": self.from_start}
 
     @classmethod
     def from_dict(cls, model: ProgramTracker, d: dict) -> "TrackerSession":
@@ -137,4 +142,4 @@ class TrackerSession:
         total = moving.sum() + paused.sum()
         if total <= 0:
             return model.start()
-        return cls(model, moving / total, paused / total, int(d["rows"]))
+        return cls(model, moving / total, paused / total, int(d["rows"]), bool(d.get("from_start", False)))
