@@ -33,8 +33,9 @@ the channels' spread over the window's last rows gives each operation
 (gcodefp_core.runtime.operation_spread): evidence without the recording day's levels. The
 answer is the line with the most posterior mass, with that mass as its confidence, unless
 `window_weight` x the window's own line confidence is higher (the filter has not locked on yet, or
-the timeline lacks the line; `window_weight_start` for a session started at a program start); also the operation's posterior, the pause probability, the most
-probable row offset and the entropy.
+the timeline lacks the line; `window_weight_start` instead for a session started at a program
+start, which knows where the machine is); also the operation's posterior, the pause probability,
+the most probable row offset and the entropy.
 
 `ProgramTracker` is plain data (to_dict / from_dict, stored in model.json) shared by all
 machines; `TrackerSession` (gcodefp_core.runtime.tracker_session) is one machine's filter state (also
