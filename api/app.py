@@ -68,8 +68,10 @@ async def lifespan(app: FastAPI):
     if app.state.batcher is not None:
         app.state.batcher.start()
     watcher = asyncio.create_task(store.watch())
+    gc_pauses = asyncio.create_task(metrics.publish_gc_pauses())
     yield
     watcher.cancel()
+    gc_pauses.cancel()
     if SETTINGS.stream_state_dir:  # followed machines pick up where they were after the restart
         saved = stream_state.save(Path(SETTINGS.stream_state_dir), app.state.streams.sessions())
         log.info("saved %d stream sessions", saved, extra={"event": "stream_state_saved", "sessions": saved})

@@ -8,9 +8,11 @@ it; with plain `uvicorn api.app:app --workers N`, set it yourself. Without it, v
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import time
+from collections import deque
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
@@ -64,17 +66,37 @@ GC_PAUSE = Histogram("gcodefp_gc_pause_seconds", "Python garbage-collector passe
                      buckets=(.0001, .0005, .001, .0025, .005, .01, .025, .05, .1, .25))
 _GC_BY_GENERATION = [GC_PAUSE.labels(str(g)) for g in range(3)]
 _gc_started = [0.0]
+_gc_pauses: deque = deque(maxlen=4096)   # (generation, seconds) of passes not yet published
 
 
 def _time_gc(phase: str, info: dict) -> None:
+    """A gc callback. The collector starts at any allocation, including one that prometheus-client
+    makes while it holds its value lock (a plain Lock: not reentrant), e.g. creating a label's child;
+    observing a metric here would then wait on that lock forever and freeze the worker (seen under
+    load). So the callback only notes the pause; publish_gc_pauses / render publish it."""
     if phase == "start":
         _gc_started[0] = time.perf_counter()
     else:
-        _GC_BY_GENERATION[info["generation"]].observe(time.perf_counter() - _gc_started[0])
+        _gc_pauses.append((info["generation"], time.perf_counter() - _gc_started[0]))
+
+
+def flush_gc() -> None:
+    """Publish the collector passes noted so far (outside any metric's lock: a pass meanwhile is noted too)."""
+    while _gc_pauses:
+        generation, seconds = _gc_pauses.popleft()
+        _GC_BY_GENERATION[generation].observe(seconds)
+
+
+async def publish_gc_pauses(every: float = 1.0) -> None:
+    """A worker's task: publish its noted collector passes every `every` seconds (a scrape of another
+    worker sees them at most that late)."""
+    while True:
+        await asyncio.sleep(every)
+        flush_gc()
 
 
 def watch_gc() -> None:
-    """Time every collector pass of this process into GC_PAUSE (once per process)."""
+    """Note every collector pass of this process for GC_PAUSE (once per process)."""
     if _time_gc not in gc.callbacks:
         gc.callbacks.append(_time_gc)
 
@@ -92,6 +114,7 @@ def set_model(version: str, variant: str, old: tuple[str, str] | None) -> None:
 
 def render() -> tuple[bytes, str]:
     """The exposition text for GET /metrics (all workers in multiprocess mode)."""
+    flush_gc()
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 

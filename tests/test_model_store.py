@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tracked(obj) -> bool:
@@ -44,7 +51,41 @@ def test_collector_passes_are_timed_per_generation_in_the_metrics():
 
     metrics.watch_gc()
     metrics.watch_gc()   # once per process, however often a worker starts its app
+    metrics.flush_gc()
     before = full_passes()
     gc.collect()
+    assert full_passes() == before   # noted, published outside the collector
+    metrics.flush_gc()
     assert full_passes() == before + 1
     assert REGISTRY.get_sample_value("gcodefp_gc_pause_seconds_sum", {"generation": "2"}) > 0
+
+
+# A collection that starts while prometheus-client holds its value lock (here: while a new label's child
+# is created, with the collector running at almost every allocation) must not wait on that lock from the
+# gc callback.
+DEADLOCK_PROBE = """
+import gc, sys
+sys.path.insert(0, sys.argv[1])
+from api import metrics
+metrics.watch_gc()
+gc.set_threshold(1)
+for i in range(300):
+    metrics.REQUESTS.labels("/predict", "POST", str(1000 + i)).inc()
+    metrics.REQUEST_LATENCY.labels("/predict", str(1000 + i)).observe(0.001)
+gc.set_threshold(700, 10, 10)
+metrics.flush_gc()
+print(sum(s.value for m in metrics.GC_PAUSE.collect() for s in m.samples if s.name.endswith("_count")))
+"""
+
+
+def test_a_collection_inside_a_metric_update_does_not_freeze_the_worker(tmp_path):
+    # multiprocess mode, as `gcodefp serve` runs: one lock guards every value of the process
+    env = {k: v for k, v in os.environ.items() if k != "prometheus_multiproc_dir"} | {
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    try:
+        out = subprocess.run([sys.executable, "-c", DEADLOCK_PROBE, str(REPO)], env=env, capture_output=True,
+                             text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("metric updates hung: the gc callback waited on prometheus-client's value lock")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) > 100   # the passes were still counted, once published
