@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import (batcher, direct_routes, docs_routes, inputs, metrics, middleware, ops_routes, predict_routes, schemas, stream_routes,
-               stream_state, streams, v2_routes)
+               stream_state, streams, v2_routes, watchdog)
 from .common import input_error, internal_error
 from .logging_setup import setup_logging
 from .middleware import RequestMiddleware
@@ -69,7 +69,12 @@ async def lifespan(app: FastAPI):
         app.state.batcher.start()
     watcher = asyncio.create_task(store.watch())
     gc_pauses = asyncio.create_task(metrics.publish_gc_pauses())
+    dog = watchdog.LoopWatchdog(SETTINGS.loop_timeout_s) if SETTINGS.loop_timeout_s else None
+    if dog is not None:
+        dog.start()
     yield
+    if dog is not None:
+        dog.stop()
     watcher.cancel()
     gc_pauses.cancel()
     if SETTINGS.stream_state_dir:  # followed machines pick up where they were after the restart
