@@ -9,6 +9,9 @@ sessions while the server's Python and numpy work cost 30-45% more in the second
 per kind of work, each the median of several repeats in process CPU time:
 - python_loop_ms: a plain Python loop of 1,000,000 additions (the interpreter: HTTP, routing, JSON);
 - numpy_small_us: 100 elementwise float32 passes over 5,000 values (the tracker's kind of arithmetic);
+- idle_wake_ratio: a short Python loop (~0.1 ms) timed right after 20 ms asleep, over the same loop
+  timed back to back (medians): how much slower a core runs work after an idle gap, as a server's
+  worker does at a moderate request rate (1.0: no penalty; 1.5-1.9 measured on this VM);
 - tracker_update_us (with --package, when it has a program tracker): one filter update moving 4 rows
   on the package's own tracker, as /stream makes for every judged row.
 The graph itself is timed by serving.py's `bare` (OnnxPredictor.predict at batch 1).
@@ -42,6 +45,23 @@ def _python_loop() -> int:
     return total
 
 
+def _short_loop() -> float:
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(2000):
+        total += i * i
+    return time.perf_counter() - t0
+
+
+def idle_wake_ratio(repeats: int = 100, idle_s: float = 0.02) -> float:
+    hot = [_short_loop() for _ in range(repeats)]
+    woken = []
+    for _ in range(repeats):
+        time.sleep(idle_s)
+        woken.append(_short_loop())
+    return float(np.median(woken) / np.median(hot))
+
+
 def machine_speed(package: Path | None = None) -> dict:
     a = np.random.default_rng(0).random(5000, dtype=np.float32)
     b = a.copy()
@@ -51,7 +71,8 @@ def machine_speed(package: Path | None = None) -> dict:
             np.multiply(a, 0.5, out=b)
 
     out = {"python_loop_ms": round(_median_cpu(_python_loop) * 1000, 1),
-           "numpy_small_us": round(_median_cpu(numpy_small) / 100 * 1e6, 2)}
+           "numpy_small_us": round(_median_cpu(numpy_small) / 100 * 1e6, 2),
+           "idle_wake_ratio": round(idle_wake_ratio(), 2)}
     if package is not None:
         from gcodefp_core.runtime import OnnxPredictor
 

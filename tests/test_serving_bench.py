@@ -40,6 +40,7 @@ def test_serving_benchmark_tiny_run(api_registry, tmp_path):
     for end in ("machine_start", "machine_end"):   # the VM's speed beside the figures, at both ends
         speed = result[end]
         assert speed["python_loop_ms"] > 0 and speed["numpy_small_us"] > 0 and speed["tracker_update_us"] > 0
+        assert speed["idle_wake_ratio"] > 0
     assert "machine speed" in r.stdout
 
 
