@@ -54,7 +54,14 @@ def congested() -> bool:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    dog = watchdog.LoopWatchdog(SETTINGS.loop_timeout_s) if SETTINGS.loop_timeout_s else None
+    if dog is not None:   # from the start: the model loads in a thread, the loop keeps turning meanwhile
+        dog.start()
     metrics.watch_gc()
+    dropped = metrics.forget_dead_workers()
+    if dropped:
+        log.warning("dropped the live metrics of ended workers %s", dropped,
+                    extra={"event": "dead_workers_forgotten", "pids": dropped})
     store = ModelStore.from_env()
     app.state.store = store
     app.state.admin_token = SETTINGS.admin_token
@@ -69,9 +76,6 @@ async def lifespan(app: FastAPI):
         app.state.batcher.start()
     watcher = asyncio.create_task(store.watch())
     gc_pauses = asyncio.create_task(metrics.publish_gc_pauses())
-    dog = watchdog.LoopWatchdog(SETTINGS.loop_timeout_s) if SETTINGS.loop_timeout_s else None
-    if dog is not None:
-        dog.start()
     yield
     if dog is not None:
         dog.stop()

@@ -13,6 +13,7 @@ import gc
 import os
 import time
 from collections import deque
+from pathlib import Path
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
@@ -58,6 +59,8 @@ LOAD_FAILURES = Counter("gcodefp_model_load_failures_total", "Packages refused (
 STREAM_SESSIONS = Gauge("gcodefp_stream_sessions", "Machine stream sessions held (POST /stream/{machine_id})",
                         multiprocess_mode="livesum")
 STREAM_EVICTIONS = Counter("gcodefp_stream_evictions_total", "Stream sessions evicted (GCODEFP_MAX_STREAMS reached)")
+WORKERS_LOST = Counter("gcodefp_workers_lost_total", "Workers that ended without shutting down (ended by the loop "
+                       "watchdog, crashed or killed), counted by the worker or scrape that noticed")
 
 
 GC_PAUSE = Histogram("gcodefp_gc_pause_seconds", "Python garbage-collector passes by generation; the event loop "
@@ -112,9 +115,43 @@ def set_model(version: str, variant: str, old: tuple[str, str] | None) -> None:
     MODEL_INFO.labels(version, variant).set(1)
 
 
+def forget_dead_workers() -> list[int]:
+    """Drop the live gauges (in-flight, model info, stream sessions) of workers that ended without
+    worker_exit: killed, crashed or ended by the loop watchdog (api/watchdog.py). Their files would
+    keep counting them in every scrape: a stuck worker's in-flight requests and sessions forever.
+    Each such worker is counted once in WORKERS_LOST (by whichever process removes its files).
+    -> the pids dropped here."""
+    if not MULTIPROCESS:
+        return []
+    dropped = set()
+    for path in Path(SETTINGS.metrics_dir).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:   # another worker got there first
+            continue
+        dropped.add(int(pid))
+    if dropped:
+        WORKERS_LOST.inc(len(dropped))
+    return sorted(dropped)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text for GET /metrics (all workers in multiprocess mode)."""
     flush_gc()
+    forget_dead_workers()
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 

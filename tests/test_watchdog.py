@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,17 @@ def worker_pids(server: Server) -> set[int]:
     return {int(p) for p in out.split() if "onnxruntime" in Path(f"/proc/{p}/maps").read_text(errors="ignore")}
 
 
+def serving_workers(server: Server, done, timeout: float = 60.0) -> set[int]:
+    """The pids with a model loaded (gcodefp_model_info), polled until done(pids) or the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        pids = {int(p) for p in re.findall(r'gcodefp_model_info\{pid="(\d+)"', text)}
+        if done(pids) or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.3)
+
+
 def test_a_deadlocked_worker_is_replaced_and_the_server_keeps_answering(api_registry, tmp_path, sample_request):
     (tmp_path / "sitecustomize.py").write_text(DEADLOCK_ON_SIGNAL)
     env = server_env(GCODEFP_LOOP_TIMEOUT_S=2)
@@ -87,10 +99,8 @@ def test_a_deadlocked_worker_is_replaced_and_the_server_keeps_answering(api_regi
     server = Server(cmd, env, tmp_path / "server.log", port)
     try:
         server.wait_ready()
-        deadline = time.monotonic() + 30
-        while len(before := worker_pids(server)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(before) == 2
+        before = serving_workers(server, lambda pids: len(pids) == 2)   # both started: their watchdogs run
+        assert len(before) == 2 and before == worker_pids(server)
         stuck = min(before)
         os.kill(stuck, signal.SIGUSR1)
         deadline = time.monotonic() + 60   # 2 s to notice, then uvicorn's check (every 0.5 s) and a fresh start
@@ -107,5 +117,10 @@ def test_a_deadlocked_worker_is_replaced_and_the_server_keeps_answering(api_regi
         assert codes == [200] * 20
         record = next(r for r in server.log_records() if r.get("event") == "loop_stuck")
         assert record["pid"] == stuck and record["level"] == "CRITICAL" and "_deadlock_the_loop" in record["stack"]
+        # the lost worker is counted once and no longer counted among the live ones (the new worker's
+        # series appears once it has loaded its model)
+        assert serving_workers(server, lambda pids: pids == now) == now
+        text = httpx.get(f"{server.url}/metrics").text
+        assert re.search(r"^gcodefp_workers_lost_total 1\.0$", text, re.M)
     finally:
         server.stop()
