@@ -80,6 +80,7 @@ class Batcher:
         self._queue: deque[Item] = deque()
         self.busy = busy or (lambda: False)   # () -> whether the worker is congested (held requests wait then)
         self._arriving = 0
+        self._group: list[Item] = []          # the items of the call being made
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -124,6 +125,20 @@ class Batcher:
 
     # ---- the worker's side -----------------------------------------------------------------------
     async def _run(self) -> None:
+        """The worker's batch task, for its lifetime: a bug in it fails the requests it holds (each
+        gets an error) instead of ending the task and leaving every later request waiting forever."""
+        while True:
+            try:
+                await self._drain()
+            except Exception as exc:
+                log.error("micro-batcher failed; the requests it held get an error and it goes on", exc_info=exc,
+                          extra={"event": "batcher_failed"})
+                held, self._queue, self._group = [*self._group, *self._queue], deque(), []
+                for item in held:
+                    if not item.future.done():
+                        item.future.set_exception(RuntimeError("micro-batcher failed (logged as batcher_failed)"))
+
+    async def _drain(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -145,7 +160,7 @@ class Batcher:
                         await asyncio.wait_for(self._wake.wait(), left)
                     except TimeoutError:
                         break
-                group = self._take_group(first)
+                group = self._group = self._take_group(first)   # held outside the queue until answered
                 started = time.perf_counter()
                 try:
                     answers = self._call(group)
@@ -160,6 +175,7 @@ class Batcher:
                     else:
                         answer.queue_ms = round((started - item.queued_at) * 1000, 3)
                         item.future.set_result(answer)
+                self._group = []
                 for _ in range(3):  # let requests read meanwhile start (read events, then their handlers)
                     await asyncio.sleep(0)
 
@@ -175,18 +191,17 @@ class Batcher:
         return None
 
     def _take_group(self, first: Item) -> list[Item]:
-        """`first` and every queued item of its group, up to max_windows (FIFO within the group)."""
-        self._queue.remove(first)
-        group, n, rest = [first], len(first.cont), deque()
-        while self._queue:
-            item = self._queue.popleft()
-            if item.model is first.model and item.key == first.key and n + len(item.cont) <= self.max_windows:
+        """`first` and every queued item of its group, up to max_windows (FIFO within the group). The
+        queue changes only once the group is complete (nothing is lost if this fails midway)."""
+        group, n = [first], len(first.cont)
+        for item in self._queue:
+            if (item is not first and item.model is first.model and item.key == first.key
+                    and n + len(item.cont) <= self.max_windows):
                 group.append(item)
                 n += len(item.cont)
-            else:
-                rest.append(item)
-        self._queue = rest
         metrics.BATCH_WINDOWS.observe(n)
+        taken = {id(i) for i in group}
+        self._queue = deque(i for i in self._queue if id(i) not in taken)
         return group
 
     @staticmethod

@@ -238,3 +238,32 @@ def test_a_held_chunk_runs_alone_when_no_company_comes(predictor, windows):
 
     answer = asyncio.run(scenario())
     assert fn.calls == [("v1", 1)] and answer.batch_windows == 1 and answer.queue_ms > 0
+
+
+class FailingOnce(Batcher):
+    """A batcher whose scheduling fails once (a bug), then works."""
+
+    failed = False
+
+    def _take_group(self, first):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug in the batcher")
+        return super()._take_group(first)
+
+
+def test_a_failure_of_the_batcher_itself_fails_the_requests_it_held_and_the_next_ones_are_answered(predictor, windows):
+    model, fn = loaded(predictor, "v1"), CountingPredict()
+
+    async def scenario():
+        batcher = FailingOnce(max_windows=64, max_delay_ms=0)
+        batcher.start()
+        first = [batcher.submit(model, ("predict",), fn, c, k) for c, k in windows[:2]]
+        failed = await asyncio.wait_for(asyncio.gather(*first, return_exceptions=True), 10)
+        later = await asyncio.wait_for(batcher.submit(model, ("predict",), fn, *windows[2]), 10)
+        await batcher.stop()
+        return failed, later
+
+    failed, later = asyncio.run(scenario())
+    assert all(isinstance(f, RuntimeError) and "batcher_failed" in str(f) for f in failed)
+    assert later.batch_windows == 1 and fn.calls == [("v1", 1)]
