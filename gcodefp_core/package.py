@@ -132,6 +132,7 @@ def build_package(model_dir, registry, version: str | None = None, benchmark: di
     meta, meta_path = read_export(model_dir)
     model_dir = meta_path.parent
     files = list(dict.fromkeys(meta["files"].values()))
+    named = version is not None
     version = check_version(version or _new_version(meta_path.read_bytes()))
     if metrics is None:
         metrics = meta.get("metrics") or meta.get("source_checkpoint", {}).get("metrics", {})
@@ -139,8 +140,13 @@ def build_package(model_dir, registry, version: str | None = None, benchmark: di
     benchmark = dict(benchmark or {})
     packages = registry / "packages"
     dest = packages / version
-    if dest.exists():
+    if dest.exists() and named:
         raise FileExistsError(f"package {version} already exists in {registry} (packages are immutable)")
+    if dest.exists():   # the same model.json packaged again within the same second: the next free name
+        n = 2
+        while (packages / f"{version}-{n}").exists():
+            n += 1
+        version, dest = f"{version}-{n}", packages / f"{version}-{n}"
     packages.mkdir(parents=True, exist_ok=True)
     tmp = packages / f".tmp-{version}-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()

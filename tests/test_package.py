@@ -44,6 +44,17 @@ def test_default_version_and_immutability(export_dir, tmp_path):
         pkg.build_package(export_dir, reg, version="../escape")
 
 
+def test_the_same_model_packaged_twice_in_one_second_gets_two_versions(export_dir, tmp_path, monkeypatch):
+    # the default name is v<UTC second>-<hash of model.json>: a re-materialization right after the last
+    # one (an automation, a second click) names the same; it gets the next free name, not an error
+    monkeypatch.setattr(pkg, "_new_version", lambda meta_bytes: "v20261204-223349-acdc5679")
+    reg = tmp_path / "reg"
+    names = [pkg.build_package(export_dir, reg).name for _ in range(3)]
+    assert names == ["v20261204-223349-acdc5679", "v20261204-223349-acdc5679-2", "v20261204-223349-acdc5679-3"]
+    assert pkg.list_versions(reg) == names
+    assert all(pkg.verify_package(reg / "packages" / n)["version"] == n for n in names)
+
+
 def test_build_refuses_folder_without_model_json(tmp_path):
     with pytest.raises(pkg.PackageError, match="model.json: not found"):
         pkg.build_package(tmp_path, tmp_path / "reg")
