@@ -17,7 +17,7 @@ PACKAGE = dg.AssetKey("deployment_package")
 
 
 class PackageConfig(dg.Config):
-    version: Optional[str] = None           # default: v<UTC time>-<hash of model.json>
+    version: Optional[str] = None           # default: v<UTC time>-<hash of model.json> (-2, -3 within one second)
 
 
 @dg.asset(group_name=GROUP, kinds={"onnx", "json"}, deps=["benchmark_report", "encoder_onnx"],
