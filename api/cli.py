@@ -14,7 +14,8 @@ from pathlib import Path
 def default_workers() -> int:
     """One worker per usable core: a worker runs its model calls on its event loop (one core each), and
     onnxruntime uses one thread per call (GCODEFP_INTRA_OP_THREADS). Stream sessions live in a worker, so
-    a /stream client keeps each machine on one connection (or run --workers 1)."""
+    a /stream client keeps each machine on one connection (or run --workers 1); each worker listens on
+    its own socket, so those connections spread evenly over the workers (api/supervisor.py)."""
     try:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:  # not Linux
@@ -61,9 +62,18 @@ def _serve(args) -> int:
 
     from .logging_setup import uvicorn_log_config
 
+    from . import supervisor
+    from .settings import SETTINGS
+
     try:
-        uvicorn.run("api.app:app", host=args.host, port=args.port, workers=args.workers,
-                    log_config=uvicorn_log_config(), access_log=False)
+        if args.workers > 1 and SETTINGS.socket_per_worker and supervisor.supported():
+            # A listening socket per worker: long-lived /stream connections spread evenly (api/supervisor.py).
+            config = uvicorn.Config("api.app:app", host=args.host, port=args.port, workers=args.workers,
+                                    log_config=uvicorn_log_config(), access_log=False)
+            supervisor.run(config)
+        else:
+            uvicorn.run("api.app:app", host=args.host, port=args.port, workers=args.workers,
+                        log_config=uvicorn_log_config(), access_log=False)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

@@ -24,6 +24,7 @@
 | GCODEFP_BATCH_MAX_DELAY_MS| 1.0       | how long a call waits for requests already being parsed to join   |
 | GCODEFP_STREAM_BATCH_DELAY_MS | 10    | on a congested worker, how long a /stream chunk's windows wait for other machines' to share a call |
 | GCODEFP_DIRECT_ROUTES     | 1         | 1: the hot POST endpoints skip the framework's routing (api/direct_routes.py); 0: all routed |
+| GCODEFP_SOCKET_PER_WORKER | 1         | with several workers, each listens on its own socket (SO_REUSEPORT): connections spread evenly (api/supervisor.py); 0: one shared socket |
 | GCODEFP_LOOP_TIMEOUT_S    | 30        | a worker whose event loop is stuck this long logs where and exits, for a fresh one (api/watchdog.py; 0 = off) |
 | GCODEFP_LOG_LEVEL         | INFO      | log level of the JSON logs                                        |
 | PROMETHEUS_MULTIPROC_DIR  | -         | set by `gcodefp serve`: several workers' metrics summed from files |
@@ -72,6 +73,7 @@ class Settings:
     batch_max_delay_ms: float
     stream_batch_delay_ms: float
     direct_routes: bool
+    socket_per_worker: bool
     loop_timeout_s: float
     log_level: str
     metrics_dir: str | None
@@ -99,6 +101,7 @@ class Settings:
                    batch_max_delay_ms=_get("GCODEFP_BATCH_MAX_DELAY_MS", 1.0, float, 0.0),
                    stream_batch_delay_ms=_get("GCODEFP_STREAM_BATCH_DELAY_MS", 10.0, float, 0.0),
                    direct_routes=_get("GCODEFP_DIRECT_ROUTES", 1, int, 0) != 0,
+                   socket_per_worker=_get("GCODEFP_SOCKET_PER_WORKER", 1, int, 0) != 0,
                    loop_timeout_s=_get("GCODEFP_LOOP_TIMEOUT_S", 30.0, float, 0.0),
                    log_level=_get("GCODEFP_LOG_LEVEL", "INFO").upper(),
                    metrics_dir=_get("PROMETHEUS_MULTIPROC_DIR", None))

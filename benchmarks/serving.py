@@ -61,7 +61,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GCODEFP_", "PROMETHEUS_"))}
         # the server's defaults (INFO: one JSON access-log line per request, here to the log file), as a user runs it
         env.update(PYTHONPATH=str(REPO))
-        env.update({k: v for k, v in os.environ.items() if k.startswith(("GCODEFP_BATCH", "GCODEFP_STREAM"))})
+        env.update({k: v for k, v in os.environ.items() if k.startswith(("GCODEFP_BATCH", "GCODEFP_STREAM", "GCODEFP_SOCKET"))})
         self.proc = subprocess.Popen([sys.executable, "-m", "gcodefp_core.cli", "serve", "--registry", str(registry),
                                       "--workers", str(workers), "--port", str(self.port), "--poll-seconds", "0.5"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -99,13 +99,16 @@ class Server:
                     out.append(round(int(line.split()[1]) / 1024, 1))
         return out
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the workers so far (a measure less sensitive to a busy machine)."""
-        total = 0
+    def cpu_by_worker(self) -> dict[int, float]:
+        """User + system CPU seconds of each worker so far (a measure less sensitive to a busy machine)."""
+        out = {}
         for pid in self.worker_pids():
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of proc(5))
-        return total / os.sysconf("SC_CLK_TCK")
+            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (proc(5) 14, 15)
+        return out
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_by_worker().values())
 
     def metrics(self) -> str:
         import httpx
@@ -211,9 +214,12 @@ def paired_inference(server: Server, package: Path, req: dict, rounds: int = 5) 
 
 
 def measure(server: Server, name: str, fn) -> dict:
-    before, cpu = serving_report.scrape(server.metrics()), server.cpu_seconds()
+    before, cpu = serving_report.scrape(server.metrics()), server.cpu_by_worker()
     summary, tally = http_load.run(fn())
-    summary["server_cpu_ms_per_request"] = round((server.cpu_seconds() - cpu) * 1000 / max(summary["requests"], 1), 3)
+    spent = {pid: t - cpu.get(pid, 0.0) for pid, t in server.cpu_by_worker().items()}
+    summary["server_cpu_ms_per_request"] = round(sum(spent.values()) * 1000 / max(summary["requests"], 1), 3)
+    # how evenly the work spread: each worker's share of the step's server CPU (a replaced worker counts from 0)
+    summary["server_cpu_share_per_worker"] = [round(t / max(sum(spent.values()), 1e-9), 3) for t in spent.values()]
     summary["server"] = serving_report.split(before, serving_report.scrape(server.metrics()))
     summary["rss_mb_per_worker"] = server.rss_mb()  # after the step: /stream sessions accumulate over a sweep
     times = [json.loads(b).get("inference_time_ms") for b in tally.bodies[:500]]

@@ -68,7 +68,7 @@ def line(name: str, s: dict) -> str:
     parts = " ".join(f"{k} {v['mean']}" for k, v in srv.items())
     return (f"{name:34s} achieved {s['achieved_rate']:8.1f}/s  p50 {s['p50_ms']:8.2f}  p90 {s['p90_ms']:8.2f}  "
             f"p99 {s['p99_ms']:8.2f} ms  errors {s['errors']} (shed {s.get('shed', 0)})  | server mean: {parts}  "
-            f"cpu/req {s.get('server_cpu_ms_per_request')} ms  rss {s.get('rss_mb_per_worker')} MB  "
+            f"cpu/req {s.get('server_cpu_ms_per_request')} ms (shares {s.get('server_cpu_share_per_worker')})  rss {s.get('rss_mb_per_worker')} MB  "
             f"load {os.getloadavg()[0]:.1f}")
 
 

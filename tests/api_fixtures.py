@@ -79,6 +79,19 @@ class Server:
     def log_records(self) -> list[dict]:
         return [json.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
 
+    def worker_pids(self) -> set[int]:
+        """The pids of the server's uvicorn workers: its children that have loaded onnxruntime (not
+        uvicorn's resource tracker). A child that exits meanwhile is left out."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True).stdout
+        pids = set()
+        for p in out.split():
+            try:
+                if "onnxruntime" in Path(f"/proc/{p}/maps").read_text(errors="ignore"):
+                    pids.add(int(p))
+            except OSError:   # it ended between ps and here
+                pass
+        return pids
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -5,10 +5,8 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -73,11 +71,6 @@ signal.signal(signal.SIGUSR1, _deadlock_the_loop)
 """
 
 
-def worker_pids(server: Server) -> set[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.proc.pid)], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split() if "onnxruntime" in Path(f"/proc/{p}/maps").read_text(errors="ignore")}
-
-
 def serving_workers(server: Server, done, timeout: float = 60.0) -> set[int]:
     """The pids with a model loaded (gcodefp_model_info), polled until done(pids) or the timeout."""
     deadline = time.monotonic() + timeout
@@ -100,12 +93,12 @@ def test_a_deadlocked_worker_is_replaced_and_the_server_keeps_answering(api_regi
     try:
         server.wait_ready()
         before = serving_workers(server, lambda pids: len(pids) == 2)   # both started: their watchdogs run
-        assert len(before) == 2 and before == worker_pids(server)
+        assert len(before) == 2 and before == server.worker_pids()
         stuck = min(before)
         os.kill(stuck, signal.SIGUSR1)
         deadline = time.monotonic() + 60   # 2 s to notice, then uvicorn's check (every 0.5 s) and a fresh start
         while time.monotonic() < deadline:
-            now = worker_pids(server)
+            now = server.worker_pids()
             if stuck not in now and len(now) == 2:
                 break
             time.sleep(0.2)
