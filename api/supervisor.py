@@ -2,16 +2,19 @@
 
 uvicorn's supervisor binds one socket and every worker accepts from it. Whichever worker's loop
 wakes first accepts a whole burst of waiting connections, so long-lived connections split unevenly,
-and they stay where they landed: 1,000 keep-alive connections opened at once went 486 / 514,
-547 / 453 and 336 / 664 to two idle workers (three tries, 2026-12-04). A /stream monitor keeps one
-connection per machine for hours, so the worker that drew two thirds of them saturates while the
-other idles. With a socket per worker the kernel spreads new connections by a hash of their
-addresses, about evenly whatever each worker is doing.
+and they stay where they landed: 1,000 keep-alive connections opened at once on two idle workers
+split up to 632 / 368 (benchmarks/connection_spread.py). A /stream monitor keeps one connection per
+machine for hours, so after a restart, when every monitor reconnects, one worker can draw two thirds
+of the machines and saturate while the other idles. With a socket per worker the kernel spreads new
+connections by a hash of their addresses, about evenly whatever each worker is doing (537 / 463 at
+worst in the same benchmark). The price: a worker whose event loop is stuck keeps receiving its
+share of new connections until its watchdog ends it (api/watchdog.py).
 
-Everything else is uvicorn's: the same supervisor starts, health-checks and replaces workers; each
-worker (and each replacement) binds its own socket to the same address just before it starts
-serving, and the kernel drops a worker's socket from the group when that worker exits. The parent
-keeps a bound socket (never listening: it takes no connections) so that a taken port fails at once.
+Everything else is uvicorn's: the same supervisor starts, health-checks and replaces workers. Each
+worker (and each replacement) binds its own socket to the same address as it starts and listens
+once its startup (the model load) is done; the kernel drops a worker's socket from the group when
+that worker exits. The parent keeps a bound socket that never listens (it takes no connections), so
+that a port already taken fails at once.
 """
 from __future__ import annotations
 
