@@ -110,3 +110,47 @@ def test_a_port_in_use_is_a_clear_error(api_registry, tmp_path):
                               text=True, timeout=60)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_rolling_restart_replaces_every_worker_without_a_failed_request(api_registry, tmp_path, sample_request):
+    """SIGHUP to `gcodefp serve` (uvicorn's rolling restart): each worker is replaced by a fresh one with a
+    socket of its own, one at a time, while clients keep connecting."""
+    import signal
+    import threading
+
+    import httpx
+
+    server = serve(api_registry, tmp_path)
+    codes, errors, stop = [], [], threading.Event()
+
+    def client():
+        with httpx.Client(base_url=server.url, timeout=30, headers={"connection": "close"}) as c:
+            while not stop.is_set():
+                try:
+                    codes.append(c.post("/predict", json=sample_request).status_code)
+                except httpx.TransportError as exc:
+                    errors.append(repr(exc))
+
+    try:
+        before = set(wait_for_workers(server, 2))
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        os.kill(server.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and (server.worker_pids() & before or len(server.worker_pids()) != 2):
+            time.sleep(0.2)
+        after = set(wait_for_workers(server, 2))
+        time.sleep(1)   # the new workers answer too
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not after & before, f"workers before {before}, after {after}"
+        assert errors == [] and set(codes) == {200} and len(codes) > 20, (errors[:3], sorted(set(codes)), len(codes))
+        listening = {i for i, state in tcp_sockets(server.port).items() if state == "0A"}
+        own = [socket_inodes(p) & listening for p in after]
+        assert all(len(s) == 1 for s in own) and own[0] != own[1], f"listening sockets per worker: {own}"
+    finally:
+        stop.set()
+        server.stop()
