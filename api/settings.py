@@ -26,6 +26,7 @@
 | GCODEFP_DIRECT_ROUTES     | 1         | 1: the hot POST endpoints skip the framework's routing (api/direct_routes.py); 0: all routed |
 | GCODEFP_SOCKET_PER_WORKER | 1         | with several workers, each listens on its own socket (SO_REUSEPORT): connections spread evenly (api/supervisor.py); 0: one shared socket |
 | GCODEFP_LOOP_TIMEOUT_S    | 30        | a worker whose event loop is stuck this long logs where and exits, for a fresh one (api/watchdog.py; 0 = off) |
+| GCODEFP_HEAP_TRIM_KB      | 2048      | free memory at the top of the heap that a worker keeps instead of returning it to the OS (glibc M_TRIM_THRESHOLD; api/app.py) |
 | GCODEFP_LOG_LEVEL         | INFO      | log level of the JSON logs                                        |
 | PROMETHEUS_MULTIPROC_DIR  | -         | set by `gcodefp serve`: several workers' metrics summed from files |
 A value that does not parse is refused at start-up, naming the variable.
@@ -75,6 +76,7 @@ class Settings:
     direct_routes: bool
     socket_per_worker: bool
     loop_timeout_s: float
+    heap_trim_kb: int
     log_level: str
     metrics_dir: str | None
 
@@ -103,6 +105,7 @@ class Settings:
                    direct_routes=_get("GCODEFP_DIRECT_ROUTES", 1, int, 0) != 0,
                    socket_per_worker=_get("GCODEFP_SOCKET_PER_WORKER", 1, int, 0) != 0,
                    loop_timeout_s=_get("GCODEFP_LOOP_TIMEOUT_S", 30.0, float, 0.0),
+                   heap_trim_kb=_get("GCODEFP_HEAP_TRIM_KB", 2048, int, 0),
                    log_level=_get("GCODEFP_LOG_LEVEL", "INFO").upper(),
                    metrics_dir=_get("PROMETHEUS_MULTIPROC_DIR", None))
 

@@ -61,7 +61,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GCODEFP_", "PROMETHEUS_"))}
         # the server's defaults (INFO: one JSON access-log line per request, here to the log file), as a user runs it
         env.update(PYTHONPATH=str(REPO))
-        env.update({k: v for k, v in os.environ.items() if k.startswith(("GCODEFP_BATCH", "GCODEFP_STREAM", "GCODEFP_SOCKET"))})
+        env.update({k: v for k, v in os.environ.items() if k.startswith(("GCODEFP_BATCH", "GCODEFP_STREAM", "GCODEFP_SOCKET", "GCODEFP_HEAP"))})
         self.proc = subprocess.Popen([sys.executable, "-m", "gcodefp_core.cli", "serve", "--registry", str(registry),
                                       "--workers", str(workers), "--port", str(self.port), "--poll-seconds", "0.5"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
