@@ -3,10 +3,10 @@
 uvicorn's supervisor binds one socket and every worker accepts from it. Whichever worker's loop
 wakes first accepts a whole burst of waiting connections, so long-lived connections split unevenly,
 and they stay where they landed: 1,000 keep-alive connections opened at once on two idle workers
-split up to 632 / 368 (benchmarks/connection_spread.py). A /stream monitor keeps one connection per
+split up to 701 / 299 (benchmarks/connection_spread.py). A /stream monitor keeps one connection per
 machine for hours, so after a restart, when every monitor reconnects, one worker can draw two thirds
 of the machines and saturate while the other idles. With a socket per worker the kernel spreads new
-connections by a hash of their addresses, about evenly whatever each worker is doing (537 / 463 at
+connections by a hash of their addresses, about evenly whatever each worker is doing (520 / 480 at
 worst in the same benchmark).
 
 The sockets belong to worker *slots* held by this supervisor, not to the workers: a worker that
