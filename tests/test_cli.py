@@ -63,3 +63,20 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
 
     res = run("build-dataset", "--source", str(tmp_path / "nowhere"), "--output", str(tmp_path / "ds"))
     assert res.returncode == 2 and "log folder not found" in res.stderr
+
+
+def test_a_command_imports_only_its_own_layer():
+    # `gcodefp serve --workers 1` serves from the process that parsed its command line: the pipeline
+    # layer's Dagster must not ride along in the server's memory.
+    probe = ("import sys; from gcodefp_core.cli import build_parser; build_parser(sys.argv[1:]); "
+             "print(sorted({m.split('.')[0] for m in sys.modules}))")
+
+    def layers(*argv: str) -> str:
+        return subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120,
+                              check=True).stdout
+
+    serve, pipeline = layers("serve", "--workers", "1"), layers("--debug", "pipeline", "--config", "x.json")
+    assert "'api'" in serve and "dagster" not in serve
+    assert "dagster" in pipeline and "'api'" not in pipeline
+    listing = run("--help", check=True).stdout   # no command named: every layer, so the help lists them all
+    assert "pipeline" in listing and "serve" in listing
