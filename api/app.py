@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import (batcher, direct_routes, docs_routes, inputs, metrics, middleware, ops_routes, predict_routes, schemas, stream_routes,
-               stream_state, streams, v2_routes, watchdog)
+               stream_handoff, stream_state, streams, v2_routes, watchdog)
 from .common import input_error, internal_error
 from .logging_setup import setup_logging
 from .middleware import RequestMiddleware
@@ -75,6 +75,12 @@ async def lifespan(app: FastAPI):
     app.state.store = store
     app.state.admin_token = SETTINGS.admin_token
     app.state.streams = streams.StreamRegistry()
+    handoff = app.state.handoff = None
+    if SETTINGS.stream_handoff_dir:  # several workers: a machine follows its monitor's connection between them
+        handoff = app.state.handoff = stream_handoff.Handoff(
+            Path(SETTINGS.stream_handoff_dir), app.state.streams, SETTINGS.stream_handoff_timeout_ms / 1000,
+            SETTINGS.stream_state_max_age_s)
+        app.state.streams.on_forget = handoff.release
     try:
         await store.reload(trigger="startup")
     except Exception:
@@ -85,14 +91,19 @@ async def lifespan(app: FastAPI):
         app.state.batcher.start()
     watcher = asyncio.create_task(store.watch())
     gc_pauses = asyncio.create_task(metrics.publish_gc_pauses())
+    handing = asyncio.create_task(handoff.serve()) if handoff is not None else None
     yield
     if dog is not None:
         dog.stop()
     watcher.cancel()
     gc_pauses.cancel()
+    if handing is not None:
+        handing.cancel()
     if SETTINGS.stream_state_dir:  # followed machines pick up where they were after the restart
         saved = stream_state.save(Path(SETTINGS.stream_state_dir), app.state.streams.sessions())
         log.info("saved %d stream sessions", saved, extra={"event": "stream_state_saved", "sessions": saved})
+    if handoff is not None:
+        handoff.close(app.state.streams.sessions())
     if app.state.batcher is not None:
         await app.state.batcher.stop()
     metrics.worker_exit()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 def default_workers() -> int:
     """One worker per usable core: a worker runs its model calls on its event loop (one core each), and
-    onnxruntime uses one thread per call (GCODEFP_INTRA_OP_THREADS). Stream sessions live in a worker, so
-    a /stream client keeps each machine on one connection (or run --workers 1); each worker listens on
-    its own socket, so those connections spread evenly over the workers (api/supervisor.py)."""
+    onnxruntime uses one thread per call (GCODEFP_INTRA_OP_THREADS). Stream sessions live in a worker and
+    move with their machine's connection (api/stream_handoff.py); each worker listens on its own socket,
+    so those connections spread evenly over the workers (api/supervisor.py)."""
     try:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:  # not Linux
@@ -57,6 +57,10 @@ def _serve(args) -> int:
     # Metrics of several workers are summed from files in one folder; it must start empty.
     metrics_dir = tempfile.mkdtemp(prefix="gcodefp-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Several workers hand a machine over when its monitor reconnects to another one (api/stream_handoff.py).
+    handoff_dir = None
+    if args.workers > 1 and not os.environ.get("GCODEFP_STREAM_HANDOFF_DIR"):
+        handoff_dir = os.environ["GCODEFP_STREAM_HANDOFF_DIR"] = tempfile.mkdtemp(prefix="gcodefp-streams-")
     # Imported only now: the settings are read once, at import, from the variables set above.
     import uvicorn
 
@@ -76,4 +80,7 @@ def _serve(args) -> int:
                         log_config=uvicorn_log_config(), access_log=False)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if handoff_dir is not None:
+            shutil.rmtree(handoff_dir, ignore_errors=True)
+            os.environ.pop("GCODEFP_STREAM_HANDOFF_DIR", None)
     return 0

@@ -58,6 +58,9 @@ LOAD_FAILURES = Counter("gcodefp_model_load_failures_total", "Packages refused (
 # Stream sessions live in each worker's memory: "livesum" adds up the live workers' counts.
 STREAM_SESSIONS = Gauge("gcodefp_stream_sessions", "Machine stream sessions held (POST /stream/{machine_id})",
                         multiprocess_mode="livesum")
+STREAM_HANDOFFS = Counter("gcodefp_stream_handoffs_total", "Machines whose monitor reconnected to another worker: "
+                          "received (its state was taken over), given, timed_out and unavailable (a clock session, "
+                          "another model's tracker, or no longer held: started afresh)", ["result"])
 STREAM_EVICTIONS = Counter("gcodefp_stream_evictions_total", "Stream sessions evicted (GCODEFP_MAX_STREAMS reached)")
 WORKERS_LOST = Counter("gcodefp_workers_lost_total", "Workers that ended without shutting down (ended by the loop "
                        "watchdog, crashed or killed), counted by the worker or scrape that noticed")

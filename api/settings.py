@@ -13,6 +13,8 @@
 | GCODEFP_MAX_IN_FLIGHT     | 256       | requests a worker holds at once; more get 503 + Retry-After at once (0 = no limit) |
 | GCODEFP_STREAM_STATE_DIR  | -         | a folder: followed machines' tracker state is written there at shutdown and taken over after a restart (api/stream_state.py) |
 | GCODEFP_STREAM_STATE_MAX_AGE_S | 600  | saved state older than this is ignored (the machine has moved on) |
+| GCODEFP_STREAM_HANDOFF_DIR | -        | set by `gcodefp serve --workers N`: a folder the workers share, so that a machine whose monitor reconnects to another worker is handed over, not started again (api/stream_handoff.py) |
+| GCODEFP_STREAM_HANDOFF_TIMEOUT_MS | 250 | how long a worker waits for another worker to hand a machine over before it starts the machine afresh |
 | GCODEFP_STREAM_EVERY      | 4         | a tracked machine's rows judged and answered: every Nth, counted back from each chunk's last row (a request's "every" overrides) |
 | GCODEFP_KEEP_PREVIOUS     | 1         | keep the previous version loaded after a swap (pin it via /v2 versions); 0 frees its memory |
 | GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB | 512 | ... but only while this much memory is available (MemAvailable) |
@@ -64,6 +66,8 @@ class Settings:
     stream_every: int
     stream_state_dir: str | None
     stream_state_max_age_s: float
+    stream_handoff_dir: str | None
+    stream_handoff_timeout_ms: float
     admin_token: str | None
     keep_previous: bool
     keep_previous_min_free_mb: int
@@ -93,6 +97,8 @@ class Settings:
                    stream_every=_get("GCODEFP_STREAM_EVERY", 4, int, 1),
                    stream_state_dir=_get("GCODEFP_STREAM_STATE_DIR", None),
                    stream_state_max_age_s=_get("GCODEFP_STREAM_STATE_MAX_AGE_S", 600.0, float, 0.0),
+                   stream_handoff_dir=_get("GCODEFP_STREAM_HANDOFF_DIR", None),
+                   stream_handoff_timeout_ms=_get("GCODEFP_STREAM_HANDOFF_TIMEOUT_MS", 250.0, float, 0.0),
                    admin_token=_get("GCODEFP_ADMIN_TOKEN", None),
                    keep_previous=bool(_get("GCODEFP_KEEP_PREVIOUS", 1, int, 0)),
                    keep_previous_min_free_mb=_get("GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB", 512, int, 0),

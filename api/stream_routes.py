@@ -39,8 +39,14 @@ async def stream_post(request: Request, machine_id: str):
         async with session.lock:  # this machine's requests apply one at a time, in arrival order
             model = current(request)  # taken under the lock: a request queued across a swap uses the new model
             streams.require_line_head(model)
-            if session.version is None and not start and SETTINGS.stream_state_dir:  # followed before a restart?
-                stream_state.restore(Path(SETTINGS.stream_state_dir), session, model, SETTINGS.stream_state_max_age_s)
+            handoff = getattr(request.app.state, "handoff", None)
+            unstarted = session.version is None
+            # A machine new to this worker: held by another worker (its monitor reconnected here)? Else
+            # followed before a restart? Either way it resumes where it was; start=true starts it afresh.
+            taken = unstarted and handoff is not None and await handoff.take(session, model, start)
+            if unstarted and not taken and not start and SETTINGS.stream_state_dir:
+                stream_state.restore(Path(SETTINGS.stream_state_dir) / f"{machine_id}.npz", session, model,
+                                     SETTINGS.stream_state_max_age_s)
             t0 = time.perf_counter()
             batcher = request.app.state.batcher
             with batcher.arriving() if batcher is not None else nullcontext():
@@ -56,28 +62,41 @@ async def stream_post(request: Request, machine_id: str):
                                          hold=SETTINGS.stream_batch_delay_ms / 1000)
 
             result = await streams.post_rows(session, model, cont, cat, start, run, every)
+            if unstarted and handoff is not None:
+                handoff.claim(machine_id)
             monitoring.observe_stream(model, cont, result)
             return respond(result)
     finally:
         registry.release(session)
 
 
-def stream_session(request: Request, machine_id: str) -> streams.Session:
-    session = request.app.state.streams.get(streams.check_machine_id(machine_id))
+async def stream_session(request: Request, machine_id: str) -> streams.Session:
+    registry: streams.StreamRegistry = request.app.state.streams
+    session = registry.get(streams.check_machine_id(machine_id))
+    handoff = getattr(request.app.state, "handoff", None)
+    if session is None and handoff is not None and handoff.elsewhere(machine_id):   # held by another worker
+        taking = registry.acquire(machine_id)
+        try:
+            async with taking.lock:
+                if taking.version is None and await handoff.take(taking, current(request), start=False):
+                    handoff.claim(machine_id)
+        finally:
+            registry.release(taking)
+        session = registry.get(machine_id)
     if session is None:
-        raise inputs.InputError("machine_id", f"no stream session for {machine_id!r} in this worker (never started, "
-                                              "ended, or evicted)", 404, location="path")
+        raise inputs.InputError("machine_id", f"no stream session for {machine_id!r} (never started, ended, or "
+                                              "evicted)", 404, location="path")
     return session
 
 
 @router.get("/stream/{machine_id:path}", responses=STREAM_STATE_RESPONSES)
 async def stream_get(request: Request, machine_id: str):
-    return respond(streams.state(stream_session(request, machine_id)))
+    return respond(streams.state(await stream_session(request, machine_id)))
 
 
 @router.delete("/stream/{machine_id:path}", responses=STREAM_END_RESPONSES)
 async def stream_delete(request: Request, machine_id: str):
-    session = stream_session(request, machine_id)
+    session = await stream_session(request, machine_id)
     async with session.lock:  # after the machine's requests already queued, not in the middle of one
         request.app.state.streams.end(session)
     return respond({"machine_id": machine_id, "ended": True, "rows_since_start": session.rows_since_start,

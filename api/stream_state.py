@@ -39,29 +39,30 @@ def _signature(tracker) -> list:
 def save(folder: Path, sessions) -> int:
     """Write every started tracker session; -> how many were written."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for s in sessions:
-        if s.version is None or s.mode != "tracker" or not isinstance(s.tracker, TrackerSession):
-            continue
-        meta = {"machine_id": s.machine_id, "version": s.version, "saved_at": time.time(),
-                "rows_since_start": s.rows_since_start, "windows": s.windows, "real_rows": s.real_rows,
-                "started_at": s.started_at, "operation": s.operation, "signature": _signature(s.tracker.model),
-                "tracker_rows": s.tracker.rows, "from_start": s.tracker.from_start}
-        arrays = {"moving": s.tracker.moving, "paused": s.tracker.paused}
-        if s.cont is not None:
-            arrays |= {"cont": s.cont, "cat": s.cat}
-        path = folder / f"{s.machine_id}.npz"
-        tmp = folder / f".{s.machine_id}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-        tmp.replace(path)
-        written += 1
-    return written
+    return sum(write(folder / f"{s.machine_id}.npz", s) for s in sessions)
 
 
-def restore(folder: Path, session, model, max_age_s: float) -> bool:
-    """Fill an unstarted session from its machine's saved state, if there is a usable one; the file is
-    consumed either way. -> whether the session was restored."""
-    path = folder / f"{session.machine_id}.npz"
+def write(path: Path, s) -> bool:
+    """One session's state to `path` (temp file, then rename); False (nothing written) unless it is a
+    started tracker session."""
+    if s.version is None or s.mode != "tracker" or not isinstance(s.tracker, TrackerSession):
+        return False
+    meta = {"machine_id": s.machine_id, "version": s.version, "saved_at": time.time(),
+            "rows_since_start": s.rows_since_start, "windows": s.windows, "real_rows": s.real_rows,
+            "started_at": s.started_at, "operation": s.operation, "signature": _signature(s.tracker.model),
+            "tracker_rows": s.tracker.rows, "from_start": s.tracker.from_start}
+    arrays = {"moving": s.tracker.moving, "paused": s.tracker.paused}
+    if s.cont is not None:
+        arrays |= {"cont": s.cont, "cat": s.cat}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    tmp.replace(path)
+    return True
+
+
+def restore(path: Path, session, model, max_age_s: float) -> bool:
+    """Fill an unstarted session from a saved state (`path`, as `save` and `write` name it), if there is
+    a usable one; the file is consumed either way. -> whether the session was restored."""
     try:
         with np.load(path) as f:
             meta = json.loads(f["meta"].tobytes())
@@ -92,6 +93,6 @@ def restore(folder: Path, session, model, max_age_s: float) -> bool:
     session.started_at, session.operation = float(meta.get("started_at", 0.0)), meta.get("operation")
     if version == model.version and "cont" in arrays and "cat" in arrays:
         session.cont, session.cat = arrays["cont"], arrays["cat"]
-    log.info("stream session of %s restored (saved %.0f s ago)", session.machine_id, age,
+    log.info("stream session of %s restored (saved %.1f s ago)", session.machine_id, age,
              extra={"event": "stream_restored", "machine_id": session.machine_id, "age_seconds": round(age, 1)})
     return True

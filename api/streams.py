@@ -1,8 +1,8 @@
 """Streaming mode over HTTP (POST/GET/DELETE /stream/{machine_id}): one session per machine.
 
 A window model judges 64 rows alone; a stream session follows one machine, which needs state
-between requests, so a session lives in this worker's memory: with several workers, a machine must
-always reach the same worker (or run one worker). The client posts the machine's rows in order, in
+between requests, so a session lives in one worker's memory; a machine whose monitor reconnects to
+another worker is handed over to it (api/stream_handoff.py). The client posts the machine's rows in order, in
 chunks of any size; windows may span chunks, so a session keeps the last W-1 rows, already
 normalised (gcodefp_core.runtime.windows cuts and batches them). Two ways to follow a machine:
 
@@ -96,6 +96,7 @@ class StreamRegistry:
             raise ValueError(f"GCODEFP_MAX_STREAMS must be >= 1, got {max_streams}")
         self.max_streams = max_streams
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self.on_forget = None   # machine_id -> None, called when a started session is ended or evicted
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -136,16 +137,24 @@ class StreamRegistry:
             if old is None:
                 return
             del self._sessions[old.machine_id]
+            self._forget(old)
             metrics.STREAM_EVICTIONS.inc()
             log.warning("stream session of %s evicted (GCODEFP_MAX_STREAMS=%d)", old.machine_id, self.max_streams,
                         extra={"event": "stream_evicted", "machine_id": old.machine_id,
                                "rows_since_start": old.rows_since_start,
                                "idle_seconds": round(time.time() - old.last_used, 3)})
 
-    def end(self, s: Session) -> None:
+    def end(self, s: Session, handed_over: bool = False) -> None:
+        """Forget a session: the client ended it, or (handed_over) another worker took the machine over."""
         if self._sessions.get(s.machine_id) is s:
             del self._sessions[s.machine_id]
             metrics.STREAM_SESSIONS.set(len(self._sessions))
+            if not handed_over:
+                self._forget(s)
+
+    def _forget(self, s: Session) -> None:
+        if self.on_forget is not None and s.version is not None:
+            self.on_forget(s.machine_id)
 
 
 # ---- one chunk --------------------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""A followed machine moves with its monitor's connection between workers (GCODEFP_STREAM_HANDOFF_DIR).
+
+A session lives in one worker's memory, and the kernel picks the worker of a new connection by its
+addresses (api/supervisor.py): a monitor that reconnects (a network drop, a client restart, a closed
+idle keep-alive) reaches any worker. Without a handoff that worker starts the machine over
+("anywhere in any program": about half the exact-line accuracy until the filter locks on again),
+and the old worker keeps a stale copy until it is evicted: in a benchmark sweep whose machines
+reconnected twice, two workers held 1,066 sessions for 750 machines.
+
+The workers share a folder (`gcodefp serve --workers N` makes one):
+- owners/<machine>.pid: the pid of the worker that holds the machine's session, written when a
+  worker starts or takes over a session, removed when it ends or evicts it;
+- asks/<machine>.<owner pid>.<nonce>.ask: a worker that gets a request for a machine another live
+  worker holds asks that worker for it: "send" (the session's state), or "drop" (the client starts a
+  new program: the old state is of no use, but the old copy must go);
+- states/<machine>.<owner pid>.<nonce>.npz: the owner's answer, in api/stream_state's format (temp file, then
+  rename).
+The owner looks at asks/ every POLL_S, finishes the machine's request in flight (the session lock),
+writes the state and forgets the session. The asking worker holds the machine's own lock meanwhile
+(its next requests queue in order) and waits up to GCODEFP_STREAM_HANDOFF_TIMEOUT_MS, then starts
+the machine afresh (an owner that is stuck or gone). Only tracker sessions carry a state; a clock
+session (older packages) is dropped and starts over, as a restart does.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from . import metrics, stream_state
+
+log = logging.getLogger("api.streams")
+POLL_S = 0.02          # an owner answers within this (plus its request in flight); an empty listdir costs ~5 us
+WAIT_STEP_S = 0.005    # how often the asking worker looks for the answer
+ORPHAN_AGE_S = 60.0    # asks and states nobody took (an owner gone, an asker that gave up) are deleted after this
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Handoff:
+    def __init__(self, folder: Path, registry, timeout_s: float, max_age_s: float):
+        self.owners, self.asks, self.states = (Path(folder) / sub for sub in ("owners", "asks", "states"))
+        for d in (self.owners, self.asks, self.states):
+            d.mkdir(parents=True, exist_ok=True)
+        self.registry, self.timeout_s, self.max_age_s = registry, timeout_s, max_age_s
+        self.pid = os.getpid()
+        self._busy: set[str] = set()   # asks being answered
+        self._swept = time.monotonic()
+
+    # ---- ownership ----------------------------------------------------------------------------------
+    def owner(self, machine_id: str) -> int | None:
+        try:
+            return int((self.owners / f"{machine_id}.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def elsewhere(self, machine_id: str) -> int | None:
+        """The live worker other than this one that holds the machine, if any."""
+        pid = self.owner(machine_id)
+        return pid if pid is not None and pid != self.pid and _alive(pid) else None
+
+    def claim(self, machine_id: str) -> None:
+        tmp = self.owners / f".{machine_id}.{self.pid}.tmp"
+        tmp.write_text(str(self.pid))
+        tmp.replace(self.owners / f"{machine_id}.pid")
+
+    def release(self, machine_id: str) -> None:
+        """This worker no longer holds the machine (ended, evicted, shut down)."""
+        if self.owner(machine_id) == self.pid:
+            (self.owners / f"{machine_id}.pid").unlink(missing_ok=True)
+
+    # ---- the asking side -------------------------------------------------------------------------------
+    async def take(self, session, model, start: bool) -> bool:
+        """Before an unstarted session's first chunk (its lock held): take the machine's state from the
+        worker that holds it. start=True only tells that worker to drop its copy. -> whether the
+        session was filled."""
+        owner = self.elsewhere(session.machine_id)
+        if owner is None:
+            return False
+        key = f"{session.machine_id}.{owner}.{uuid.uuid4().hex[:12]}"   # addressed to the owner only: the
+        ask, tmp = self.asks / f"{key}.ask", self.asks / f".{key}.tmp"   # asker may hold the machine by the time it is read
+        tmp.write_text("drop" if start else "send")
+        tmp.replace(ask)
+        if start:
+            return False
+        answer = self.states / f"{key}.npz"
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(WAIT_STEP_S)
+            pending = ask.exists()   # the owner writes its answer before it deletes the ask
+            if answer.exists():
+                taken = stream_state.restore(answer, session, model, self.max_age_s)
+                metrics.STREAM_HANDOFFS.labels("received" if taken else "unavailable").inc()
+                log.info("stream session of %s taken over from worker %d", session.machine_id, owner,
+                         extra={"event": "stream_handoff", "machine_id": session.machine_id, "from_pid": owner,
+                                "restored": taken})
+                return taken
+            if not pending:   # answered without a state: a clock session (dropped), or no longer held there
+                metrics.STREAM_HANDOFFS.labels("unavailable").inc()
+                return False
+        metrics.STREAM_HANDOFFS.labels("timed_out").inc()
+        log.warning("worker %d did not hand %s over within %.0f ms: the machine starts afresh", owner,
+                    session.machine_id, self.timeout_s * 1000,
+                    extra={"event": "stream_handoff_timeout", "machine_id": session.machine_id, "from_pid": owner})
+        return False
+
+    # ---- the owning side --------------------------------------------------------------------------------
+    async def serve(self) -> None:
+        """Answer other workers' asks for the machines held here; runs for the worker's lifetime."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                names = os.listdir(self.asks)
+            except OSError:
+                continue
+            for name in names:
+                if name in self._busy or not name.endswith(".ask"):
+                    continue
+                parts = name[:-4].rsplit(".", 2)   # machine, owner pid, nonce
+                if len(parts) != 3 or parts[1] != str(self.pid):
+                    continue
+                machine_id = parts[0]
+                session = self.registry.get(machine_id)
+                if session is None:   # no longer held here: an answer without a state, so the asker need not wait
+                    (self.asks / name).unlink(missing_ok=True)
+                    continue
+                self._busy.add(name)
+                asyncio.create_task(self._give(name, machine_id, session))
+            if time.monotonic() - self._swept > ORPHAN_AGE_S / 4:
+                self._swept = time.monotonic()
+                await asyncio.to_thread(self._sweep)
+
+    async def _give(self, name: str, machine_id: str, session) -> None:
+        ask = self.asks / name
+        try:
+            async with session.lock:   # after the machine's request in flight here
+                mode = ask.read_text().strip()
+                if self.registry.get(machine_id) is session:
+                    if mode == "send":
+                        stream_state.write(self.states / f"{name[:-4]}.npz", session)
+                    self.registry.end(session, handed_over=True)   # the owner file is the asker's to rewrite
+                    metrics.STREAM_HANDOFFS.labels("given").inc()
+            ask.unlink(missing_ok=True)
+        except FileNotFoundError:   # the asker gave up and another worker swept it meanwhile
+            pass
+        except Exception:   # never let one machine's handoff end the loop that serves them all
+            log.exception("stream handoff of %s failed", machine_id, extra={"event": "stream_handoff_failed"})
+        finally:
+            self._busy.discard(name)
+
+    def _sweep(self) -> None:
+        """Delete asks and answers older than ORPHAN_AGE_S: nobody will take them any more."""
+        now = time.time()
+        for d in (self.asks, self.states):
+            for entry in os.scandir(d):
+                try:
+                    if now - entry.stat().st_mtime > ORPHAN_AGE_S:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass
+
+    def close(self, sessions) -> None:
+        """At shutdown: the machines held here are no longer anyone's (a restart's state folder takes over)."""
+        for s in sessions:
+            self.release(s.machine_id)

@@ -1,0 +1,148 @@
+"""api/stream_handoff.py: with several workers, a followed machine whose monitor reconnects to another
+worker is handed over with its state, not started again, and no worker keeps a stale copy."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from api_fixtures import Server, free_port, server_env
+from test_stream_tracker import body, copy_export, matches, tracked_reference
+
+from api import stream_handoff, streams
+from gcodefp_core import package as pkg
+from gcodefp_core.runtime import OnnxPredictor
+from gcodefp_core.synthetic import generate_run
+
+CHUNK = 4
+
+
+@pytest.fixture(scope="module")
+def served(tiny_export, tmp_path_factory):
+    """`gcodefp serve --workers 2` on the tiny model with its tracker (the window's own line never
+    preferred, so every answer is the tracker's and carries its whole state)."""
+    tmp = tmp_path_factory.mktemp("handoff")
+
+    def tracker_only(meta):
+        meta["program_tracker"]["params"] |= {"window_weight": 0.0, "window_weight_start": 0.0}
+
+    pkg.build_package(copy_export(tiny_export, tmp / "tracked", tracker_only), tmp / "reg", version="tracked")
+    pkg.promote(tmp / "reg", "tracked")
+    port = free_port()
+    cmd = [sys.executable, "-m", "gcodefp_core.cli", "serve", "--registry", str(tmp / "reg"), "--workers", "2",
+           "--port", str(port)]
+    server = Server(cmd, server_env(), tmp / "server.log", port)
+    server.wait_ready()
+    deadline = time.monotonic() + 60
+    while len(server.worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)   # the second worker's model warm-up
+    server.predictor = OnnxPredictor.load(tmp / "reg" / "packages" / "tracked")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_export):
+    f = json.loads((tiny_export / "model.json").read_text())["features"]
+    frame = generate_run("adaptive", run_index=5, seed=13, machine_id=2).iloc[:240]
+    cont = np.stack([frame[c].to_numpy(float) if c in frame else np.full(len(frame), np.nan)
+                     for c in f["continuous"]], axis=1)
+    return cont, np.stack([frame[c].to_numpy() for c in f["categorical"]], axis=1).astype(float)
+
+
+def on_new_connection(server, method: str, path: str, rid: str, doc: dict | None = None) -> tuple[dict, int]:
+    """One request on a connection of its own (as a monitor that reconnects) -> (answer, the worker's pid)."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.request(method, path, json=doc, headers={"x-request-id": rid})
+    assert r.status_code == 200, r.text
+    for _ in range(100):   # the worker's request log line names its pid
+        pid = next((rec["pid"] for rec in server.log_records()
+                    if rec.get("request_id") == rid and rec.get("event") == "request"), None)
+        if pid is not None:
+            return r.json(), pid
+        time.sleep(0.05)
+    raise AssertionError(f"no log line for request {rid}")
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_monitor_that_reconnects_to_another_worker_keeps_its_place(served, rows):
+    """Every chunk on a new connection: the machine's answers are those of one uninterrupted session
+    (posterior, buffered rows and row count carried), whichever worker each chunk reached."""
+    cont, cat = rows
+    answers, pids = [], []
+    for k in range(len(cont) // CHUNK):
+        lo = k * CHUNK
+        doc = body(cont[lo:lo + CHUNK], cat[lo:lo + CHUNK])
+        answer, pid = on_new_connection(served, "POST", "/stream/roaming-mill", f"roam-{k}", doc)
+        answers.append(answer)
+        pids.append(pid)
+        if sum(a != b for a, b in zip(pids, pids[1:])) >= 3 and k >= 10:
+            break
+    hops = sum(a != b for a, b in zip(pids, pids[1:]))
+    assert hops >= 3, f"{len(pids)} connections, {hops} changes of worker: {pids}"
+    assert answers[0]["started"] is True and not any(a["started"] for a in answers[1:])
+    assert [a["rows_since_start"] for a in answers] == [CHUNK * (k + 1) for k in range(len(answers))]
+    n = CHUNK * len(answers)
+    steps, _ = tracked_reference(served.predictor, cont[:n], cat[:n])
+    matches(served.predictor, [p for a in answers for p in a["predictions"]], steps)
+    assert metric(served, "gcodefp_stream_sessions") == 1   # no stale copy left behind
+    assert metric(served, 'gcodefp_stream_handoffs_total{result="received"}') == hops
+
+    # GET reaches the machine from either worker, taking it over where needed
+    seen = set()
+    for k in range(40):
+        state, pid = on_new_connection(served, "GET", "/stream/roaming-mill", f"roam-get-{k}")
+        assert state["rows_since_start"] == n
+        seen.add(pid)
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2 and metric(served, "gcodefp_stream_sessions") == 1
+
+
+def test_a_new_program_on_another_worker_drops_the_old_copy(served, rows):
+    cont, cat = rows
+    first, owner = on_new_connection(served, "POST", "/stream/restarted-mill", "restart-0",
+                                     body(cont[:CHUNK], cat[:CHUNK], start=True))
+    sessions = metric(served, "gcodefp_stream_sessions")
+    for k in range(1, 40):
+        again, pid = on_new_connection(served, "POST", "/stream/restarted-mill", f"restart-{k}",
+                                       body(cont[:CHUNK], cat[:CHUNK], start=True))
+        assert again["started"] is True and again["rows_since_start"] == CHUNK
+        if pid != owner:
+            break
+    assert pid != owner, "40 connections all reached the same worker"
+    deadline = time.monotonic() + 5   # the old worker drops its copy within its next look at the asks
+    while metric(served, "gcodefp_stream_sessions") != sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(served, "gcodefp_stream_sessions") == sessions
+
+
+def test_an_owner_that_does_not_answer_costs_the_timeout_then_the_machine_starts_afresh(tmp_path):
+    registry = streams.StreamRegistry()
+    handoff = stream_handoff.Handoff(tmp_path, registry, timeout_s=0.2, max_age_s=600)
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])   # alive, never answers
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        (tmp_path / "owners" / "silent-mill.pid").write_text(str(silent.pid))
+        (tmp_path / "owners" / "gone-mill.pid").write_text(str(gone.pid))
+        t0 = time.monotonic()
+        assert asyncio.run(handoff.take(streams.Session("silent-mill"), None, start=False)) is False
+        assert time.monotonic() - t0 >= 0.2
+        t0 = time.monotonic()
+        assert asyncio.run(handoff.take(streams.Session("gone-mill"), None, start=False)) is False
+        assert time.monotonic() - t0 < 0.1   # a dead owner is not waited for
+        asks = [p.name for p in (tmp_path / "asks").iterdir()]   # the silent owner was asked, the gone one not
+        assert len(asks) == 1 and asks[0].startswith(f"silent-mill.{silent.pid}.") and asks[0].endswith(".ask")
+    finally:
+        silent.kill()
