@@ -222,6 +222,9 @@ def measure(server: Server, name: str, fn) -> dict:
     summary["server_cpu_share_per_worker"] = [round(t / max(sum(spent.values()), 1e-9), 3) for t in spent.values()]
     summary["server"] = serving_report.split(before, serving_report.scrape(server.metrics()))
     summary["rss_mb_per_worker"] = server.rss_mb()  # after the step: /stream sessions accumulate over a sweep
+    if "machines" in summary:   # the sessions all workers hold: one per machine (reconnects are handed over)
+        held = [ln for ln in server.metrics().splitlines() if ln.startswith("gcodefp_stream_sessions ")]
+        summary["stream_sessions"] = int(float(held[0].split()[-1])) if held else None
     times = [json.loads(b).get("inference_time_ms") for b in tally.bodies[:500]]
     times = [t for t in times if t is not None]
     if times:

@@ -95,8 +95,15 @@ def bars(result: dict) -> dict:
                 out[f"inference_w{w}_{mode}_per_window_ratio_to_bare_predict"] = round(
                     per_window["mean"] / result["bare"]["predict_ms"], 3)
         if "stream" in sw:
-            out[f"stream_w{w}_max_machines_p99_50ms"] = best_rate(sw["stream"], BARS["stream_p99_ms"], "machines")
-        out[f"rss_w{w}_max_mb"] = max(run.get("rss_mb_per_worker") or [float("nan")])
+            best = out[f"stream_w{w}_max_machines_p99_50ms"] = best_rate(sw["stream"], BARS["stream_p99_ms"], "machines")
+            step = next((s for s in sw["stream"] if s.get("machines") == best), None)
+            if step and step.get("rss_mb_per_worker"):   # the memory of the load the bar names, not of a step past it
+                out[f"rss_w{w}_mb_following_{best}_machines"] = max(step["rss_mb_per_worker"])
+        requests = [max(s["rss_mb_per_worker"]) for m in ("json", "binary", "batch") for s in sw.get(m, [])
+                    if s.get("rss_mb_per_worker")]
+        if requests:
+            out[f"rss_w{w}_requests_max_mb"] = max(requests)
+        out[f"rss_w{w}_max_mb"] = max(run.get("rss_mb_per_worker") or [float("nan")])   # at the end of the run
         if "swap" in run:
             out[f"swap_w{w}"] = {"rate": run["swap"]["offered_rate"], "errors": run["swap"]["errors"],
                                  "served_by_new": run["swap"]["versions"].get(run["swap"]["to"], 0)}
