@@ -12,10 +12,13 @@ from pathlib import Path
 
 
 def default_workers() -> int:
-    """One worker per usable core: a worker runs its model calls on its event loop (one core each), and
+    """$WEB_CONCURRENCY when set (uvicorn's variable; a container, whose CPU quota the affinity mask does not
+    show, sets it), else one worker per usable core: a worker runs its model calls on its event loop (one core each), and
     onnxruntime uses one thread per call (GCODEFP_INTRA_OP_THREADS). Stream sessions live in a worker and
     move with their machine's connection (api/stream_handoff.py); each worker listens on its own socket,
     so those connections spread evenly over the workers (api/supervisor.py)."""
+    if os.environ.get("WEB_CONCURRENCY", "").strip().isdigit():
+        return max(int(os.environ["WEB_CONCURRENCY"]), 1)
     try:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:  # not Linux
@@ -32,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=default_workers(),
-                   help=f"uvicorn worker processes (default: the cores this process may use, {default_workers()} here)")
+                   help=f"uvicorn worker processes (default: $WEB_CONCURRENCY, else the cores this process may "
+                        f"use; {default_workers()} here)")
     p.add_argument("--poll-seconds", type=float, help="how often workers check for a new package (default 1)")
     p.set_defaults(handler=_serve)
 

@@ -119,39 +119,29 @@ def image_env(name: str) -> dict[str, str]:
     return dict(w.split("=", 1) for w in words)
 
 
-def test_inference_image_runs_the_app_under_uvicorn(monkeypatch):
-    """The image's CMD is `python -m uvicorn api.app:app` (not a CLI wrapper) with host, port and workers from
-    the image's environment, a fresh metrics folder for its workers, and the port that EXPOSE,
-    HEALTHCHECK and compose use. deploy/images/smoke.py runs this CMD for real inside the built image."""
-    from uvicorn.main import main as uvicorn_cli
+def test_inference_image_runs_gcodefp_serve(monkeypatch):
+    """The image's CMD is `gcodefp serve` (a socket per worker, stream handoff, a fresh metrics folder),
+    its workers from WEB_CONCURRENCY, on the port that EXPOSE, HEALTHCHECK and compose use; compose's
+    command is the same server. deploy/images/smoke.py runs both for real inside the built image."""
+    from api.cli import default_workers
+    from gcodefp_core.cli import build_parser
 
     cmd = json.loads(dockerfile("Dockerfile.inference")["CMD"][-1])
-    assert cmd[:2] == ["sh", "-c"], cmd
-    script = cmd[2]
-    assert 'export PROMETHEUS_MULTIPROC_DIR="$(mktemp -d' in script  # empty at every start (api/metrics.py)
-    uvicorn_argv = shlex.split(script.split("exec ", 1)[1])
-    assert uvicorn_argv[:3] == ["python", "-m", "uvicorn"], uvicorn_argv
+    args = build_parser(cmd[1:]).parse_args(cmd[1:])
+    assert cmd[0] == "gcodefp" and (args.command, args.host) == ("serve", "0.0.0.0"), cmd
     env = image_env("Dockerfile.inference")
-    for key, value in env.items():
-        if key.startswith("UVICORN_"):
-            monkeypatch.setenv(key, value)
-    ctx = uvicorn_cli.make_context("uvicorn", uvicorn_argv[3:])
-    module, _, attr = ctx.params["app"].partition(":")
-    assert (module, attr) == ("api.app", "app") and re.search(r"^app = FastAPI\(", (REPO / "api/app.py").read_text(), re.M)
-    host, port = ctx.params["host"], ctx.params["port"]
-    assert host == "0.0.0.0" and int(env["WEB_CONCURRENCY"]) >= 1
+    monkeypatch.setenv("WEB_CONCURRENCY", env["WEB_CONCURRENCY"])
+    assert default_workers() == int(env["WEB_CONCURRENCY"]) >= 1
     assert env["GCODEFP_REGISTRY"] == "/srv/gcodefp/registry"
+    port = args.port
     assert dockerfile("Dockerfile.inference")["EXPOSE"] == [str(port)]
     assert SERVICES["api"]["ports"] == [f"{port}:{port}"]
     healthcheck = json.loads(dockerfile("Dockerfile.inference")["HEALTHCHECK"][0].split("CMD", 1)[1])
     assert SERVICES["api"]["healthcheck"]["test"] == ["CMD", *healthcheck]
     assert f"127.0.0.1:{port}/health" in healthcheck[-1]
-    # compose may override the command (`gcodefp serve`, what deploy/stack.sh runs natively): same port
-    if "command" in SERVICES["api"]:
-        from gcodefp_core.cli import build_parser
-
-        args = build_parser().parse_args(SERVICES["api"]["command"][1:])
-        assert (args.command, args.host, args.port) == ("serve", host, port)
+    if "command" in SERVICES["api"]:   # compose may override the command: the same server, on the same port
+        compose = build_parser(SERVICES["api"]["command"][1:]).parse_args(SERVICES["api"]["command"][1:])
+        assert (compose.command, compose.host, compose.port) == ("serve", args.host, port)
 
 
 def test_dagster_image_command_is_the_compose_code_server_command():
