@@ -129,19 +129,30 @@ def forget_dead_workers() -> list[int]:
     dropped = set()
     for path in Path(SETTINGS.metrics_dir).glob("gauge_live*_*.db"):
         pid = path.stem.rsplit("_", 1)[1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
             continue
         try:
             path.unlink()
         except FileNotFoundError:   # another worker got there first
             continue
         dropped.add(int(pid))
-    if dropped:
-        WORKERS_LOST.inc(len(dropped))
+    lost = [pid for pid in dropped if _first_to_report(pid)]
+    if lost:
+        WORKERS_LOST.inc(len(lost))
     return sorted(dropped)
 
 
-def _alive(pid: int) -> bool:
+def _first_to_report(pid: int) -> bool:
+    """Whether this process is the first to count that dead worker: a worker has two live-gauge files, and
+    two processes cleaning up at once (a scrape and a worker start) may each remove one."""
+    try:
+        os.close(os.open(Path(SETTINGS.metrics_dir) / f"lost_{pid}.marker", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -38,16 +38,6 @@ WAIT_STEP_S = 0.005    # how often the asking worker looks for the answer
 ORPHAN_AGE_S = 60.0    # asks and states nobody took (an owner gone, an asker that gave up) are deleted after this
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Handoff:
     def __init__(self, folder: Path, registry, timeout_s: float, max_age_s: float):
         self.owners, self.asks, self.states = (Path(folder) / sub for sub in ("owners", "asks", "states"))
@@ -68,7 +58,7 @@ class Handoff:
     def elsewhere(self, machine_id: str) -> int | None:
         """The live worker other than this one that holds the machine, if any."""
         pid = self.owner(machine_id)
-        return pid if pid is not None and pid != self.pid and _alive(pid) else None
+        return pid if pid is not None and pid != self.pid and metrics.process_alive(pid) else None
 
     def claim(self, machine_id: str) -> None:
         tmp = self.owners / f".{machine_id}.{self.pid}.tmp"

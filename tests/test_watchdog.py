@@ -117,3 +117,23 @@ def test_a_deadlocked_worker_is_replaced_and_the_server_keeps_answering(api_regi
         assert re.search(r"^gcodefp_workers_lost_total 1\.0$", text, re.M)
     finally:
         server.stop()
+
+
+def test_a_lost_worker_is_counted_once_when_two_processes_clean_up_its_two_files(tmp_path, monkeypatch):
+    """A worker leaves two live-gauge files; a scrape and a starting worker may each remove one."""
+    import dataclasses
+    import subprocess
+
+    from api import metrics
+
+    monkeypatch.setattr(metrics, "MULTIPROCESS", True)
+    monkeypatch.setattr(metrics, "SETTINGS", dataclasses.replace(metrics.SETTINGS, metrics_dir=str(tmp_path)))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    before = metrics.WORKERS_LOST._value.get()
+    (tmp_path / f"gauge_livesum_{gone.pid}.db").write_bytes(b"")
+    assert metrics.forget_dead_workers() == [gone.pid]
+    (tmp_path / f"gauge_liveall_{gone.pid}.db").write_bytes(b"")   # the file the other process had not reached
+    assert metrics.forget_dead_workers() == [gone.pid]
+    assert metrics.WORKERS_LOST._value.get() - before == 1
+    assert not list(tmp_path.glob("gauge_*.db"))
