@@ -61,10 +61,14 @@ def _serve(args) -> int:
     # Metrics of several workers are summed from files in one folder; it must start empty.
     metrics_dir = tempfile.mkdtemp(prefix="gcodefp-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    # Several workers hand a machine over when its monitor reconnects to another one (api/stream_handoff.py).
+    # Several workers hand a machine over when its monitor reconnects to another one (api/stream_handoff.py),
+    # and a worker that restarts (SIGHUP, a rolling restart) leaves its machines' state for the others
+    # (api/stream_state.py) unless GCODEFP_STREAM_STATE_DIR names a folder that outlives the server.
     handoff_dir = None
     if args.workers > 1 and not os.environ.get("GCODEFP_STREAM_HANDOFF_DIR"):
         handoff_dir = os.environ["GCODEFP_STREAM_HANDOFF_DIR"] = tempfile.mkdtemp(prefix="gcodefp-streams-")
+        if not os.environ.get("GCODEFP_STREAM_STATE_DIR"):
+            os.environ["GCODEFP_STREAM_STATE_DIR"] = os.path.join(handoff_dir, "restarts")
     # Imported only now: the settings are read once, at import, from the variables set above.
     import uvicorn
 
@@ -87,4 +91,6 @@ def _serve(args) -> int:
         if handoff_dir is not None:
             shutil.rmtree(handoff_dir, ignore_errors=True)
             os.environ.pop("GCODEFP_STREAM_HANDOFF_DIR", None)
+            if os.environ.get("GCODEFP_STREAM_STATE_DIR", "").startswith(handoff_dir):
+                os.environ.pop("GCODEFP_STREAM_STATE_DIR")
     return 0

@@ -11,7 +11,7 @@
 | GCODEFP_MAX_STREAM_ROWS   | 4096      | rows per POST /stream/{machine_id}                                |
 | GCODEFP_MAX_STREAMS       | 1000      | stream sessions a worker keeps (least recently used evicted)      |
 | GCODEFP_MAX_IN_FLIGHT     | 256       | requests a worker holds at once; more get 503 + Retry-After at once (0 = no limit) |
-| GCODEFP_STREAM_STATE_DIR  | -         | a folder: followed machines' tracker state is written there at shutdown and taken over after a restart (api/stream_state.py) |
+| GCODEFP_STREAM_STATE_DIR  | -         | a folder: followed machines' tracker state is written there at shutdown and taken over after a restart (api/stream_state.py); `gcodefp serve --workers N` sets one for its own lifetime (worker restarts) |
 | GCODEFP_STREAM_STATE_MAX_AGE_S | 600  | saved state older than this is ignored (the machine has moved on) |
 | GCODEFP_STREAM_HANDOFF_DIR | -        | set by `gcodefp serve --workers N`: a folder the workers share, so that a machine whose monitor reconnects to another worker is handed over, not started again (api/stream_handoff.py) |
 | GCODEFP_STREAM_HANDOFF_TIMEOUT_MS | 250 | how long a worker waits for another worker to hand a machine over before it starts the machine afresh |

@@ -127,6 +127,41 @@ def test_a_new_program_on_another_worker_drops_the_old_copy(served, rows):
     assert metric(served, "gcodefp_stream_sessions") == sessions
 
 
+def test_a_rolling_restart_keeps_every_followed_machine(served, rows):
+    """SIGHUP (uvicorn's rolling restart: every worker replaced in turn): a worker that stops leaves its
+    machines' state in the folder `gcodefp serve` gives its workers, and the new workers take it over."""
+    import os
+    import signal
+
+    cont, cat = rows
+    machines = [f"restarting-mill-{i}" for i in range(6)]   # spread over both workers
+    answers = {m: [] for m in machines}
+    for k in range(8):
+        for j, m in enumerate(machines):
+            lo = k * CHUNK
+            answers[m].append(on_new_connection(served, "POST", f"/stream/{m}", f"rr-{k}-{j}",
+                                                body(cont[lo:lo + CHUNK], cat[lo:lo + CHUNK]))[0])
+    before = served.worker_pids()
+    os.kill(served.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and (served.worker_pids() & before or len(served.worker_pids()) != 2):
+        time.sleep(0.2)
+    assert not served.worker_pids() & before and len(served.worker_pids()) == 2
+    time.sleep(1.0)   # the second new worker's warm-up
+    for k in range(8, 16):
+        for j, m in enumerate(machines):
+            lo = k * CHUNK
+            answers[m].append(on_new_connection(served, "POST", f"/stream/{m}", f"rr-{k}-{j}",
+                                                body(cont[lo:lo + CHUNK], cat[lo:lo + CHUNK]))[0])
+    steps, _ = tracked_reference(served.predictor, cont[:16 * CHUNK], cat[:16 * CHUNK])
+    for m in machines:
+        assert not any(a["started"] for a in answers[m][1:]), m
+        assert answers[m][-1]["rows_since_start"] == 16 * CHUNK
+        matches(served.predictor, [p for a in answers[m] for p in a["predictions"]], steps)
+    # one copy each; the earlier tests' machines wait in the folder until they post again
+    assert metric(served, "gcodefp_stream_sessions") == len(machines)
+
+
 def test_an_owner_that_does_not_answer_costs_the_timeout_then_the_machine_starts_afresh(tmp_path):
     registry = streams.StreamRegistry()
     handoff = stream_handoff.Handoff(tmp_path, registry, timeout_s=0.2, max_age_s=600)
