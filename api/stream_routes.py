@@ -45,7 +45,7 @@ async def stream_post(request: Request, machine_id: str):
             # followed before a restart? Either way it resumes where it was; start=true starts it afresh.
             taken = unstarted and handoff is not None and await handoff.take(session, model, start)
             if unstarted and not taken and not start and SETTINGS.stream_state_dir:
-                stream_state.restore(Path(SETTINGS.stream_state_dir) / f"{machine_id}.npz", session, model,
+                stream_state.restore(Path(SETTINGS.stream_state_dir) / f"{machine_id}{stream_state.SUFFIX}", session, model,
                                      SETTINGS.stream_state_max_age_s)
             t0 = time.perf_counter()
             batcher = request.app.state.batcher

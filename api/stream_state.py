@@ -36,10 +36,13 @@ def _signature(tracker) -> list:
     return [list(tracker.operations), list(tracker.operation_program), [int(n) for n in tracker._sizes]]
 
 
+SUFFIX = ".state"
+
+
 def save(folder: Path, sessions) -> int:
     """Write every started tracker session; -> how many were written."""
     folder.mkdir(parents=True, exist_ok=True)
-    return sum(write(folder / f"{s.machine_id}.npz", s) for s in sessions)
+    return sum(write(folder / f"{s.machine_id}{SUFFIX}", s) for s in sessions)
 
 
 def write(path: Path, s) -> bool:
@@ -54,25 +57,48 @@ def write(path: Path, s) -> bool:
     arrays = {"moving": s.tracker.moving, "paused": s.tracker.paused}
     if s.cont is not None:
         arrays |= {"cont": s.cont, "cat": s.cat}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    meta["arrays"] = [[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]
+    # A length-prefixed JSON head, then the arrays' bytes: read back in ~0.07 ms where an .npz (a zip)
+    # took ~0.5 (a machine handed over between workers is read while its monitor waits).
+    head = json.dumps(meta).encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(4, "little") + head)
+        for v in arrays.values():
+            f.write(v.tobytes())
     tmp.replace(path)
     return True
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    """A state file -> (meta, arrays); ValueError when it is not one."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:4], "little")
+    if len(data) < 4 + n:
+        raise ValueError("truncated head")
+    meta = json.loads(data[4:4 + n])
+    arrays, offset = {}, 4 + n
+    for name, dtype, shape in meta["arrays"]:
+        count = int(np.prod(shape))
+        arrays[name] = np.frombuffer(data, np.dtype(dtype), count, offset).reshape(shape).copy()
+        offset += arrays[name].nbytes
+    if offset != len(data):
+        raise ValueError(f"{len(data) - offset} bytes more than its arrays")
+    return meta, arrays
 
 
 def restore(path: Path, session, model, max_age_s: float) -> bool:
     """Fill an unstarted session from a saved state (`path`, as `save` and `write` name it), if there is
     a usable one; the file is consumed either way. -> whether the session was restored."""
     try:
-        with np.load(path) as f:
-            meta = json.loads(f["meta"].tobytes())
-            arrays = {k: f[k] for k in f.files if k != "meta"}
+        meta, arrays = _read(path)
         saved = {k: int(meta[k]) for k in ("rows_since_start", "windows", "real_rows", "tracker_rows")}
         age, version = time.time() - float(meta["saved_at"]), str(meta["version"])
         moving, paused = arrays["moving"], arrays["paused"]
     except FileNotFoundError:
         return False
-    except (OSError, ValueError, KeyError, TypeError) as exc:   # a damaged file: the machine starts afresh
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:   # damaged: the machine starts afresh
         log.warning("stream state of %s unreadable, ignored: %s", session.machine_id, exc,
                     extra={"event": "stream_state_unreadable", "machine_id": session.machine_id})
         path.unlink(missing_ok=True)

@@ -348,8 +348,8 @@ def test_followed_machines_pick_up_where_they_were_after_a_restart(server, rows,
                 before = post(c, machine, cont[30:70], cat[30:70])        # attached mid-run
     finally:
         first.stop()
-    assert {f.name for f in state_dir.iterdir()} == {"kept-mill.npz", "old-mill.npz", "broken-mill.npz"}
-    (state_dir / "broken-mill.npz").write_bytes(b"not a state file")
+    assert {f.name for f in state_dir.iterdir()} == {"kept-mill.state", "old-mill.state", "broken-mill.state"}
+    (state_dir / "broken-mill.state").write_bytes(b"not a state file")
     second = start_uvicorn(tmp_path, **env, GCODEFP_STREAM_STATE_MAX_AGE_S=3600)
     try:
         with httpx.Client(base_url=second.url, timeout=60) as c:
@@ -364,7 +364,7 @@ def test_followed_machines_pick_up_where_they_were_after_a_restart(server, rows,
     assert broken["started"] is True and broken["predictions"][0]["row"] == 0
     # the second worker followed kept-mill and broken-mill and wrote them again at its shutdown; old-mill
     # was never asked for and waits
-    assert {f.name for f in state_dir.iterdir()} == {"kept-mill.npz", "old-mill.npz", "broken-mill.npz"}
+    assert {f.name for f in state_dir.iterdir()} == {"kept-mill.state", "old-mill.state", "broken-mill.state"}
     third = start_uvicorn(tmp_path, **env, GCODEFP_STREAM_STATE_MAX_AGE_S=0)   # old-mill's state is now too old
     try:
         with httpx.Client(base_url=third.url, timeout=60) as c:
