@@ -146,21 +146,27 @@ class Handoff:
                 await asyncio.to_thread(self._sweep)
 
     async def _give(self, name: str, machine_id: str, session) -> None:
+        """Answer one ask, once: whatever happens, the ask is deleted (the asker then stops waiting) and
+        this worker's copy is gone (the machine lives where its monitor now is)."""
         ask = self.asks / name
         try:
             async with session.lock:   # after the machine's request in flight here
                 mode = ask.read_text().strip()
                 if self.registry.get(machine_id) is session:
                     if mode == "send":
-                        stream_state.write(self.states / f"{name[:-4]}{stream_state.SUFFIX}", session)
+                        try:
+                            stream_state.write(self.states / f"{name[:-4]}{stream_state.SUFFIX}", session)
+                        except OSError as exc:   # a full tmpfs, say: the asker starts the machine afresh
+                            log.warning("stream state of %s not handed over: %s", machine_id, exc,
+                                        extra={"event": "stream_handoff_failed", "machine_id": machine_id})
                     self.registry.end(session, handed_over=True)   # the owner file is the asker's to rewrite
                     metrics.STREAM_HANDOFFS.labels("given").inc()
-            ask.unlink(missing_ok=True)
         except FileNotFoundError:   # the asker gave up and another worker swept it meanwhile
             pass
         except Exception:   # never let one machine's handoff end the loop that serves them all
             log.exception("stream handoff of %s failed", machine_id, extra={"event": "stream_handoff_failed"})
         finally:
+            ask.unlink(missing_ok=True)
             self._busy.discard(name)
 
     def _sweep(self) -> None:

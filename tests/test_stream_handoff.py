@@ -181,3 +181,24 @@ def test_an_owner_that_does_not_answer_costs_the_timeout_then_the_machine_starts
         assert len(asks) == 1 and asks[0].startswith(f"silent-mill.{silent.pid}.") and asks[0].endswith(".ask")
     finally:
         silent.kill()
+
+
+def test_a_state_that_cannot_be_written_still_ends_the_ask_and_the_old_copy(tmp_path, monkeypatch):
+    """A full tmpfs (say): the asker must stop waiting at once and the machine must not stay twice."""
+    from api import stream_state
+
+    registry = streams.StreamRegistry()
+    handoff = stream_handoff.Handoff(tmp_path, registry, timeout_s=0.2, max_age_s=600)
+    session = registry.acquire("full-mill")
+    session.version = "v1"   # started
+    registry.release(session)
+
+    def no_space(path, s):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stream_state, "write", no_space)
+    name = f"full-mill.{handoff.pid}.0123456789ab.ask"
+    (tmp_path / "asks" / name).write_text("send")
+    asyncio.run(handoff._give(name, "full-mill", session))
+    assert registry.get("full-mill") is None
+    assert not list((tmp_path / "asks").iterdir()) and not list((tmp_path / "states").iterdir())
