@@ -12,11 +12,11 @@ from pathlib import Path
 
 
 def default_workers() -> int:
-    """$WEB_CONCURRENCY when set (uvicorn's variable; a container, whose CPU quota the affinity mask does not
-    show, sets it), else one worker per usable core: a worker runs its model calls on its event loop (one core each), and
-    onnxruntime uses one thread per call (GCODEFP_INTRA_OP_THREADS). Stream sessions live in a worker and
-    move with their machine's connection (api/stream_handoff.py); each worker listens on its own socket,
-    so those connections spread evenly over the workers (api/supervisor.py)."""
+    """$WEB_CONCURRENCY when set (uvicorn's variable; a container, whose CPU quota the affinity mask does
+    not show, sets it), else one worker per usable core: a worker runs its model calls on its event loop
+    (one core each), and onnxruntime uses one thread per call (GCODEFP_INTRA_OP_THREADS). Stream sessions
+    live in a worker and move with their machine's connection (api/stream_handoff.py); each worker
+    listens on its own socket, so those connections spread evenly over the workers (api/supervisor.py)."""
     if os.environ.get("WEB_CONCURRENCY", "").strip().isdigit():
         return max(int(os.environ["WEB_CONCURRENCY"]), 1)
     try:

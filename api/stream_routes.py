@@ -39,14 +39,9 @@ async def stream_post(request: Request, machine_id: str):
         async with session.lock:  # this machine's requests apply one at a time, in arrival order
             model = current(request)  # taken under the lock: a request queued across a swap uses the new model
             streams.require_line_head(model)
-            handoff = getattr(request.app.state, "handoff", None)
             unstarted = session.version is None
-            # A machine new to this worker: held by another worker (its monitor reconnected here)? Else
-            # followed before a restart? Either way it resumes where it was; start=true starts it afresh.
-            taken = unstarted and handoff is not None and await handoff.take(session, model, start)
-            if unstarted and not taken and not start and SETTINGS.stream_state_dir:
-                stream_state.restore(Path(SETTINGS.stream_state_dir) / f"{machine_id}{stream_state.SUFFIX}", session, model,
-                                     SETTINGS.stream_state_max_age_s)
+            if unstarted:
+                await resume(request, session, model, start)
             t0 = time.perf_counter()
             batcher = request.app.state.batcher
             with batcher.arriving() if batcher is not None else nullcontext():
@@ -62,7 +57,7 @@ async def stream_post(request: Request, machine_id: str):
                                          hold=SETTINGS.stream_batch_delay_ms / 1000)
 
             result = await streams.post_rows(session, model, cont, cat, start, run, every)
-            if unstarted and handoff is not None:
+            if unstarted and (handoff := getattr(request.app.state, "handoff", None)) is not None:
                 handoff.claim(machine_id)
             monitoring.observe_stream(model, cont, result)
             return respond(result)
@@ -70,16 +65,32 @@ async def stream_post(request: Request, machine_id: str):
         registry.release(session)
 
 
+async def resume(request: Request, session: streams.Session, model, start: bool) -> None:
+    """A machine new to this worker (its session unstarted, its lock held) picks up where it was: held by
+    another worker (its monitor reconnected here), else saved when a worker stopped. start=True starts it
+    afresh (and has the other worker drop its copy)."""
+    handoff = getattr(request.app.state, "handoff", None)
+    taken = handoff is not None and await handoff.take(session, model, start)
+    if not taken and not start and SETTINGS.stream_state_dir:
+        stream_state.restore(Path(SETTINGS.stream_state_dir) / f"{session.machine_id}{stream_state.SUFFIX}",
+                             session, model, SETTINGS.stream_state_max_age_s)
+
+
 async def stream_session(request: Request, machine_id: str) -> streams.Session:
+    """A started session of the machine, taken over from another worker (or a restart's state) if need be."""
     registry: streams.StreamRegistry = request.app.state.streams
     session = registry.get(streams.check_machine_id(machine_id))
     handoff = getattr(request.app.state, "handoff", None)
-    if session is None and handoff is not None and handoff.elsewhere(machine_id):   # held by another worker
+    saved = bool(SETTINGS.stream_state_dir) and (
+        Path(SETTINGS.stream_state_dir) / f"{machine_id}{stream_state.SUFFIX}").exists()
+    if session is None and (saved or (handoff is not None and handoff.elsewhere(machine_id))):
         taking = registry.acquire(machine_id)
         try:
             async with taking.lock:
-                if taking.version is None and await handoff.take(taking, current(request), start=False):
-                    handoff.claim(machine_id)
+                if taking.version is None:
+                    await resume(request, taking, current(request), start=False)
+                    if taking.version is not None and handoff is not None:
+                        handoff.claim(machine_id)
         finally:
             registry.release(taking)
         session = registry.get(machine_id)

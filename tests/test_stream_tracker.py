@@ -353,10 +353,12 @@ def test_followed_machines_pick_up_where_they_were_after_a_restart(server, rows,
     second = start_uvicorn(tmp_path, **env, GCODEFP_STREAM_STATE_MAX_AGE_S=3600)
     try:
         with httpx.Client(base_url=second.url, timeout=60) as c:
+            found = c.get("/stream/kept-mill")   # asking where it is finds it too
             after = post(c, "kept-mill", cont[70:100], cat[70:100])
             broken = post(c, "broken-mill", cont[70:100], cat[70:100])
     finally:
         second.stop()
+    assert found.status_code == 200 and found.json()["rows_since_start"] == 40
     assert after["started"] is False and after["rows_since_start"] == 70
     assert [p["row"] for p in after["predictions"]] == list(range(40, 70))
     steps, _ = tracked_reference(predictor, cont[30:100], cat[30:100])
