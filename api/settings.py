@@ -10,6 +10,7 @@
 | GCODEFP_MAX_BATCH         | 64        | windows per /batch_predict                                        |
 | GCODEFP_MAX_STREAM_ROWS   | 4096      | rows per POST /stream/{machine_id}                                |
 | GCODEFP_MAX_STREAMS       | 1000      | stream sessions a worker keeps (least recently used evicted)      |
+| GCODEFP_STREAM_IDLE_S     | 600       | a followed machine that posts nothing this long is forgotten (its next chunk starts afresh; 0 = never) |
 | GCODEFP_MAX_IN_FLIGHT     | 256       | requests a worker holds at once; more get 503 + Retry-After at once (0 = no limit) |
 | GCODEFP_STREAM_STATE_DIR  | -         | a folder: followed machines' tracker state is written there at shutdown and taken over after a restart (api/stream_state.py); `gcodefp serve --workers N` sets one for its own lifetime (worker restarts) |
 | GCODEFP_STREAM_STATE_MAX_AGE_S | 600  | saved state older than this is ignored (the machine has moved on) |
@@ -67,6 +68,7 @@ class Settings:
     stream_state_dir: str | None
     stream_state_max_age_s: float
     stream_handoff_dir: str | None
+    stream_idle_s: float
     stream_handoff_timeout_ms: float
     admin_token: str | None
     keep_previous: bool
@@ -98,6 +100,7 @@ class Settings:
                    stream_state_dir=_get("GCODEFP_STREAM_STATE_DIR", None),
                    stream_state_max_age_s=_get("GCODEFP_STREAM_STATE_MAX_AGE_S", 600.0, float, 0.0),
                    stream_handoff_dir=_get("GCODEFP_STREAM_HANDOFF_DIR", None),
+                   stream_idle_s=_get("GCODEFP_STREAM_IDLE_S", 600.0, float, 0.0),
                    stream_handoff_timeout_ms=_get("GCODEFP_STREAM_HANDOFF_TIMEOUT_MS", 250.0, float, 0.0),
                    admin_token=_get("GCODEFP_ADMIN_TOKEN", None),
                    keep_previous=bool(_get("GCODEFP_KEEP_PREVIOUS", 1, int, 0)),

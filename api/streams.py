@@ -20,7 +20,9 @@ normalised (gcodefp_core.runtime.windows cuts and batches them). Two ways to fol
 - **clock** (older packages): gcodefp_core.runtime.clock counts rows from the program's start, so the
   client must post every row from the start (start=true); answers begin at row W-1.
 
-Bounded: at most GCODEFP_MAX_STREAMS sessions; a new machine evicts the least recently used one.
+Bounded: at most GCODEFP_MAX_STREAMS sessions; a new machine evicts the least recently used one. A
+machine that posted nothing for GCODEFP_STREAM_IDLE_S is forgotten (its monitor is gone, or the machine
+was off: where it was is no longer where it is), so memory follows the machines actually followed.
 With GCODEFP_STREAM_STATE_DIR, tracker sessions outlive a restart of the worker (api/stream_state.py).
 A hot swap (the session's model version is not the served one) keeps rows_since_start (a property
 of the machine, not of the model) but drops the buffered rows: the new model may read other
@@ -91,10 +93,10 @@ class Session:
 class StreamRegistry:
     """Sessions by machine id, least recently used first (an OrderedDict kept in use order)."""
 
-    def __init__(self, max_streams: int = MAX_STREAMS):
+    def __init__(self, max_streams: int = MAX_STREAMS, idle_s: float = SETTINGS.stream_idle_s):
         if max_streams < 1:
             raise ValueError(f"GCODEFP_MAX_STREAMS must be >= 1, got {max_streams}")
-        self.max_streams = max_streams
+        self.max_streams, self.idle_s = max_streams, idle_s
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self.on_forget = None   # machine_id -> None, called when a started session is ended or evicted
 
@@ -112,12 +114,14 @@ class StreamRegistry:
     def acquire(self, machine_id: str) -> Session:
         """The machine's session (a new, unstarted one if unknown), marked most recently used.
         Every acquire must be paired with release()."""
+        now = time.time()
+        self._expire(now)
         s = self._sessions.get(machine_id)
         if s is None:
             s = self._sessions[machine_id] = Session(machine_id)
             self._evict(keep=s)
         self._sessions.move_to_end(machine_id)
-        s.last_used, s.users = time.time(), s.users + 1
+        s.last_used, s.users = now, s.users + 1
         metrics.STREAM_SESSIONS.set(len(self._sessions))
         return s
 
@@ -128,6 +132,20 @@ class StreamRegistry:
         if s.version is None and s.users == 0 and self._sessions.get(s.machine_id) is s:
             del self._sessions[s.machine_id]
             metrics.STREAM_SESSIONS.set(len(self._sessions))
+
+    def _expire(self, now: float) -> None:
+        """Forget the sessions idle past idle_s (0: never); the least recently used come first, so this
+        looks at one session per call unless some are due."""
+        while self.idle_s and self._sessions:
+            old = next(iter(self._sessions.values()))
+            if now - old.last_used <= self.idle_s or old.users:
+                return
+            del self._sessions[old.machine_id]
+            self._forget(old)
+            metrics.STREAM_EXPIRED.inc()
+            log.info("stream session of %s forgotten after %.0f s without a chunk", old.machine_id,
+                     now - old.last_used, extra={"event": "stream_expired", "machine_id": old.machine_id,
+                                                 "rows_since_start": old.rows_since_start})
 
     def _evict(self, keep: Session) -> None:
         """Least recently used first, never one a request is using (the limit may be passed meanwhile)."""

@@ -319,3 +319,23 @@ def test_a_model_without_a_line_head_is_refused_with_409(loaded):
     assert err.value.status == 409 and err.value.field == "model" and "line head" in err.value.message
     with pytest.raises(InputError, match="machine_id"):
         streams.check_machine_id("")
+
+
+def test_a_machine_idle_past_the_limit_is_forgotten_and_starts_afresh(loaded, run_rows, monkeypatch):
+    cont, cat = run_rows
+    clock = [1000.0]
+    monkeypatch.setattr(streams.time, "time", lambda: clock[0])
+    reg = streams.StreamRegistry(max_streams=10, idle_s=600)
+    feed(reg, loaded, "quiet", cont[:5], cat[:5], start=True)
+    clock[0] += 300
+    feed(reg, loaded, "busy", cont[:5], cat[:5], start=True)
+    clock[0] += 301   # quiet: 601 s without a chunk; busy: 301
+    held = reg.acquire("busy")
+    assert reg.get("quiet") is None and reg.get("busy") is held and len(reg) == 1
+    reg.release(held)
+    assert feed(reg, loaded, "quiet", cont[5:8], cat[5:8])["started"] is True
+    never = streams.StreamRegistry(max_streams=10, idle_s=0)
+    feed(never, loaded, "kept", cont[:5], cat[:5], start=True)
+    clock[0] += 10 ** 6
+    never.release(never.acquire("other"))
+    assert never.get("kept") is not None
