@@ -49,6 +49,7 @@ class Handoff:
         self.registry, self.timeout_s, self.max_age_s = registry, timeout_s, max_age_s
         self.pid = os.getpid()
         self._busy: set[str] = set()   # asks being answered
+        self._giving: set[asyncio.Task] = set()   # their tasks (the loop keeps only weak references)
         self._waiting: dict[str, asyncio.Future] = {}   # this worker's asks -> whether an answer came
         self._swept = time.monotonic()
 
@@ -140,7 +141,9 @@ class Handoff:
                     (self.asks / name).unlink(missing_ok=True)
                     continue
                 self._busy.add(name)
-                asyncio.create_task(self._give(name, machine_id, session))
+                task = asyncio.create_task(self._give(name, machine_id, session))
+                self._giving.add(task)
+                task.add_done_callback(self._giving.discard)
             if time.monotonic() - self._swept > ORPHAN_AGE_S / 4:
                 self._swept = time.monotonic()
                 await asyncio.to_thread(self._sweep)
