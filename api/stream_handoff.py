@@ -66,9 +66,15 @@ class Handoff:
         return pid if pid is not None and pid != self.pid and metrics.process_alive(pid) else None
 
     def claim(self, machine_id: str) -> None:
+        """This worker holds the machine now. A folder that cannot be written (removed, full) costs the
+        handoff, never the request: the machine's next reconnect then starts it afresh."""
         tmp = self.owners / f".{machine_id}.{self.pid}.tmp"
-        tmp.write_text(str(self.pid))
-        tmp.replace(self.owners / f"{machine_id}.pid")
+        try:
+            tmp.write_text(str(self.pid))
+            tmp.replace(self.owners / f"{machine_id}.pid")
+        except OSError as exc:
+            log.warning("cannot record who follows %s: %s", machine_id, exc,
+                        extra={"event": "stream_handoff_failed", "machine_id": machine_id})
 
     def release(self, machine_id: str) -> None:
         """This worker no longer holds the machine (ended, evicted, shut down)."""
@@ -85,8 +91,13 @@ class Handoff:
             return False
         key = f"{session.machine_id}.{owner}.{uuid.uuid4().hex[:12]}"   # addressed to the owner only: the
         ask, tmp = self.asks / f"{key}.ask", self.asks / f".{key}.tmp"   # asker may hold the machine by the time it is read
-        tmp.write_text("drop" if start else "send")
-        tmp.replace(ask)
+        try:
+            tmp.write_text("drop" if start else "send")
+            tmp.replace(ask)
+        except OSError as exc:   # the folder is gone or full: the machine starts afresh here
+            log.warning("cannot ask worker %d for %s: %s", owner, session.machine_id, exc,
+                        extra={"event": "stream_handoff_failed", "machine_id": session.machine_id})
+            return False
         if start:
             return False
         # registered after the ask exists (no await in between): the loop's look at asks/ sees it

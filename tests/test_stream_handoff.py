@@ -202,3 +202,19 @@ def test_a_state_that_cannot_be_written_still_ends_the_ask_and_the_old_copy(tmp_
     asyncio.run(handoff._give(name, "full-mill", session))
     assert registry.get("full-mill") is None
     assert not list((tmp_path / "asks").iterdir()) and not list((tmp_path / "states").iterdir())
+
+
+def test_a_handoff_folder_that_is_gone_costs_the_handoff_not_the_request(tmp_path):
+    import shutil
+
+    registry = streams.StreamRegistry()
+    handoff = stream_handoff.Handoff(tmp_path / "h", registry, timeout_s=0.2, max_age_s=600)
+    elsewhere = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "h" / "owners" / "lost-mill.pid").write_text(str(elsewhere.pid))
+        shutil.rmtree(tmp_path / "h" / "asks")
+        assert asyncio.run(handoff.take(streams.Session("lost-mill"), None, start=False)) is False
+        shutil.rmtree(tmp_path / "h")
+        handoff.claim("lost-mill")   # logged, not raised
+    finally:
+        elsewhere.kill()
