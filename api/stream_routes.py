@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 
@@ -72,8 +71,8 @@ async def resume(request: Request, session: streams.Session, model, start: bool)
     handoff = getattr(request.app.state, "handoff", None)
     taken = handoff is not None and await handoff.take(session, model, start)
     if not taken and not start and SETTINGS.stream_state_dir:
-        stream_state.restore(Path(SETTINGS.stream_state_dir) / f"{session.machine_id}{stream_state.SUFFIX}",
-                             session, model, SETTINGS.stream_state_max_age_s)
+        stream_state.restore(stream_state.file_for(SETTINGS.stream_state_dir, session.machine_id), session, model,
+                             SETTINGS.stream_state_max_age_s)
 
 
 async def stream_session(request: Request, machine_id: str) -> streams.Session:
@@ -81,8 +80,7 @@ async def stream_session(request: Request, machine_id: str) -> streams.Session:
     registry: streams.StreamRegistry = request.app.state.streams
     session = registry.get(streams.check_machine_id(machine_id))
     handoff = getattr(request.app.state, "handoff", None)
-    saved = bool(SETTINGS.stream_state_dir) and (
-        Path(SETTINGS.stream_state_dir) / f"{machine_id}{stream_state.SUFFIX}").exists()
+    saved = bool(SETTINGS.stream_state_dir) and stream_state.file_for(SETTINGS.stream_state_dir, machine_id).exists()
     if session is None and (saved or (handoff is not None and handoff.elsewhere(machine_id))):
         taking = registry.acquire(machine_id)
         try:

@@ -39,10 +39,15 @@ def _signature(tracker) -> list:
 SUFFIX = ".state"
 
 
+def file_for(folder: str | Path, machine_id: str) -> Path:
+    """Where `save` writes a machine's state in a folder."""
+    return Path(folder) / f"{machine_id}{SUFFIX}"
+
+
 def save(folder: Path, sessions) -> int:
     """Write every started tracker session; -> how many were written."""
     folder.mkdir(parents=True, exist_ok=True)
-    return sum(write(folder / f"{s.machine_id}{SUFFIX}", s) for s in sessions)
+    return sum(write(file_for(folder, s.machine_id), s) for s in sessions)
 
 
 def write(path: Path, s) -> bool:
