@@ -24,11 +24,14 @@ APINotFoundError (404: e.g. an unknown stream session), APIConnectionError, APIT
 busy_retries=N: a request an overloaded worker refused (503 with Retry-After) is sent again, up to N
 times, after the server's Retry-After. Safe for every call, /stream included: a refused request was
 never applied.
+stream_retries=N (default 2): a /stream chunk whose answer was lost (the connection dropped or timed
+out) is sent again, up to N times, with the same Idempotency-Key, so the server applies its rows once.
 """
 from __future__ import annotations
 
 import struct
 import time
+import uuid
 from urllib.parse import quote
 
 import httpx
@@ -85,9 +88,9 @@ def _rows(a) -> list:
 
 class GCodeAPIClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 10.0, admin_token: str | None = None,
-                 retries: int = 0, busy_retries: int = 0):
+                 retries: int = 0, busy_retries: int = 0, stream_retries: int = 2):
         self.base_url, self.admin_token = base_url.rstrip("/"), admin_token
-        self.busy_retries = busy_retries
+        self.busy_retries, self.stream_retries = busy_retries, stream_retries
         transport = httpx.HTTPTransport(retries=retries)  # retries connection failures only, never a request
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
 
@@ -191,15 +194,24 @@ class GCodeAPIClient:
         return "/stream/" + quote(str(machine_id), safe="")
 
     def stream(self, machine_id: str, continuous=None, categorical=None, *, columns: dict | None = None,
-               start: bool = False, every: int | None = None) -> dict:
+               start: bool = False, every: int | None = None, idempotency_key: str | None = None) -> dict:
         """Post a machine's next rows (n x F / n x C, or columns of n values), in order (from its program's
         start when the served package streams with the row-count clock); start=True begins a new run.
         every: a tracked machine's rows answered (the last row and every Nth before it; None: the
-        server's GCODEFP_STREAM_EVERY, 1: every row). -> the answers (a clock session: every window)."""
+        server's GCODEFP_STREAM_EVERY, 1: every row). idempotency_key: this chunk's key (default: a new
+        UUID); a lost answer is retried with it (stream_retries). -> the answers (a clock session: every window)."""
         doc = {"sensor_data": self._sensor_data(continuous, categorical, columns), "start": start}
         if every is not None:
             doc["every"] = every
-        return self._post_json(self._stream_path(machine_id), doc)
+        body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)   # the same bytes on every try
+        headers = {"content-type": "application/json", "idempotency-key": idempotency_key or uuid.uuid4().hex}
+        for attempt in range(self.stream_retries + 1):
+            try:
+                return self._request("POST", self._stream_path(machine_id), content=body, headers=headers)
+            except (APIConnectionError, APITimeoutError):
+                if attempt == self.stream_retries:
+                    raise
+                time.sleep(0.1 * 2 ** attempt)  # the server may be restarting a worker, or the network recovering
 
     def stream_state(self, machine_id: str) -> dict:
         return self._request("GET", self._stream_path(machine_id))

@@ -61,6 +61,9 @@ STREAM_SESSIONS = Gauge("gcodefp_stream_sessions", "Machine stream sessions held
 STREAM_HANDOFFS = Counter("gcodefp_stream_handoffs_total", "Machines whose monitor reconnected to another worker: "
                           "received (its state was taken over), given, timed_out and unavailable (a clock session, "
                           "another model's tracker, or no longer held: started afresh)", ["result"])
+STREAM_REPLAYS = Counter("gcodefp_stream_replays_total", "Stream chunks sent again with the Idempotency-Key of "
+                         "the last chunk applied: replayed (its answer sent again, its rows not applied again) or "
+                         "conflict (the key reused for other rows: refused)", ["result"])
 STREAM_EXPIRED = Counter("gcodefp_stream_expired_total", "Stream sessions forgotten after GCODEFP_STREAM_IDLE_S "
                          "without a chunk")
 STREAM_EVICTIONS = Counter("gcodefp_stream_evictions_total", "Stream sessions evicted (GCODEFP_MAX_STREAMS reached)")

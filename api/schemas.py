@@ -47,7 +47,12 @@ OPENAPI_BATCH = _body({"windows": {"type": "array", "minItems": 1, "maxItems": S
                                    "items": SENSOR_DATA},
                        "return_fingerprint": {"type": "boolean", "default": False},
                        "inference_config": _CONFIG}, ["windows"], "Several windows in one call.")
-OPENAPI_STREAM = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {
+    "type": "string", "pattern": "^[!-~]{1,128}$", "minLength": 1, "maxLength": 128}, "description": (
+        "optional: a new key for each chunk (a UUID, or the monitor's chunk count). A chunk sent again with the "
+        "key of the last chunk applied (a retry after a lost answer) gets that answer again, with the header "
+        "Idempotent-Replayed: true, and its rows are not applied twice; the key with another body is refused (409)")}
+OPENAPI_STREAM = {"parameters": [IDEMPOTENCY_KEY], "requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["sensor_data"], "additionalProperties": False, "properties": {
         "sensor_data": {**SENSOR_DATA, "description": (
             "The machine's next rows (1..GCODEFP_MAX_STREAM_ROWS, in order), in either sensor_data form: "
@@ -123,7 +128,12 @@ STREAM_POST_RESPONSES = {200: _json(_obj(["machine_id", "rows_since_start", "win
                                          machine_id=_STR, rows_since_start=_INT, windows=_INT, model_version=_STR,
                                          mode=_MODE, started={"type": "boolean"}, model_changed={"type": "boolean"},
                                          predictions={"type": "array", "items": _STREAM_PREDICTION}),
-                                    "predictions of the windows these rows complete"), **_errors(409, 413, 422, 503)}
+                                    "predictions of the windows these rows complete"), **_errors(409, 413, 422, 503),
+                         409: _json(_ERROR, "the served model has no line head, or the Idempotency-Key was used "
+                                            "for another chunk")}
+STREAM_POST_RESPONSES[200]["headers"] = {"Idempotent-Replayed": {
+    "description": "true when this is the answer already given to the chunk with this Idempotency-Key (its rows "
+                   "were not applied again)", "schema": {"type": "string", "enum": ["true"]}}}
 STREAM_STATE_RESPONSES = {200: _json(_STREAM_STATE, "the session"), **_errors(404, 422)}
 STREAM_END_RESPONSES = {200: _json(_obj(["machine_id", "ended"], machine_id=_STR, ended={"type": "boolean"}),
                                    "the session ended"), **_errors(404, 422)}

@@ -6,6 +6,7 @@ import time
 from contextlib import nullcontext
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from . import inputs, metrics, monitoring, stream_state, streams
 from .common import current, respond, run_windows
@@ -20,6 +21,9 @@ STREAM_KEYS = {"sensor_data", "start", "every"}
 async def stream_post(request: Request, machine_id: str):
     streams.check_machine_id(machine_id)
     streams.require_line_head(current(request))  # before anything else, so that a 409 holds no session
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        streams.check_idempotency_key(key)
     body = await inputs.read_body(request)
     doc = inputs.parse_json_object(body, STREAM_KEYS)
     start = doc.get("start", False)
@@ -41,6 +45,8 @@ async def stream_post(request: Request, machine_id: str):
             unstarted = session.version is None
             if unstarted:
                 await resume(request, session, model, start)
+            if key is not None and (answer := streams.replayed(session, key, body)) is not None:
+                return Response(answer, media_type="application/json", headers={"idempotent-replayed": "true"})
             t0 = time.perf_counter()
             batcher = request.app.state.batcher
             with batcher.arriving() if batcher is not None else nullcontext():
@@ -59,7 +65,10 @@ async def stream_post(request: Request, machine_id: str):
             if unstarted and (handoff := getattr(request.app.state, "handoff", None)) is not None:
                 handoff.claim(machine_id)
             monitoring.observe_stream(model, cont, result)
-            return respond(result)
+            response = respond(result)
+            if key is not None:
+                streams.remember(session, key, body, response.body)
+            return response
     finally:
         registry.release(session)
 

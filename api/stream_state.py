@@ -11,7 +11,9 @@ any worker. What is restored:
   (operations, their programs and the programs' lengths);
 - the last W-1 rows, when the served model is the same version (another model may read other
   features or normalise them differently), so the next window is whole at once;
-- the row count and the number of windows answered.
+- the row count and the number of windows answered;
+- the last chunk sent with an Idempotency-Key and its answer, so that a monitor that retries that
+  chunk on its new connection gets the answer again instead of the rows applied twice.
 A file older than GCODEFP_STREAM_STATE_MAX_AGE_S describes where the machine was, not where it is:
 it is ignored (and deleted). Clock sessions (older packages) are not saved: the clock is the row
 count, which a restart loses anyway. A crash writes nothing.
@@ -59,6 +61,8 @@ def write(path: Path, s) -> bool:
             "rows_since_start": s.rows_since_start, "windows": s.windows, "real_rows": s.real_rows,
             "started_at": s.started_at, "operation": s.operation, "signature": _signature(s.tracker.model),
             "tracker_rows": s.tracker.rows, "from_start": s.tracker.from_start}
+    if s.replay_key is not None:
+        meta["replay"] = [s.replay_key, s.replay_digest.hex(), s.replay_answer.decode()]
     arrays = {"moving": s.tracker.moving, "paused": s.tracker.paused}
     if s.cont is not None:
         arrays |= {"cont": s.cont, "cat": s.cat}
@@ -101,6 +105,8 @@ def restore(path: Path, session, model, max_age_s: float) -> bool:
         saved = {k: int(meta[k]) for k in ("rows_since_start", "windows", "real_rows", "tracker_rows")}
         age, version = time.time() - float(meta["saved_at"]), str(meta["version"])
         moving, paused = arrays["moving"], arrays["paused"]
+        replay = meta.get("replay")
+        replay = (str(replay[0]), bytes.fromhex(replay[1]), str(replay[2]).encode()) if replay else None
     except FileNotFoundError:
         return False
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:   # damaged: the machine starts afresh
@@ -122,6 +128,8 @@ def restore(path: Path, session, model, max_age_s: float) -> bool:
     session.rows_since_start, session.windows, session.real_rows = (saved["rows_since_start"], saved["windows"],
                                                                     saved["real_rows"])
     session.started_at, session.operation = float(meta.get("started_at", 0.0)), meta.get("operation")
+    if replay is not None:
+        session.replay_key, session.replay_digest, session.replay_answer = replay
     if version == model.version and "cont" in arrays and "cat" in arrays:
         session.cont, session.cat = arrays["cont"], arrays["cat"]
     log.info("stream session of %s restored (saved %.1f s ago)", session.machine_id, age,

@@ -16,8 +16,9 @@ from time import perf_counter as clock  # uvloop's loop.time() has 1 ms resoluti
 import numpy as np
 
 
-def request_bytes(path: str, body: bytes, content_type: str = "application/json") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+def request_bytes(path: str, body: bytes, content_type: str = "application/json", headers: dict | None = None) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 

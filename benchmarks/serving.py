@@ -23,6 +23,7 @@ step lasts --duration seconds (default 6), sweeps have fixed lists of rates.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -145,7 +146,9 @@ def bodies(package: Path, batch: int, stream_rows: int) -> dict:
     tracked = bool(json.loads((package / "model.json").read_text()).get("program_tracker"))
     first = rows(0, stream_rows, True) if tracked else rows(0, w - 1, True)
     out["stream_first"] = lambda i: http_load.request_bytes(f"/stream/m{i}", first)
-    out["stream_chunk"] = lambda i, k: http_load.request_bytes(f"/stream/m{i}", chunks[k % w])
+    keys = itertools.count()   # a key per chunk, as api.client sends (a retry would reuse it)
+    out["stream_chunk"] = lambda i, k: http_load.request_bytes(f"/stream/m{i}", chunks[k % w],
+                                                               headers={"Idempotency-Key": f"c{next(keys)}"})
     return out
 
 

@@ -10,6 +10,11 @@ reconnect (p50 / p99, from each chunk's due time), errors, how many machines kep
 first chunk after the reconnect continues the row count) and how many started again, the server's
 handoff counts, and the sessions held at the end (one per machine: no stale copies).
 
+--retry-last: each monitor is unsure whether its last chunk before the drop was applied (its answer may
+have been lost with the connection) and sends it again on the new connection, with its Idempotency-Key,
+as api.client does. Counted: retries answered with the original answer byte for byte (`replayed`), and
+the machines whose rows were still counted once.
+
     .venv/bin/python benchmarks/stream_reconnect.py --registry artifacts/registry [--machines 250 500 1000]
 """
 from __future__ import annotations
@@ -32,7 +37,8 @@ import serving  # noqa: E402
 from http_load import clock  # noqa: E402
 
 
-async def follow(port: int, req: dict, machines: int, before_s: float, after_s: float) -> dict:
+async def follow(port: int, req: dict, machines: int, before_s: float, after_s: float,
+                 retry_last: bool = False) -> dict:
     """machines x (a start chunk; a chunk a second for before_s; all reconnect at once; a chunk a second
     for after_s) -> latencies before / after, errors, and each machine's first answer after the reconnect."""
     conns: list = [None] * machines
@@ -47,13 +53,14 @@ async def follow(port: int, req: dict, machines: int, before_s: float, after_s: 
 
     await asyncio.gather(*(prime(i) for i in range(machines)))
     lat = {"before": [], "after": []}
-    errors, first_after = [], [None] * machines
+    errors, first_after, replayed = [], [None] * machines, 0
     start = clock() + 0.1
     ticks_before, ticks = int(before_s), int(before_s) + int(after_s)
     reconnect_at = start + ticks_before
 
     async def machine(i: int):
-        conn = conns[i]
+        nonlocal replayed
+        conn, last = conns[i], None
         for k in range(ticks):
             due = start + k + i / machines
             if (delay := due - clock()) > 0:
@@ -61,8 +68,15 @@ async def follow(port: int, req: dict, machines: int, before_s: float, after_s: 
             if k == ticks_before:   # the drop: every machine on a new connection, at once
                 conn.close()
                 conn = await http_load.Connection.open(port)
+                if retry_last and last is not None:   # the last chunk again, same bytes, same key
+                    status, payload = await conn.send(last[0])
+                    replayed += status == 200 and payload == last[1]
+                    if status != 200:
+                        errors.append(f"retry: HTTP {status}: {payload[:160]!r}")
             try:
-                status, payload = await conn.send(req["stream_chunk"](i, k))
+                last = [req["stream_chunk"](i, k), None]
+                status, payload = await conn.send(last[0])
+                last[1] = payload
             except Exception as exc:
                 status, payload = 599, repr(exc).encode()
                 conn.close()
@@ -85,6 +99,7 @@ async def follow(port: int, req: dict, machines: int, before_s: float, after_s: 
     # the seconds right after the drop: every machine's first chunks there
     return {"machines": machines, "reconnect_at_s": round(reconnect_at - start, 1), "errors": len(errors),
             "error_samples": errors[:3], "kept_their_place": kept, "started_again": restarted,
+            "retried_last": machines if retry_last else 0, "replayed": replayed,
             "before_p50_ms": pct(lat["before"], 50), "before_p99_ms": pct(lat["before"], 99),
             "after_p50_ms": pct(lat["after"], 50), "after_p99_ms": pct(lat["after"], 99),
             "after_max_ms": round(max(lat["after"]), 1) if lat["after"] else None}
@@ -106,7 +121,8 @@ def main() -> None:
     ap.add_argument("--machines", type=int, nargs="+", default=[250, 500, 1000])
     ap.add_argument("--before", type=float, default=5.0, help="seconds of chunks before the reconnect")
     ap.add_argument("--after", type=float, default=6.0, help="seconds of chunks after it")
-    ap.add_argument("--output", type=Path, default=REPO / "results" / "stream_reconnect.json")
+    ap.add_argument("--retry-last", action="store_true", help="every monitor sends its last chunk again after the drop")
+    ap.add_argument("--output", type=Path, default=None, help="default results/stream_reconnect[_retry].json")
     args = ap.parse_args()
     version = (args.registry / "CURRENT").read_text().strip()
     package = args.registry / "packages" / version
@@ -116,19 +132,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             server = serving.Server(args.registry, 2, Path(tmp) / "server.log")
             try:
-                step = http_load.run(follow(server.port, req, n, args.before, args.after))
+                step = http_load.run(follow(server.port, req, n, args.before, args.after, args.retry_last))
                 step |= handoffs(server.metrics())
             finally:
                 server.stop()
         steps.append(step)
         print(json.dumps(step), flush=True)
-    head = ("machines", "kept_their_place", "started_again", "received", "timed_out", "sessions_held", "errors",
+    head = ("machines", "kept_their_place", "started_again", "replayed", "received", "timed_out", "sessions_held", "errors",
             "before_p99_ms", "after_p50_ms", "after_p99_ms", "after_max_ms")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for s in steps:
         print("| " + " | ".join(str(s.get(h, 0)) for h in head) + " |")
     result = {"package": version, "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "workers": 2,
+              "retry_last": args.retry_last,
               "steps": steps}
+    args.output = args.output or REPO / "results" / f"stream_reconnect{'_retry' if args.retry_last else ''}.json"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -58,14 +58,20 @@ def rows(tiny_export):
 
 def on_new_connection(server, method: str, path: str, rid: str, doc: dict | None = None) -> tuple[dict, int]:
     """One request on a connection of its own (as a monitor that reconnects) -> (answer, the worker's pid)."""
+    r, pid = sent_on_new_connection(server, method, path, rid, doc)
+    return r.json(), pid
+
+
+def sent_on_new_connection(server, method: str, path: str, rid: str, doc: dict | None = None,
+                           headers: dict | None = None) -> tuple[httpx.Response, int]:
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        r = c.request(method, path, json=doc, headers={"x-request-id": rid})
+        r = c.request(method, path, json=doc, headers={"x-request-id": rid, **(headers or {})})
     assert r.status_code == 200, r.text
     for _ in range(100):   # the worker's request log line names its pid
         pid = next((rec["pid"] for rec in server.log_records()
                     if rec.get("request_id") == rid and rec.get("event") == "request"), None)
         if pid is not None:
-            return r.json(), pid
+            return r, pid
         time.sleep(0.05)
     raise AssertionError(f"no log line for request {rid}")
 
@@ -125,6 +131,24 @@ def test_a_new_program_on_another_worker_drops_the_old_copy(served, rows):
     while metric(served, "gcodefp_stream_sessions") != sessions and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metric(served, "gcodefp_stream_sessions") == sessions
+
+
+def test_a_retried_chunk_that_reaches_the_other_worker_is_answered_not_applied_again(served, rows):
+    """A monitor's connection drops after its chunk was applied; it reconnects, reaches the other worker
+    and sends the chunk again with its Idempotency-Key: the answer comes with the machine's state."""
+    cont, cat = rows
+    on_new_connection(served, "POST", "/stream/retrying-mill", "retry-0", body(cont[:CHUNK], cat[:CHUNK], start=True))
+    for k in range(1, 40):
+        lo, key = k * CHUNK, {"idempotency-key": f"chunk-{k}"}
+        doc = body(cont[lo:lo + CHUNK], cat[lo:lo + CHUNK])
+        first, owner = sent_on_new_connection(served, "POST", "/stream/retrying-mill", f"retry-{k}", doc, key)
+        again, pid = sent_on_new_connection(served, "POST", "/stream/retrying-mill", f"retry-{k}-again", doc, key)
+        assert again.content == first.content and again.headers["idempotent-replayed"] == "true"
+        if pid != owner:
+            break
+    assert pid != owner, "40 retries all reached the worker that applied the chunk"
+    state, _ = on_new_connection(served, "GET", "/stream/retrying-mill", "retry-state")
+    assert state["rows_since_start"] == (k + 1) * CHUNK
 
 
 def test_a_rolling_restart_keeps_every_followed_machine(served, rows):
