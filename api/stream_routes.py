@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from . import inputs, metrics, monitoring, stream_state, streams
+from . import inputs, metrics, monitoring, stream_replay, stream_state, streams
 from .common import current, respond, run_windows
 from .settings import SETTINGS
 from .schemas import OPENAPI_STREAM, STREAM_END_RESPONSES, STREAM_POST_RESPONSES, STREAM_STATE_RESPONSES
@@ -23,7 +23,7 @@ async def stream_post(request: Request, machine_id: str):
     streams.require_line_head(current(request))  # before anything else, so that a 409 holds no session
     key = request.headers.get("idempotency-key")
     if key is not None:
-        streams.check_idempotency_key(key)
+        stream_replay.check_key(key)
     body = await inputs.read_body(request)
     doc = inputs.parse_json_object(body, STREAM_KEYS)
     start = doc.get("start", False)
@@ -43,10 +43,9 @@ async def stream_post(request: Request, machine_id: str):
             model = current(request)  # taken under the lock: a request queued across a swap uses the new model
             streams.require_line_head(model)
             unstarted = session.version is None
-            if unstarted:
-                await resume(request, session, model, start)
-            if key is not None and (answer := streams.replayed(session, key, body)) is not None:
-                return Response(answer, media_type="application/json", headers={"idempotent-replayed": "true"})
+            resumed = unstarted and await resume(request, session, model, start)
+            if key is not None and (answer := stream_replay.replayed(session, key, body)) is not None:
+                return Response(answer, media_type="application/json", headers=stream_replay.REPLAYED_HEADERS)
             t0 = time.perf_counter()
             batcher = request.app.state.batcher
             with batcher.arriving() if batcher is not None else nullcontext():
@@ -62,26 +61,30 @@ async def stream_post(request: Request, machine_id: str):
                                          hold=SETTINGS.stream_batch_delay_ms / 1000)
 
             result = await streams.post_rows(session, model, cont, cat, start, run, every)
-            if unstarted and (handoff := getattr(request.app.state, "handoff", None)) is not None:
+            if unstarted and not resumed and (handoff := getattr(request.app.state, "handoff", None)) is not None:
                 handoff.claim(machine_id)
             monitoring.observe_stream(model, cont, result)
             response = respond(result)
             if key is not None:
-                streams.remember(session, key, body, response.body)
+                stream_replay.remember(session, key, body, response.body)
             return response
     finally:
         registry.release(session)
 
 
-async def resume(request: Request, session: streams.Session, model, start: bool) -> None:
+async def resume(request: Request, session: streams.Session, model, start: bool) -> bool:
     """A machine new to this worker (its session unstarted, its lock held) picks up where it was: held by
     another worker (its monitor reconnected here), else saved when a worker stopped. start=True starts it
-    afresh (and has the other worker drop its copy)."""
+    afresh (and has the other worker drop its copy). A machine picked up is this worker's from then on,
+    whatever the request does next (a retried chunk's answer, a GET). -> whether it was picked up."""
     handoff = getattr(request.app.state, "handoff", None)
     taken = handoff is not None and await handoff.take(session, model, start)
     if not taken and not start and SETTINGS.stream_state_dir:
-        stream_state.restore(stream_state.file_for(SETTINGS.stream_state_dir, session.machine_id), session, model,
-                             SETTINGS.stream_state_max_age_s)
+        taken = stream_state.restore(stream_state.file_for(SETTINGS.stream_state_dir, session.machine_id), session,
+                                     model, SETTINGS.stream_state_max_age_s)
+    if taken and handoff is not None:
+        handoff.claim(session.machine_id)
+    return taken
 
 
 async def stream_session(request: Request, machine_id: str) -> streams.Session:
@@ -96,8 +99,6 @@ async def stream_session(request: Request, machine_id: str) -> streams.Session:
             async with taking.lock:
                 if taking.version is None:
                     await resume(request, taking, current(request), start=False)
-                    if taking.version is not None and handoff is not None:
-                        handoff.claim(machine_id)
         finally:
             registry.release(taking)
         session = registry.get(machine_id)

@@ -35,7 +35,6 @@ from "anywhere".
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import time
@@ -52,7 +51,6 @@ from .settings import SETTINGS
 log = logging.getLogger("api.streams")
 MAX_STREAMS = SETTINGS.max_streams
 MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")   # visible ASCII, as the IETF Idempotency-Key draft's keys
 INLINE_ROWS = 256      # a chunk this small is normalised on the event loop (~0.5 ms at most): cheaper than a
                        # thread hop, and worker threads each grow their own malloc arena (RSS)
 INLINE_TRACKED = 8     # judged rows a tracker session follows before giving the event loop a turn (~0.2-0.5 ms each).
@@ -92,7 +90,7 @@ class Session:
     users: int = 0                  # requests holding or awaiting it (acquire .. release)
     replay_key: str | None = None   # the Idempotency-Key of the last chunk applied with one,
     replay_digest: bytes = b""      # a digest of that chunk's body,
-    replay_answer: bytes = b""      # and the answer it got (sent again, unapplied, to a retry of it)
+    replay_answer: bytes = b""      # and the answer it got (api/stream_replay.py)
 
 
 class StreamRegistry:
@@ -178,41 +176,6 @@ class StreamRegistry:
     def _forget(self, s: Session) -> None:
         if self.on_forget is not None and s.version is not None:
             self.on_forget(s.machine_id)
-
-
-# ---- retried chunks (Idempotency-Key) ---------------------------------------------------------------
-# A monitor whose connection drops after it sent a chunk cannot tell whether the server applied it.
-# Sent again, the rows would count twice: the tracker would see the machine go back and repeat them.
-# With an Idempotency-Key header the session remembers its last keyed chunk, and the same key with the
-# same body gets the same answer again without the rows being applied. One chunk is remembered: a
-# monitor posts a machine's chunks one after another, so a retry is of the last one.
-def check_idempotency_key(key: str) -> str:
-    if not IDEMPOTENCY_KEY_RE.match(key):
-        raise inputs.InputError("idempotency-key", "must be 1-128 visible ASCII characters (no spaces)",
-                                location="header")
-    return key
-
-
-def _digest(body: bytes) -> bytes:
-    return hashlib.blake2b(body, digest_size=16).digest()
-
-
-def replayed(session: Session, key: str, body: bytes) -> bytes | None:
-    """The answer already given to this chunk (same key, same body), or None when the key is new; a key
-    reused for another body is refused (409: the request is valid, the session's state conflicts with
-    it), since which rows to apply would be a guess."""
-    if session.version is None or session.replay_key != key:
-        return None
-    if session.replay_digest != _digest(body):
-        metrics.STREAM_REPLAYS.labels("conflict").inc()
-        raise inputs.InputError("idempotency-key", f"{key!r} was already used for a chunk with other rows; "
-                                                   "use a new key for each new chunk", 409, location="header")
-    metrics.STREAM_REPLAYS.labels("replayed").inc()
-    return session.replay_answer
-
-
-def remember(session: Session, key: str, body: bytes, answer: bytes) -> None:
-    session.replay_key, session.replay_digest, session.replay_answer = key, _digest(body), answer
 
 
 # ---- one chunk --------------------------------------------------------------------------------------
