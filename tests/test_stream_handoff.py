@@ -172,6 +172,10 @@ def test_a_rolling_restart_keeps_every_followed_machine(served, rows):
             lo = k * CHUNK
             answers[m].append(on_new_connection(served, "POST", f"/stream/{m}", f"rr-{k}-{j}",
                                                 body(cont[lo:lo + CHUNK], cat[lo:lo + CHUNK]))[0])
+    # the first machine's last chunk before the restart carries a key: its answer is lost, say
+    last = body(cont[8 * CHUNK:9 * CHUNK], cat[8 * CHUNK:9 * CHUNK])
+    applied, _ = sent_on_new_connection(served, "POST", f"/stream/{machines[0]}", "rr-keyed", last,
+                                        {"idempotency-key": "before-restart"})
     before = served.worker_pids()
     os.kill(served.proc.pid, signal.SIGHUP)
     deadline = time.monotonic() + 90
@@ -179,8 +183,15 @@ def test_a_rolling_restart_keeps_every_followed_machine(served, rows):
         time.sleep(0.2)
     assert not served.worker_pids() & before and len(served.worker_pids()) == 2
     time.sleep(1.0)   # the second new worker's warm-up
+    # sent again after the restart, with its key: the new worker restored the machine and answers it again
+    again, _ = sent_on_new_connection(served, "POST", f"/stream/{machines[0]}", "rr-keyed-again", last,
+                                      {"idempotency-key": "before-restart"})
+    assert again.content == applied.content and again.headers["idempotent-replayed"] == "true"
+    answers[machines[0]].append(applied.json())
     for k in range(8, 16):
         for j, m in enumerate(machines):
+            if j == 0 and k == 8:
+                continue   # its chunk 8 is the keyed one above
             lo = k * CHUNK
             answers[m].append(on_new_connection(served, "POST", f"/stream/{m}", f"rr-{k}-{j}",
                                                 body(cont[lo:lo + CHUNK], cat[lo:lo + CHUNK]))[0])
