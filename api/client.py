@@ -22,13 +22,15 @@ Errors raise APIError subclasses: APIValidationError (422/413: the message names
 APIUnavailableError (503: no model yet, or the worker is overloaded: `retry_after` seconds),
 APINotFoundError (404: e.g. an unknown stream session), APIConnectionError, APITimeoutError.
 busy_retries=N: a request an overloaded worker refused (503 with Retry-After) is sent again, up to N
-times, after the server's Retry-After. Safe for every call, /stream included: a refused request was
+times, after the server's Retry-After (and up to half as long again, at random: clients refused
+together do not return together). Safe for every call, /stream included: a refused request was
 never applied.
 stream_retries=N (default 2): a /stream chunk whose answer was lost (the connection dropped or timed
 out) is sent again, up to N times, with the same Idempotency-Key, so the server applies its rows once.
 """
 from __future__ import annotations
 
+import random
 import struct
 import time
 import uuid
@@ -106,7 +108,9 @@ class GCodeAPIClient:
             wait = _retry_after(r)
             if wait is None or attempt == self.busy_retries:
                 break
-            time.sleep(wait)  # an overloaded worker refused it unread: sending it again is safe
+            # an overloaded worker refused it unread: sending it again is safe. Up to half as long again
+            # at random, so that the many clients one overload refused do not all come back at once.
+            time.sleep(wait * (1 + 0.5 * random.random()))
         try:
             body = orjson.loads(r.content) if r.content else {}
         except orjson.JSONDecodeError:
@@ -211,7 +215,9 @@ class GCodeAPIClient:
             except (APIConnectionError, APITimeoutError):
                 if attempt == self.stream_retries:
                     raise
-                time.sleep(0.1 * 2 ** attempt)  # the server may be restarting a worker, or the network recovering
+                # the server may be restarting a worker, or the network recovering; at a random point of
+                # the interval, so that a fleet of monitors cut off together does not retry together
+                time.sleep(0.1 * 2 ** attempt * (0.5 + random.random()))
 
     def stream_state(self, machine_id: str) -> dict:
         return self._request("GET", self._stream_path(machine_id))

@@ -111,3 +111,20 @@ def test_client_resends_what_an_overloaded_worker_refused():
         assert err.value.status == 503 and err.value.retry_after == 0.0 and server.seen == 2
     finally:
         server.close()
+
+
+def test_stream_retries_back_off_at_random_within_their_interval(monkeypatch):
+    # A fleet of monitors cut off together must not retry together: each wait falls at a random point
+    # of [0.5, 1.5] x 0.1 s x 2^attempt, and the chunk is sent 1 + stream_retries times in all.
+    import api.client as client_module
+
+    waits = []
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    url = f"http://127.0.0.1:{free_port()}"   # nothing listens there: every try fails to connect
+    for _ in range(20):
+        with GCodeAPIClient(url, timeout=2, stream_retries=2) as c, pytest.raises(APIConnectionError):
+            c.stream("fleet-mill", [[0.0]], [[0.0]])
+    firsts, seconds = waits[0::2], waits[1::2]
+    assert len(waits) == 40
+    assert all(0.05 <= w <= 0.15 for w in firsts) and all(0.1 <= w <= 0.3 for w in seconds)
+    assert len(set(firsts)) == 20   # not one fixed delay
