@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import (batcher, direct_routes, docs_routes, inputs, metrics, middleware, ops_routes, predict_routes, schemas, stream_routes,
+from . import (auth, batcher, direct_routes, docs_routes, inputs, metrics, middleware, ops_routes, predict_routes, schemas, stream_routes,
                stream_handoff, stream_state, streams, v2_routes, watchdog)
 from .common import input_error, internal_error
 from .logging_setup import setup_logging
@@ -113,7 +113,8 @@ app = FastAPI(title="G-code fingerprint API", version="1.0", lifespan=lifespan,
               docs_url=None, redoc_url=None,  # api/docs_routes.py serves /docs from local assets
               description="Infer the executing G-code line, the operation and a fingerprint from a window "
                           "of raw CNC sensor readings.")
-app.add_middleware(RequestMiddleware, direct=direct_routes.route if SETTINGS.direct_routes else None)
+app.add_middleware(RequestMiddleware, direct=direct_routes.route if SETTINGS.direct_routes else None,
+                   tokens=auth.from_settings(SETTINGS.api_tokens_file))
 
 
 @app.exception_handler(inputs.InputError)
@@ -157,7 +158,7 @@ def _contract() -> dict:
     """/openapi.json: the generic document with the served model's shapes filled in (api/schemas.py)."""
     store = getattr(app.state, "store", None)
     return schemas.contract(_generic_openapi(), store.model if store is not None else None, inputs.MAX_BATCH,
-                            inputs.MAX_STREAM_ROWS)
+                            inputs.MAX_STREAM_ROWS, tokens=SETTINGS.api_tokens_file is not None)
 
 
 app.openapi = _contract

@@ -38,6 +38,9 @@ def register(sub) -> None:
                    help=f"uvicorn worker processes (default: $WEB_CONCURRENCY, else the cores this process may "
                         f"use; {default_workers()} here)")
     p.add_argument("--poll-seconds", type=float, help="how often workers check for a new package (default 1)")
+    p.add_argument("--tokens", type=Path, metavar="FILE",
+                   help="client tokens (GCODEFP_API_TOKENS_FILE; `gcodefp token add`): the data endpoints then "
+                        "need 'Authorization: Bearer <token>'")
     p.set_defaults(handler=_serve)
 
 
@@ -58,6 +61,11 @@ def _serve(args) -> int:
         os.environ.pop("GCODEFP_REGISTRY", None)
     if args.poll_seconds is not None:
         os.environ["GCODEFP_POLL_SECONDS"] = str(args.poll_seconds)
+    if args.tokens is not None:
+        os.environ["GCODEFP_API_TOKENS_FILE"] = str(args.tokens.resolve())
+    if os.environ.get("GCODEFP_API_TOKENS_FILE"):
+        from .auth import TokenTable
+        TokenTable(os.environ["GCODEFP_API_TOKENS_FILE"])  # a bad file is refused here, once, naming its line
     # Metrics of several workers are summed from files in one folder; it must start empty.
     metrics_dir = tempfile.mkdtemp(prefix="gcodefp-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

@@ -18,7 +18,11 @@
         out = api.v2_infer(conts, cats, binary=True, version="v7")  # [N, W, F], [N, W, C]
         out["gcode"][i], out["operation"][i], out["fingerprint"][i]; api.v2_model_metadata(), api.v2_ready()
 
+A server that asks for client tokens (GCODEFP_API_TOKENS_FILE) gets `token=` (default: the
+GCODEFP_API_TOKEN environment variable) as `Authorization: Bearer <token>` on every request.
+
 Errors raise APIError subclasses: APIValidationError (422/413: the message names the field),
+APIAuthError (401: no or unknown token; 403: the token may not stream this machine),
 APIUnavailableError (503: no model yet, or the worker is overloaded: `retry_after` seconds),
 APINotFoundError (404: e.g. an unknown stream session), APIConnectionError, APITimeoutError.
 busy_retries=N: a request an overloaded worker refused (503 with Retry-After) is sent again, up to N
@@ -30,6 +34,7 @@ out) is sent again, up to N times, with the same Idempotency-Key, so the server 
 """
 from __future__ import annotations
 
+import os
 import random
 import struct
 import time
@@ -50,6 +55,10 @@ class APIError(Exception):
 
 class APIValidationError(APIError):
     """422 / 413: the request was refused; str(e) names the field."""
+
+
+class APIAuthError(APIError):
+    """401: the server wants a token and got none or an unknown one; 403: not for this machine."""
 
 
 class APIUnavailableError(APIError):
@@ -90,11 +99,13 @@ def _rows(a) -> list:
 
 class GCodeAPIClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 10.0, admin_token: str | None = None,
-                 retries: int = 0, busy_retries: int = 0, stream_retries: int = 2):
+                 retries: int = 0, busy_retries: int = 0, stream_retries: int = 2, token: str | None = None):
         self.base_url, self.admin_token = base_url.rstrip("/"), admin_token
         self.busy_retries, self.stream_retries = busy_retries, stream_retries
         transport = httpx.HTTPTransport(retries=retries)  # retries connection failures only, never a request
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        token = token if token is not None else os.environ.get("GCODEFP_API_TOKEN") or None
+        headers = {"authorization": f"Bearer {token}"} if token else None   # reload sends its own
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
 
     # ---- plumbing -------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kw) -> dict:
@@ -120,6 +131,7 @@ class GCodeAPIClient:
             if r.status_code == 503:
                 raise APIUnavailableError(msg, 503, body, _retry_after(r))
             cls = (APIValidationError if r.status_code in (413, 422) else
+                   APIAuthError if r.status_code in (401, 403) else
                    APINotFoundError if r.status_code == 404 else APIError)
             raise cls(msg, r.status_code, body)
         return body

@@ -8,7 +8,10 @@ without bound: every waiting request holds its body, its parsed windows and a ta
 grows for everyone and memory with it (a 1-worker server following twice the machines it can keep
 up with grew from 180 to 340 MB). A fast 503 tells the client to back off or try another replica,
 and /stream loses nothing: the refused chunk was not applied, so the machine's monitor resends it.
-Probes and scrapes (/health, /ready, /metrics) are never shed: an overloaded worker must still say so."""
+Probes and scrapes (/health, /ready, /metrics) are never shed: an overloaded worker must still say so.
+
+Client tokens (api/auth.py, when GCODEFP_API_TOKENS_FILE is set) are checked here too, before the body
+is read, so that a refused request costs the worker nothing more, routed or direct alike."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +19,9 @@ import re
 import time
 import uuid
 
-from . import metrics
+import orjson
+
+from . import auth, metrics
 from .logging_setup import request_id_var
 from .settings import SETTINGS
 
@@ -40,10 +45,11 @@ def in_flight() -> int:
 
 
 class RequestMiddleware:
-    def __init__(self, app, max_in_flight: int = MAX_IN_FLIGHT, direct=None):
+    def __init__(self, app, max_in_flight: int = MAX_IN_FLIGHT, direct=None, tokens: auth.TokenTable | None = None):
         self.app = app
         self.max_in_flight = max_in_flight
         self.direct = direct  # scope -> an ASGI callable for the hot endpoints, or None (api/direct_routes.py)
+        self.tokens = tokens  # None: no client tokens asked for
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -61,6 +67,18 @@ class RequestMiddleware:
             metrics.REQUESTS.labels(endpoint, scope["method"], "503").inc()
             request_id_var.reset(token)
             return await shed(send, rid)
+        if self.tokens is not None and auth.protected(path):
+            given_auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            refused = self.tokens.check(given_auth, path)
+            if refused is not None:
+                status = 403 if refused[0] == "machine" else 401
+                metrics.AUTH_REFUSED.labels(endpoint, refused[0]).inc()
+                metrics.REQUESTS.labels(endpoint, scope["method"], str(status)).inc()
+                log.info("%s %s %d", scope["method"], path, status, extra={
+                    "event": "auth_refused", "reason": refused[0], "method": scope["method"], "path": path,
+                    "status": status, "client": (scope.get("client") or ("", 0))[0]})
+                request_id_var.reset(token)
+                return await refuse(send, rid, status, refused[1])
         status = 500
         t0 = time.perf_counter()
         _in_flight += 1
@@ -96,3 +114,14 @@ async def shed(send, rid: str) -> None:
         (b"content-type", b"application/json"), (b"content-length", str(len(SHED_BODY)).encode()),
         (b"retry-after", b"1"), (b"x-request-id", rid.encode())]})
     await send({"type": "http.response.body", "body": SHED_BODY})
+
+
+async def refuse(send, rid: str, status: int, message: str) -> None:
+    """401 (no or unknown token; WWW-Authenticate says which scheme) or 403 (not this machine), unread."""
+    body = orjson.dumps({"error": message})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"x-request-id", rid.encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="gcodefp"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

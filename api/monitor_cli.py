@@ -28,7 +28,8 @@ def register(sub) -> None:
                                    "cadence or as fast as the server answers, and compare the answers with the "
                                    "log's labels (JSON lines on stdout or --output, a summary on stderr).")
     p.add_argument("log", type=Path, help="an aligned sensor log (<operation>_<NNN>_aligned.csv[.gz])")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the server (default %(default)s); $GCODEFP_API_TOKEN is sent as its bearer token when set")
     p.add_argument("--machine", help="machine id (default: the log's name)")
     p.add_argument("--chunk", type=int, default=4, help="rows per request (default 4)")
     p.add_argument("--rate", type=float, default=0.0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+from . import auth
 from .settings import SETTINGS
 
 _CONFIG = {"type": ["object", "null"], "additionalProperties": False, "properties": {
@@ -233,11 +234,29 @@ MACHINE_ID = {"type": "string", "pattern": r"^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,63
     "1-64 characters of A-Z a-z 0-9 . _ : - (documented without a leading dot: /stream/.. is a path, not an id)")}
 
 
-def contract(doc: dict, model, max_batch: int, max_stream_rows: int) -> dict:
-    """/openapi.json: the generic document, path parameters pinned down, and (once a model is loaded)
-    its window, feature counts, methods and token limit filled in."""
+def _require_tokens(doc: dict, paths: dict) -> None:
+    doc.setdefault("components", {}).setdefault("securitySchemes", {})["clientToken"] = {
+        "type": "http", "scheme": "bearer",
+        "description": "a client token (`gcodefp token add`); a token may be limited to some machines"}
+    refused = {"401": {"description": "no token, or one this server does not accept", "content": {
+                   "application/json": {"schema": _obj(["error"], error=_STR)}}},
+               "403": {"description": "the token may not stream this machine", "content": {
+                   "application/json": {"schema": _obj(["error"], error=_STR)}}}}
+    for path, item in paths.items():
+        if auth.protected(path):
+            for op in item.values():
+                op["security"] = [{"clientToken": []}]
+                op.setdefault("responses", {}).update(refused)
+
+
+def contract(doc: dict, model, max_batch: int, max_stream_rows: int, tokens: bool = False) -> dict:
+    """/openapi.json: the generic document, path parameters pinned down, the client token where this
+    server asks for one (api/auth.py), and (once a model is loaded) its window, feature counts, methods
+    and token limit filled in."""
     doc = copy.deepcopy(doc)
     paths = doc.get("paths", {})
+    if tokens:
+        _require_tokens(doc, paths)
     for path, item in paths.items():
         for op in item.values():
             for param in op.get("parameters", []):

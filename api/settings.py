@@ -22,6 +22,7 @@
 | GCODEFP_MONITOR_EVERY     | 1         | input monitoring looks at one window in N (1 = all, 0 = off; api/monitoring.py) |
 | GCODEFP_DRIFT_HALF_LIFE   | 256       | windows after which a window's weight in the rolling drift score halves |
 | GCODEFP_ADMIN_TOKEN       | -         | bearer token of POST /admin/reload (the endpoint is off without)  |
+| GCODEFP_API_TOKENS_FILE   | -         | client tokens: the data endpoints (/predict, /batch_predict, /fingerprint, /stream/*, v2 infer) need one, a token may be limited to some machines (api/auth.py; `gcodefp token add`) |
 | GCODEFP_BATCHING          | 1         | 1: micro-batching (api/batcher.py); 0: each request's own call   |
 | GCODEFP_BATCH_MAX_WINDOWS | 16        | windows per micro-batched graph call                              |
 | GCODEFP_BATCH_MAX_DELAY_MS| 1.0       | how long a call waits for requests already being parsed to join   |
@@ -71,6 +72,7 @@ class Settings:
     stream_idle_s: float
     stream_handoff_timeout_ms: float
     admin_token: str | None
+    api_tokens_file: str | None
     keep_previous: bool
     keep_previous_min_free_mb: int
     monitor_every: int
@@ -103,6 +105,7 @@ class Settings:
                    stream_idle_s=_get("GCODEFP_STREAM_IDLE_S", 600.0, float, 0.0),
                    stream_handoff_timeout_ms=_get("GCODEFP_STREAM_HANDOFF_TIMEOUT_MS", 250.0, float, 0.0),
                    admin_token=_get("GCODEFP_ADMIN_TOKEN", None),
+                   api_tokens_file=_get("GCODEFP_API_TOKENS_FILE", None),
                    keep_previous=bool(_get("GCODEFP_KEEP_PREVIOUS", 1, int, 0)),
                    keep_previous_min_free_mb=_get("GCODEFP_KEEP_PREVIOUS_MIN_FREE_MB", 512, int, 0),
                    monitor_every=_get("GCODEFP_MONITOR_EVERY", 1, int, 0),

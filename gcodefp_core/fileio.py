@@ -14,11 +14,14 @@ from pathlib import Path
 import numpy as np
 
 
-def write_atomic(path: Path | str, data: str | bytes) -> None:
+def write_atomic(path: Path | str, data: str | bytes, mode: int | None = None) -> None:
+    """mode: the file's permissions (e.g. 0o600), set before it takes the name (default: the umask's)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}")
     try:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
