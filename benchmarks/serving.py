@@ -9,6 +9,7 @@ It copies the registry, starts `gcodefp serve` itself (for each --workers value)
   connection); a sweep stops at the first rate the server cannot keep up with;
 - a closed-loop concurrency sweep for the JSON and binary bodies;
 - a hot swap (a promotion to the same graphs under a new version) in the middle of --swap-rate;
+- with --tokens, a server that asks for client tokens (api/auth.py), every request carrying one;
 - per step: p50/p90/p95/p99, errors, the server-side split (parse, normalise, queue, inference, per
   request, from /metrics), windows per graph call, resident memory of each worker after the step;
 - the bare graph at batch 1 in this process, beside the server's inference time at low load, and the
@@ -56,13 +57,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, registry: Path, workers: int, log_path: Path):
+    def __init__(self, registry: Path, workers: int, log_path: Path, tokens: Path | None = None):
         self.port = free_port()
         self.log = open(log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GCODEFP_", "PROMETHEUS_"))}
         # the server's defaults (INFO: one JSON access-log line per request, here to the log file), as a user runs it
         env.update(PYTHONPATH=str(REPO))
         env.update({k: v for k, v in os.environ.items() if k.startswith(("GCODEFP_BATCH", "GCODEFP_STREAM", "GCODEFP_SOCKET", "GCODEFP_HEAP"))})
+        if tokens is not None:   # client tokens asked for (api/auth.py): every request below carries one
+            env["GCODEFP_API_TOKENS_FILE"] = str(tokens)
         self.proc = subprocess.Popen([sys.executable, "-m", "gcodefp_core.cli", "serve", "--registry", str(registry),
                                       "--workers", str(workers), "--port", str(self.port), "--poll-seconds", "0.5"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -125,14 +128,16 @@ class Server:
         self.log.close()
 
 
-def bodies(package: Path, batch: int, stream_rows: int) -> dict:
-    """The request bytes of each mode, from the package's own sample request."""
+def bodies(package: Path, batch: int, stream_rows: int, headers: dict | None = None) -> dict:
+    """The request bytes of each mode, from the package's own sample request (headers: on every request)."""
     sample = json.loads((package / "sample_request.json").read_text())["sensor_data"]
     cont, cat = np.asarray(sample["continuous"], np.float64), np.asarray(sample["categorical"], np.float64)
     binary = np.concatenate([cont, cat], axis=1).astype("<f4").tobytes()
-    out = {"json": http_load.request_bytes("/predict", json.dumps({"sensor_data": sample}).encode()),
-           "binary": http_load.request_bytes("/predict", binary, "application/octet-stream"),
-           "batch": http_load.request_bytes("/batch_predict", json.dumps({"windows": [sample] * batch}).encode())}
+    headers = headers or {}
+    out = {"json": http_load.request_bytes("/predict", json.dumps({"sensor_data": sample}).encode(), headers=headers),
+           "binary": http_load.request_bytes("/predict", binary, "application/octet-stream", headers=headers),
+           "batch": http_load.request_bytes("/batch_predict", json.dumps({"windows": [sample] * batch}).encode(),
+                                            headers=headers)}
     w = len(cont)
 
     def rows(a: int, b: int, start: bool = False) -> bytes:
@@ -145,10 +150,10 @@ def bodies(package: Path, batch: int, stream_rows: int) -> dict:
     # just starts posting; the row clock answers from row W-1 on, so the machine primes a window first.
     tracked = bool(json.loads((package / "model.json").read_text()).get("program_tracker"))
     first = rows(0, stream_rows, True) if tracked else rows(0, w - 1, True)
-    out["stream_first"] = lambda i: http_load.request_bytes(f"/stream/m{i}", first)
+    out["stream_first"] = lambda i: http_load.request_bytes(f"/stream/m{i}", first, headers=headers)
     keys = itertools.count()   # a key per chunk, as api.client sends (a retry would reuse it)
     out["stream_chunk"] = lambda i, k: http_load.request_bytes(f"/stream/m{i}", chunks[k % w],
-                                                               headers={"Idempotency-Key": f"c{next(keys)}"})
+                                                               headers=headers | {"Idempotency-Key": f"c{next(keys)}"})
     return out
 
 
@@ -252,10 +257,10 @@ def sweep(server: Server, mode: str, rates: list, duration: float, req: dict) ->
     return steps
 
 
-def run_workers(reg: Path, workers: int, args, req: dict, work: Path) -> dict:
+def run_workers(reg: Path, workers: int, args, req: dict, work: Path, tokens: Path | None = None) -> dict:
     from gcodefp_core import package as pkg
 
-    server = Server(reg, workers, work / f"server-w{workers}.log")
+    server = Server(reg, workers, work / f"server-w{workers}.log", tokens)
     out: dict = {"workers": workers, "sweeps": {}, "concurrency": {}}
     try:
         http_load.run(http_load.open_loop(server.port, req["json"], 50, 2))  # warm-up
@@ -293,6 +298,8 @@ def main() -> int:
     ap.add_argument("--stream-rows", type=int, default=4, help="rows per /stream chunk, one chunk per second")
     ap.add_argument("--swap-rate", type=float, default=800.0, help="rate of the hot-swap run (0: none)")
     ap.add_argument("--quick", action="store_true", help="a few low rates only (a smoke run)")
+    ap.add_argument("--tokens", action="store_true",
+                    help="serve with a client tokens file (GCODEFP_API_TOKENS_FILE); every request sends the token")
     ap.add_argument("--output", type=Path, default=REPO / "results" / "serving.json")
     args = ap.parse_args()
     if not 0 < args.duration <= 60:
@@ -303,13 +310,19 @@ def main() -> int:
     try:
         reg = shutil.copytree(args.registry, work / "registry")
         package = pkg.current_package(reg)
-        req = bodies(package, args.batch, args.stream_rows)
+        tokens, headers = None, None
+        if args.tokens:   # one token for the load, limited to the machines it streams (m0, m1, ...)
+            from api import auth
+            tokens = work / "api_tokens"
+            headers = {"Authorization": f"Bearer {auth.add(tokens, 'serving-bench', ['m*'])}"}
+        req = bodies(package, args.batch, args.stream_rows, headers)
         result = {"registry": str(args.registry), "package": package.name, "date": time.strftime("%Y-%m-%d %H:%M"),
+                  "client_tokens": bool(args.tokens),
                   "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()[0],
                   "machine_start": machine_speed.machine_speed(package), "bare": bare_graph(package), "runs": []}
         print(f"package {package.name}: bare graph {result['bare']}; machine {result['machine_start']}", flush=True)
         for workers in args.workers:
-            run = run_workers(reg, workers, args, req, work)
+            run = run_workers(reg, workers, args, req, work, tokens)
             result["runs"].append(run)
             args.output.parent.mkdir(parents=True, exist_ok=True)
             serving_report.write_json(args.output.with_name(f"{args.output.stem}_w{workers}.json"), run)

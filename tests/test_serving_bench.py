@@ -44,6 +44,22 @@ def test_serving_benchmark_tiny_run(api_registry, tmp_path):
     assert "machine speed" in r.stdout
 
 
+def test_serving_benchmark_with_client_tokens(api_registry, tmp_path):
+    """--tokens: the server asks for a token and every request of the load carries one (a request
+    without it would be a 401, counted as an error)."""
+    out = tmp_path / "serving.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving.py"), "--registry", str(api_registry),
+                        "--workers", "1", "--quick", "--duration", "1", "--swap-rate", "0", "--modes", "json", "stream",
+                        "--tokens", "--output", str(out)],
+                       env=server_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["client_tokens"] is True
+    assert set(result["runs"][0]["sweeps"]) == {"json", "stream"}
+    steps = [s for steps in result["runs"][0]["sweeps"].values() for s in steps]
+    assert all(s["errors"] == 0 and s["requests"] > 0 for s in steps)
+
+
 def test_server_cost_tiny_run(api_registry, tmp_path):
     """benchmarks/server_cost.py drives the app in process: every request answered, CPU and the split read."""
     out = tmp_path / "server_cost.json"
