@@ -41,7 +41,29 @@ def register(sub) -> None:
     p.add_argument("--tokens", type=Path, metavar="FILE",
                    help="client tokens (GCODEFP_API_TOKENS_FILE; `gcodefp token add`): the data endpoints then "
                         "need 'Authorization: Bearer <token>'")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this certificate (chain); needs --tls-key")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
     p.set_defaults(handler=_serve)
+
+
+def _tls(args) -> dict:
+    """uvicorn's TLS settings, checked here (files, and that the key matches the certificate) so that a
+    mistake is one line at start-up, not a traceback in every worker."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_cert is None:
+        return {}
+    import ssl
+
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag}: no such file: {path}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
+    except ssl.SSLError as exc:
+        raise ValueError(f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: not a certificate and its key "
+                         f"({exc.reason or exc})") from None
+    return {"ssl_certfile": str(args.tls_cert.resolve()), "ssl_keyfile": str(args.tls_key.resolve())}
 
 
 def _serve(args) -> int:
@@ -61,6 +83,7 @@ def _serve(args) -> int:
         os.environ.pop("GCODEFP_REGISTRY", None)
     if args.poll_seconds is not None:
         os.environ["GCODEFP_POLL_SECONDS"] = str(args.poll_seconds)
+    tls = _tls(args)
     if args.tokens is not None:
         os.environ["GCODEFP_API_TOKENS_FILE"] = str(args.tokens.resolve())
     if os.environ.get("GCODEFP_API_TOKENS_FILE"):
@@ -95,11 +118,11 @@ def _serve(args) -> int:
         if args.workers > 1 and SETTINGS.socket_per_worker and supervisor.supported():
             # A listening socket per worker: long-lived /stream connections spread evenly (api/supervisor.py).
             config = uvicorn.Config("api.app:app", host=args.host, port=args.port, workers=args.workers,
-                                    log_config=uvicorn_log_config(), access_log=False)
+                                    log_config=uvicorn_log_config(), access_log=False, **tls)
             supervisor.run(config)
         else:
             uvicorn.run("api.app:app", host=args.host, port=args.port, workers=args.workers,
-                        log_config=uvicorn_log_config(), access_log=False)
+                        log_config=uvicorn_log_config(), access_log=False, **tls)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         for folder, variable in zip(made, ("GCODEFP_STREAM_HANDOFF_DIR", "GCODEFP_STREAM_STATE_DIR")):

@@ -19,7 +19,8 @@
         out["gcode"][i], out["operation"][i], out["fingerprint"][i]; api.v2_model_metadata(), api.v2_ready()
 
 A server that asks for client tokens (GCODEFP_API_TOKENS_FILE) gets `token=` (default: the
-GCODEFP_API_TOKEN environment variable) as `Authorization: Bearer <token>` on every request.
+GCODEFP_API_TOKEN environment variable) as `Authorization: Bearer <token>` on every request. An https
+server (`gcodefp serve --tls-cert`) signed by a private CA wants `verify="ca.pem"`.
 
 Errors raise APIError subclasses: APIValidationError (422/413: the message names the field),
 APIAuthError (401: no or unknown token; 403: the token may not stream this machine),
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import os
 import random
+import ssl
 import struct
 import time
 import uuid
@@ -99,10 +101,14 @@ def _rows(a) -> list:
 
 class GCodeAPIClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 10.0, admin_token: str | None = None,
-                 retries: int = 0, busy_retries: int = 0, stream_retries: int = 2, token: str | None = None):
+                 retries: int = 0, busy_retries: int = 0, stream_retries: int = 2, token: str | None = None,
+                 verify: bool | str = True):
         self.base_url, self.admin_token = base_url.rstrip("/"), admin_token
         self.busy_retries, self.stream_retries = busy_retries, stream_retries
-        transport = httpx.HTTPTransport(retries=retries)  # retries connection failures only, never a request
+        if isinstance(verify, str):   # an https server's CA bundle (default: the system's)
+            verify = ssl.create_default_context(cafile=verify)
+        # retries connection failures only, never a request
+        transport = httpx.HTTPTransport(retries=retries, verify=verify)
         token = token if token is not None else os.environ.get("GCODEFP_API_TOKEN") or None
         headers = {"authorization": f"Bearer {token}"} if token else None   # reload sends its own
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)

@@ -30,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("log", type=Path, help="an aligned sensor log (<operation>_<NNN>_aligned.csv[.gz])")
     p.add_argument("--url", default="http://127.0.0.1:8000",
                    help="the server (default %(default)s); $GCODEFP_API_TOKEN is sent as its bearer token when set")
+    p.add_argument("--ca", type=Path, metavar="PEM", help="an https server's CA certificate (default: the system's)")
     p.add_argument("--machine", help="machine id (default: the log's name)")
     p.add_argument("--chunk", type=int, default=4, help="rows per request (default 4)")
     p.add_argument("--rate", type=float, default=0.0,
@@ -52,6 +53,8 @@ def _check(args) -> None:
         raise ValueError(f"--lose: must be in [0, 1), got {args.lose}")
     if args.from_row < 0:
         raise ValueError(f"--from-row: must be >= 0, got {args.from_row}")
+    if args.ca is not None and not args.ca.is_file():
+        raise FileNotFoundError(f"--ca: no such file: {args.ca}")
     if not args.log.is_file():
         raise FileNotFoundError(f"no such log: {args.log}")
 
@@ -83,7 +86,8 @@ def _monitor(args) -> int:
     _check(args)
     logging.getLogger("httpx").setLevel(logging.WARNING)   # not a line per request
     try:
-        with GCodeAPIClient(args.url, timeout=args.timeout, busy_retries=5) as api:
+        with GCodeAPIClient(args.url, timeout=args.timeout, busy_retries=5,
+                            verify=str(args.ca) if args.ca else True) as api:
             features = api.info()["features"]
             run = read_log(args.log, FeatureColumns(tuple(features["continuous"]), tuple(features["categorical"])))
             wanted = set(features["continuous"]) | set(features["categorical"]) | set(features["required_columns"])

@@ -135,6 +135,6 @@ def run(config) -> None:
         supervisor = SocketPerWorker(config, (host, port))
     finally:
         probe.close()
-    log.info("Uvicorn running on http://%s:%d with %d workers, a socket each (Press CTRL+C to quit)",
-             host, port, config.workers)
+    log.info("Uvicorn running on %s://%s:%d with %d workers, a socket each (Press CTRL+C to quit)",
+             "https" if config.is_ssl else "http", host, port, config.workers)
     supervisor.run()
