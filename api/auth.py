@@ -65,6 +65,12 @@ class Token:
         return not self.machines or any(fnmatchcase(machine_id, g) for g in self.machines)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    reason: str    # missing, invalid, or machine (a token whose machines do not include this one)
+    message: str
+
+
 def parse(text: str, source: str) -> dict[str, Token]:
     """The file's text -> {hex digest: Token}; ValueError naming source:line for a bad line."""
     table: dict[str, Token] = {}
@@ -137,22 +143,21 @@ class TokenTable:
             return
         log.info("API tokens reloaded: %d tokens", len(self.tokens), extra={"event": "api_tokens_reloaded"})
 
-    def check(self, authorization: str | None, path: str) -> tuple[str, str] | None:
-        """None when the request may go on, else (reason, message): reason is `missing`, `invalid` or
-        `machine` (a token whose machines do not include this one)."""
+    def check(self, authorization: str | None, path: str) -> Token | Refusal:
+        """The token this request may go on with, or why not."""
         self._refresh()
         if not authorization:
-            return "missing", ("this endpoint needs a token: send the header 'Authorization: Bearer <token>' "
-                               "(this server reads its tokens from GCODEFP_API_TOKENS_FILE)")
+            return Refusal("missing", "this endpoint needs a token: send the header 'Authorization: Bearer <token>' "
+                                      "(this server reads its tokens from GCODEFP_API_TOKENS_FILE)")
         scheme, _, value = authorization.strip().partition(" ")
         # A dict lookup by digest can leak timing about digests, never about tokens.
         token = self.tokens.get(digest(value.strip())) if scheme.lower() == "bearer" else None
         if token is None:
-            return "invalid", "the Authorization header's bearer token is not one this server accepts"
+            return Refusal("invalid", "the Authorization header's bearer token is not one this server accepts")
         if path.startswith(STREAM_PREFIX) and not token.may_stream(path[len(STREAM_PREFIX):]):
-            return "machine", (f"token {token.name!r} may not stream machine {path[len(STREAM_PREFIX):]!r} "
-                               f"(its machines: {','.join(token.machines)})")
-        return None
+            return Refusal("machine", f"token {token.name!r} may not stream machine {path[len(STREAM_PREFIX):]!r} "
+                                      f"(its machines: {','.join(token.machines)})")
+        return token
 
 
 def from_settings(path: str | None) -> TokenTable | None:

@@ -67,18 +67,20 @@ class RequestMiddleware:
             metrics.REQUESTS.labels(endpoint, scope["method"], "503").inc()
             request_id_var.reset(token)
             return await shed(send, rid)
+        holder = None   # the client token's name, for the access log (who posted what)
         if self.tokens is not None and auth.protected(path):
             given_auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-            refused = self.tokens.check(given_auth, path)
-            if refused is not None:
-                status = 403 if refused[0] == "machine" else 401
-                metrics.AUTH_REFUSED.labels(endpoint, refused[0]).inc()
+            verdict = self.tokens.check(given_auth, path)
+            if isinstance(verdict, auth.Refusal):
+                status = 403 if verdict.reason == "machine" else 401
+                metrics.AUTH_REFUSED.labels(endpoint, verdict.reason).inc()
                 metrics.REQUESTS.labels(endpoint, scope["method"], str(status)).inc()
                 log.info("%s %s %d", scope["method"], path, status, extra={
-                    "event": "auth_refused", "reason": refused[0], "method": scope["method"], "path": path,
-                    "status": status, "client": (scope.get("client") or ("", 0))[0]})
+                    "event": "auth_refused", "reason": verdict.reason, "error": verdict.message, "method": scope["method"],
+                    "path": path, "status": status, "client": (scope.get("client") or ("", 0))[0]})
                 request_id_var.reset(token)
-                return await refuse(send, rid, status, refused[1])
+                return await refuse(send, rid, status, verdict.message)
+            holder = verdict.name
         status = 500
         t0 = time.perf_counter()
         _in_flight += 1
@@ -102,9 +104,11 @@ class RequestMiddleware:
             metrics.REQUEST_LATENCY.labels(endpoint, str(status)).observe(dt)
             level = logging.DEBUG if endpoint in QUIET and status < 400 else logging.INFO
             if log.isEnabledFor(level):
-                log.log(level, "%s %s %d", scope["method"], path, status, extra={
-                    "event": "request", "method": scope["method"], "path": path, "status": status,
-                    "duration_ms": round(dt * 1000, 3), "client": (scope.get("client") or ("", 0))[0]})
+                extra = {"event": "request", "method": scope["method"], "path": path, "status": status,
+                         "duration_ms": round(dt * 1000, 3), "client": (scope.get("client") or ("", 0))[0]}
+                if holder is not None:
+                    extra["token"] = holder
+                log.log(level, "%s %s %d", scope["method"], path, status, extra=extra)
             request_id_var.reset(token)
 
 

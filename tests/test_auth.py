@@ -58,17 +58,17 @@ def test_the_table_follows_the_file_and_keeps_the_last_good_tokens(tmp_path, mon
     path = tmp_path / "tokens"
     first = auth.add(path, "first", ["mill-*"])
     table = auth.TokenTable(path)
-    assert table.check(f"Bearer {first}", "/stream/mill-1") is None
-    assert table.check(f"bearer {first}", "/predict") is None   # the scheme is case-insensitive
-    assert table.check(f"Bearer {first}", "/stream/lathe-1")[0] == "machine"
-    assert table.check(None, "/predict")[0] == "missing"
-    assert table.check(f"Basic {first}", "/predict")[0] == "invalid"
+    assert table.check(f"Bearer {first}", "/stream/mill-1").name == "first"
+    assert table.check(f"bearer {first}", "/predict").name == "first"   # the scheme is case-insensitive
+    assert table.check(f"Bearer {first}", "/stream/lathe-1").reason == "machine"
+    assert table.check(None, "/predict").reason == "missing"
+    assert table.check(f"Basic {first}", "/predict").reason == "invalid"
     second = auth.add(path, "second")
-    assert table.check(f"Bearer {second}", "/stream/lathe-1") is None   # picked up without a restart
+    assert table.check(f"Bearer {second}", "/stream/lathe-1").name == "second"   # picked up without a restart
     path.write_text(path.read_text() + "not a token line\n")
-    assert table.check(f"Bearer {second}", "/predict") is None           # broken: the last good tokens stay
+    assert table.check(f"Bearer {second}", "/predict").name == "second"  # broken: the last good tokens stay
     path.unlink()
-    assert table.check(f"Bearer {first}", "/predict") is None            # gone: likewise
+    assert table.check(f"Bearer {first}", "/predict").name == "first"    # gone: likewise
     with pytest.raises(ValueError, match="no such file"):
         auth.TokenTable(path)
 
@@ -149,6 +149,12 @@ def test_a_token_limited_to_some_machines_streams_only_those(tokens_server, run_
         assert http.get("/stream/mill-9", headers=bearer(keys["any"])).status_code == 404
         assert http.get("/stream/mill-3a", headers=bearer(keys["monitor"])).json()["rows_since_start"] == 16
         assert refused(s, "/stream/{machine_id}", "machine") >= 2
+    # the access log says which token posted a machine's rows, and which was refused for which machine
+    logged = s.log_records()
+    assert any(r.get("event") == "request" and r["path"] == "/stream/mill-3a" and r["method"] == "POST"
+               and r.get("token") == "monitor" for r in logged)
+    assert any(r.get("event") == "auth_refused" and r["path"] == "/stream/mill-9" and r["reason"] == "machine"
+               and "'monitor'" in r["error"] for r in logged)
 
 
 @slow
@@ -216,7 +222,7 @@ def test_the_token_command_prints_a_token_once_and_lists_names(tmp_path):
     added = run("add", "line3-monitor", "--machines", "mill-3*")
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip()
-    assert auth.TokenTable(path).check(f"Bearer {token}", "/stream/mill-31") is None
+    assert auth.TokenTable(path).check(f"Bearer {token}", "/stream/mill-31").name == "line3-monitor"
     assert run("list").stdout.split() == ["line3-monitor", "mill-3*"]
     assert token not in run("list").stdout + path.read_text()
     assert run("revoke", "line3-monitor").returncode == 0 and auth.listing(path) == []
