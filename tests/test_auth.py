@@ -145,6 +145,9 @@ def test_a_token_limited_to_some_machines_streams_only_those(tokens_server, run_
         r = http.post("/stream/mill-9", json=doc, headers=bearer(keys["monitor"]))
         assert r.status_code == 403 and "mill-9" in r.json()["error"] and "mill-3*" in r.json()["error"]
         assert http.get("/stream/mill-9", headers=bearer(keys["monitor"])).status_code == 403
+        # a path that only looks like one of its machines reaches no other machine
+        for sneaky in ("/stream/mill-3a%2F..%2Fmill-9", "/stream/mill-3%2A"):
+            assert http.post(sneaky, json=doc, headers=bearer(keys["monitor"])).status_code == 422
         # the refused rows were never applied: the machine has no session
         assert http.get("/stream/mill-9", headers=bearer(keys["any"])).status_code == 404
         assert http.get("/stream/mill-3a", headers=bearer(keys["monitor"])).json()["rows_since_start"] == 16
