@@ -12,6 +12,7 @@ from . import inputs, metrics, monitoring
 from .common import current, respond
 from .model_store import ModelStore
 from .schemas import OPS_RESPONSES as R
+from .settings import SETTINGS
 
 router = APIRouter()
 
@@ -52,6 +53,7 @@ async def info(request: Request):
         "parameter_count": meta.get("parameter_count"), "metrics": meta.get("metrics", {}),
         "limits": {"max_batch": inputs.MAX_BATCH, "max_body_bytes": inputs.MAX_BODY_BYTES,
                    "max_stream_rows": inputs.MAX_STREAM_ROWS, "max_streams": request.app.state.streams.max_streams},
+        "client_tokens": SETTINGS.api_tokens_file is not None,   # do /predict, /stream... want a bearer token
         "binary_body": f"application/octet-stream: float32 LE [N, {model.window}, "
                        f"{len(spec.continuous)} + {len(spec.categorical)}]",
         "runtime": {"pid": os.getpid(), "torch_imported": "torch" in sys.modules,

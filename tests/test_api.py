@@ -48,6 +48,7 @@ def test_welcome_health_ready_info(http, package_meta):
     assert info["vocab_size"] == package_meta["tokenizer"]["vocab_size"] and info["embedding_dim"] > 0
     assert info["metrics"] == {"test_line_accuracy": 0.123} or info["version"] != "v1"
     assert info["runtime"]["torch_imported"] is False  # the serving process never imports torch
+    assert info["client_tokens"] is False   # no tokens file: the data endpoints are open
 
 
 def test_app_module_never_imports_torch():

@@ -116,6 +116,7 @@ def test_data_endpoints_need_a_token_and_probes_do_not(tokens_server, sample_req
     with httpx.Client(base_url=s.url, timeout=30) as http:
         for path in ("/health", "/ready", "/info", "/metrics", "/openapi.json", "/v2", "/v2/health/ready"):
             assert http.get(path).status_code == 200, path
+        assert http.get("/info").json()["client_tokens"] is True   # a client can tell before it calls
         missing = refused(s, "/predict", "missing")
         r = http.post("/predict", json=sample_request)
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
