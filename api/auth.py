@@ -12,11 +12,12 @@ token (GCODEFP_ADMIN_TOKEN): a client token never reloads the model.
 
 The file, one token per line (`#` starts a comment):
 
-    line3-monitor  sha256:<64 hex digits>  mill-3*,lathe-07
+    line3-monitor  sha256:<64 hex digits>  mill-3*,lathe-07  expires=2027-03-01
     analyst        sha256:<64 hex digits>
 
 name, the SHA-256 of the token, and optionally the machine ids it may stream (comma-separated globs;
-none: every machine). The file holds digests, never tokens, so reading it does not let anyone call
+none: every machine) and the day it stops being accepted (from 00:00 UTC; none: never), so that a
+token left on a shop-floor PC does not work forever. The file holds digests, never tokens, so reading it does not let anyone call
 the server. `gcodefp token add NAME` appends a line and prints the new token once.
 
 Rotation needs no restart: each worker looks at the file at most once a second and re-reads it when
@@ -32,6 +33,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -60,6 +62,7 @@ def digest(token: str) -> str:
 class Token:
     name: str
     machines: tuple[str, ...] = ()   # globs; empty: every machine
+    expires: date | None = None      # refused from this day on (UTC)
 
     def may_stream(self, machine_id: str) -> bool:
         return not self.machines or any(fnmatchcase(machine_id, g) for g in self.machines)
@@ -67,8 +70,15 @@ class Token:
 
 @dataclass(frozen=True)
 class Refusal:
-    reason: str    # missing, invalid, or machine (a token whose machines do not include this one)
+    reason: str    # missing, invalid, expired, or machine (a token whose machines do not include this one)
     message: str
+
+
+def _day(text: str, where: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{where}: expires={text!r}: expected a day, YYYY-MM-DD") from None
 
 
 def parse(text: str, source: str) -> dict[str, Token]:
@@ -81,8 +91,12 @@ def parse(text: str, source: str) -> dict[str, Token]:
             continue
         fields = line.split()
         where = f"{source}:{n}"
+        expires = None
+        if fields[-1].startswith("expires="):
+            expires = _day(fields.pop()[len("expires="):], where)
         if len(fields) not in (2, 3):
-            raise ValueError(f"{where}: expected 'NAME sha256:HEX [MACHINE_GLOBS]', got {len(fields)} fields")
+            raise ValueError(f"{where}: expected 'NAME sha256:HEX [MACHINE_GLOBS] [expires=YYYY-MM-DD]', "
+                             f"got {len(fields)} fields before the expiry")
         name, hashed = fields[0], fields[1]
         if not NAME_RE.match(name):
             raise ValueError(f"{where}: name {name!r}: 1-64 of A-Z a-z 0-9 . _ -")
@@ -99,7 +113,7 @@ def parse(text: str, source: str) -> dict[str, Token]:
             if not GLOB_RE.match(g):
                 raise ValueError(f"{where}: machine glob {g!r}: machine id characters and * ? [ ] only")
         names.add(name)
-        table[m.group(1)] = Token(name, globs)
+        table[m.group(1)] = Token(name, globs, expires)
     return table
 
 
@@ -154,6 +168,8 @@ class TokenTable:
         token = self.tokens.get(digest(value.strip())) if scheme.lower() == "bearer" else None
         if token is None:
             return Refusal("invalid", "the Authorization header's bearer token is not one this server accepts")
+        if token.expires is not None and datetime.now(timezone.utc).date() >= token.expires:
+            return Refusal("expired", f"token {token.name!r} expired on {token.expires.isoformat()}: ask for a new one")
         if path.startswith(STREAM_PREFIX) and not token.may_stream(path[len(STREAM_PREFIX):]):
             return Refusal("machine", f"token {token.name!r} may not stream machine {path[len(STREAM_PREFIX):]!r} "
                                       f"(its machines: {','.join(token.machines)})")
@@ -171,16 +187,19 @@ def _write(path: Path, text: str) -> None:
     write_atomic(path, text, mode=0o600)
 
 
-def add(path: Path, name: str, machines: list[str] | None = None) -> str:
+def add(path: Path, name: str, machines: list[str] | None = None, expires: date | None = None) -> str:
     """Append a new token for `name` to the file (created if absent) -> the token, shown only now."""
     if not NAME_RE.match(name):
         raise ValueError(f"token name {name!r}: 1-64 of A-Z a-z 0-9 . _ -")
     for g in machines or ():
         if not GLOB_RE.match(g):
             raise ValueError(f"--machines {g!r}: machine id characters and * ? [ ] only")
+    if expires is not None and expires <= datetime.now(timezone.utc).date():
+        raise ValueError(f"--expires {expires.isoformat()}: must be a day after today (UTC)")
     text = path.read_text() if path.exists() else ""
     token = secrets.token_urlsafe(32)
-    line = f"{name}  sha256:{digest(token)}" + (f"  {','.join(machines)}" if machines else "")
+    line = (f"{name}  sha256:{digest(token)}" + (f"  {','.join(machines)}" if machines else "")
+            + (f"  expires={expires.isoformat()}" if expires else ""))
     new = text + ("" if not text or text.endswith("\n") else "\n") + line + "\n"
     parse(new, str(path))   # refuses a name already there (or a file broken by hand) before writing
     _write(path, new)

@@ -32,7 +32,7 @@ REQUEST_LATENCY = Histogram("gcodefp_http_request_duration_seconds", "Request la
                             ["endpoint", "status"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("gcodefp_http_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
 AUTH_REFUSED = Counter("gcodefp_auth_refused_total", "Requests refused for their client token (api/auth.py): "
-                       "missing, invalid, or a machine the token may not stream", ["endpoint", "reason"])
+                       "missing, invalid, expired, or a machine the token may not stream", ["endpoint", "reason"])
 SHED = Counter("gcodefp_http_requests_shed_total", "Requests refused with 503 because the worker already held "
                "GCODEFP_MAX_IN_FLIGHT requests (overload)", ["endpoint"])
 INFERENCE_LATENCY = Histogram("gcodefp_inference_duration_seconds", "Model time per call (run + decode; a "

@@ -121,7 +121,7 @@ async def shed(send, rid: str) -> None:
 
 
 async def refuse(send, rid: str, status: int, message: str) -> None:
-    """401 (no or unknown token; WWW-Authenticate says which scheme) or 403 (not this machine), unread."""
+    """401 (no, unknown or expired token; WWW-Authenticate says which scheme) or 403 (not this machine), unread."""
     body = orjson.dumps({"error": message})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"x-request-id", rid.encode())]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 DEFAULT_FILE = "artifacts/api_tokens"
@@ -26,6 +27,10 @@ def register(sub) -> None:
     a.add_argument("name", help="who holds it (1-64 of A-Z a-z 0-9 . _ -), e.g. line3-monitor")
     a.add_argument("--machines", nargs="+", metavar="GLOB",
                    help="the machine ids it may stream (globs, e.g. 'mill-3*'); default: every machine")
+    when = a.add_mutually_exclusive_group()
+    when.add_argument("--expires", metavar="YYYY-MM-DD", type=date.fromisoformat,
+                      help="refused from this day on (UTC); default: never")
+    when.add_argument("--days", type=int, help="refused from this many days after today (UTC) on")
     a.set_defaults(handler=_add)
     ls = what.add_parser("list", parents=[common], help="the tokens' names and machines (never the tokens)")
     ls.set_defaults(handler=_list)
@@ -36,7 +41,10 @@ def register(sub) -> None:
 
 def _add(args) -> int:
     from .auth import add
-    token = add(args.file, args.name, args.machines)
+    if args.days is not None and args.days < 1:
+        raise ValueError(f"--days: must be >= 1, got {args.days}")
+    expires = args.expires or (datetime.now(timezone.utc).date() + timedelta(days=args.days) if args.days else None)
+    token = add(args.file, args.name, args.machines, expires)
     print(token)
     print(f"added {args.name!r} to {args.file}; this token is not stored and is shown only now", file=sys.stderr)
     return 0
@@ -45,7 +53,7 @@ def _add(args) -> int:
 def _list(args) -> int:
     from .auth import listing
     for t in listing(args.file):
-        print(f"{t.name}\t{','.join(t.machines) or '*'}")
+        print(f"{t.name}\t{','.join(t.machines) or '*'}\t{t.expires.isoformat() if t.expires else 'never'}")
     return 0
 
 

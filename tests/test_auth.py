@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -15,6 +16,10 @@ from test_stream_api import N_ROWS, matrix, run_rows  # noqa: F401 (a fixture)
 
 from api import auth
 from api.client import APIAuthError, GCodeAPIClient
+
+def utc_today():
+    return datetime.now(timezone.utc).date()
+
 
 # ---- the file -------------------------------------------------------------------------------------
 
@@ -30,6 +35,11 @@ def test_a_bad_line_is_refused_naming_the_file_and_line(tmp_path):
             auth.parse("# tokens\n" + text, "tokens.txt")
         assert re.match(r"tokens\.txt:\d+: ", str(err.value))
     assert auth.parse("# only a comment\n\n" + good, "t") == {"0" * 64: auth.Token("a", ("mill-*",))}
+    dated = auth.parse(f"a  sha256:{'0' * 64}  expires=2027-03-01\nb  sha256:{'1' * 64}  m-*  expires=2027-03-02\n", "t")
+    assert [(t.name, t.machines, str(t.expires)) for t in dated.values()] == [("a", (), "2027-03-01"),
+                                                                               ("b", ("m-*",), "2027-03-02")]
+    with pytest.raises(ValueError, match=r"t:1: expires='2027-13-01': expected a day"):
+        auth.parse(f"a  sha256:{'0' * 64}  expires=2027-13-01\n", "t")
 
 
 def test_add_list_revoke_keep_digests_only_and_write_whole_files(tmp_path):
@@ -63,6 +73,14 @@ def test_the_table_follows_the_file_and_keeps_the_last_good_tokens(tmp_path, mon
     assert table.check(f"Bearer {first}", "/stream/lathe-1").reason == "machine"
     assert table.check(None, "/predict").reason == "missing"
     assert table.check(f"Basic {first}", "/predict").reason == "invalid"
+    later = auth.add(path, "later", expires=utc_today() + timedelta(days=30))
+    assert table.check(f"Bearer {later}", "/predict").name == "later"
+    path.write_text(path.read_text().replace(f"expires={utc_today() + timedelta(days=30)}",
+                                             f"expires={utc_today() - timedelta(days=1)}"))
+    gone = table.check(f"Bearer {later}", "/predict")
+    assert gone.reason == "expired" and "'later' expired on" in gone.message
+    with pytest.raises(ValueError, match="a day after today"):
+        auth.add(path, "already-over", expires=utc_today())
     second = auth.add(path, "second")
     assert table.check(f"Bearer {second}", "/stream/lathe-1").name == "second"   # picked up without a restart
     path.write_text(path.read_text() + "not a token line\n")
@@ -227,7 +245,11 @@ def test_the_token_command_prints_a_token_once_and_lists_names(tmp_path):
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip()
     assert auth.TokenTable(path).check(f"Bearer {token}", "/stream/mill-31").name == "line3-monitor"
-    assert run("list").stdout.split() == ["line3-monitor", "mill-3*"]
+    assert run("list").stdout.split() == ["line3-monitor", "mill-3*", "never"]
+    dated = run("add", "notebook", "--days", "30")
+    assert dated.returncode == 0, dated.stderr
+    assert run("list").stdout.split()[3:] == ["notebook", "*", str(utc_today() + timedelta(days=30))]
+    assert run("revoke", "notebook").returncode == 0
     assert token not in run("list").stdout + path.read_text()
     assert run("revoke", "line3-monitor").returncode == 0 and auth.listing(path) == []
     gone = run("revoke", "line3-monitor")
