@@ -112,20 +112,20 @@ class RequestMiddleware:
             request_id_var.reset(token)
 
 
+async def answer_unread(send, rid: str, status: int, body: bytes, *headers: tuple[bytes, bytes]) -> None:
+    """A JSON answer sent without reading the request's body: a refused request costs nothing more."""
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", rid.encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def shed(send, rid: str) -> None:
-    """503 without reading the body: an overloaded worker spends nothing more on the request."""
-    await send({"type": "http.response.start", "status": 503, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(SHED_BODY)).encode()),
-        (b"retry-after", b"1"), (b"x-request-id", rid.encode())]})
-    await send({"type": "http.response.body", "body": SHED_BODY})
+    """503: an overloaded worker spends nothing more on the request."""
+    await answer_unread(send, rid, 503, SHED_BODY, (b"retry-after", b"1"))
 
 
 async def refuse(send, rid: str, status: int, message: str) -> None:
-    """401 (no, unknown or expired token; WWW-Authenticate says which scheme) or 403 (not this machine), unread."""
-    body = orjson.dumps({"error": message})
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"x-request-id", rid.encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="gcodefp"'))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    """401 (no, unknown or expired token; WWW-Authenticate says which scheme) or 403 (not this machine)."""
+    extra = [(b"www-authenticate", b'Bearer realm="gcodefp"')] if status == 401 else []
+    await answer_unread(send, rid, status, orjson.dumps({"error": message}), *extra)
